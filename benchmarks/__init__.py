@@ -1,0 +1,1 @@
+"""jaxnorm benchmarks: ``python -m benchmarks``."""

@@ -1,0 +1,130 @@
+"""``MinMax``: the running minimum and maximum of anomaly scores, as a pytree."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxnorm._src import validation
+
+ArrayLike = validation.ArrayLike
+
+
+def _finite_min_max_count(values, mask):
+    """Returns ``(min, max, n_nonfinite)`` over the finite, unmasked entries of ``values``."""
+    x = values.astype(jnp.promote_types(values.dtype, jnp.float32))
+    valid = jnp.broadcast_to(mask, x.shape) if mask is not None else None
+
+    def exact(x):
+        finite = jnp.isfinite(x)
+        keep = finite if valid is None else finite & valid
+        nonfinite = ~finite if valid is None else ~finite & valid
+        return (
+            jnp.min(jnp.where(keep, x, jnp.inf), initial=jnp.inf),
+            jnp.max(jnp.where(keep, x, -jnp.inf), initial=-jnp.inf),
+            jnp.sum(nonfinite, dtype=jnp.uint32),
+        )
+
+    if valid is not None:
+        lo, hi, n_bad = exact(x)
+    else:
+        # Fast path: min and max propagate NaN and show +-inf, so when both are finite every
+        # value is; only then is the masked exact pass needed.
+        lo, hi = jnp.min(x, initial=jnp.inf), jnp.max(x, initial=-jnp.inf)
+        clean = (jnp.isfinite(lo) & jnp.isfinite(hi)) | (x.size == 0)
+        # (lo != lo) is 0 on this branch; deriving it from lo keeps it varying under shard_map.
+        zero = (lo != lo).astype(jnp.uint32)
+        lo, hi, n_bad = lax.cond(clean, lambda x: (lo, hi, zero), exact, x)
+    return lo.astype(jnp.float32), hi.astype(jnp.float32), n_bad
+
+
+@flax.struct.dataclass
+class MinMax:
+    r"""The running minimum and maximum of scores: an immutable pytree of two float32 scalars.
+
+    ``MinMax.empty()`` holds ``min = +inf`` and ``max = -inf``, the identity of ``merge``.
+    ``merge`` is associative, commutative and idempotent, so states from batches, devices or
+    processes can be folded in any order and grouping.
+
+    Non-finite values (NaN, +-inf) are never folded in: they would poison the statistics for
+    good. ``update_and_count`` says how many there were so that callers can raise.
+
+    Example::
+
+      stats = jaxnorm.MinMax.empty()
+      for batch in val_batches:
+          stats = stats.update(batch)           # jit-compiled; works inside your own jit
+      scores = jaxnorm.normalize(raw, threshold, stats.min, stats.max)
+
+    Attributes:
+      min: float32 scalar (or, for a stacked state, one per leading index).
+      max: float32 scalar, likewise.
+    """
+
+    min: jax.Array
+    max: jax.Array
+
+    @classmethod
+    def empty(cls) -> MinMax:
+        """The state that has seen nothing: ``min = +inf``, ``max = -inf``."""
+        return cls(min=jnp.array(jnp.inf, jnp.float32), max=jnp.array(-jnp.inf, jnp.float32))
+
+    def update(self, values: ArrayLike, mask: ArrayLike | None = None) -> MinMax:
+        """Folds in the finite entries of ``values`` where ``mask`` is True.
+
+        Args:
+          values: scores of any shape and real dtype (numpy or jax, sharded or not; the result
+            is always the global min/max).
+          mask: optional bool array broadcastable to ``values.shape``; False entries are
+            ignored (padding, regions outside the object).
+
+        Returns:
+          A new ``MinMax``.
+        """
+        return self.update_and_count(values, mask)[0]
+
+    def update_and_count(
+        self, values: ArrayLike, mask: ArrayLike | None = None
+    ) -> tuple[MinMax, jax.Array]:
+        """Like ``update``, and also returns how many unmasked entries were not finite.
+
+        Returns:
+          ``(new_state, n_nonfinite)`` with ``n_nonfinite`` a uint32 scalar (per call; a single
+          batch has fewer than 2**32 entries).
+        """
+        values = validation.as_array("values", values)
+        if mask is not None:
+            mask = validation.check_mask(mask, tuple(values.shape))
+        return _update(self, values, mask)
+
+    def merge(self, other: MinMax) -> MinMax:
+        """The state that has seen what ``self`` and ``other`` saw."""
+        return MinMax(min=jnp.minimum(self.min, other.min), max=jnp.maximum(self.max, other.max))
+
+    def reduce(self, axis_name: Hashable | None = None) -> MinMax:
+        """Merges states across devices or along a stacked leading axis.
+
+        Args:
+          axis_name: inside ``shard_map``/``pmap``, the mapped axis name (or tuple of names) to
+            all-reduce over with ``lax.pmin``/``lax.pmax``: every device gets the global state.
+            ``None`` (as CLU's ``Metric.reduce``) merges a state whose fields carry a leading
+            axis, e.g. per-device states gathered by ``pmap`` or ``jax.vmap``.
+        """
+        if axis_name is None:
+            return MinMax(min=jnp.min(self.min, axis=0), max=jnp.max(self.max, axis=0))
+        return MinMax(min=lax.pmin(self.min, axis_name), max=lax.pmax(self.max, axis_name))
+
+    @property
+    def is_empty(self) -> jax.Array:
+        """True while no finite value has been folded in."""
+        return self.min > self.max
+
+
+@jax.jit
+def _update(state: MinMax, values, mask):
+    lo, hi, n_bad = _finite_min_max_count(values, mask)
+    return state.merge(MinMax(min=lo, max=hi)), n_bad

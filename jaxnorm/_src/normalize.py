@@ -1,0 +1,80 @@
+"""Min-max normalization of anomaly scores around a threshold."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxnorm._src import validation
+
+ArrayLike = validation.ArrayLike
+
+_EMPTY_HINT = (
+    "statistics that are not finite come from a MinMax that saw no finite value: run "
+    "validation (or load saved statistics) before normalizing"
+)
+
+
+def output_dtype(dtype: np.dtype) -> np.dtype:
+    """The dtype ``normalize`` returns: a floating dtype is kept, anything else is float32."""
+    return dtype if jnp.issubdtype(dtype, jnp.floating) else np.dtype(jnp.float32)
+
+
+@jax.jit
+def _normalize(targets, threshold, min_val, max_val):
+    out_dtype = output_dtype(targets.dtype)
+    compute = jnp.promote_types(out_dtype, jnp.float32)
+    x = targets.astype(compute)
+    threshold = jnp.asarray(threshold, compute)
+    scale = 1 / (jnp.asarray(max_val, compute) - jnp.asarray(min_val, compute))
+    d = x - threshold
+    # A degenerate range gives scale = inf: d * inf is -inf/+inf (clipped to 0/1) away from
+    # the threshold and NaN at it, so the threshold itself is pinned to 0.5 explicitly.
+    y = jnp.where(d == 0, 0.5, d * scale + 0.5)
+    return jnp.clip(y, 0, 1).astype(out_dtype)
+
+
+def normalize(
+    targets: ArrayLike, threshold: ArrayLike, min_val: ArrayLike, max_val: ArrayLike
+) -> jax.Array:
+    r"""Maps raw anomaly scores to [0, 1] so that ``threshold`` lands at 0.5.
+
+    .. math::
+
+      \mathrm{normalize}(x) = \mathrm{clip}\left(\frac{x - t}{\max - \min} + 0.5,\; 0,\; 1\right)
+
+    as in anomalib's ``normalize``, with one fix: when ``max_val == min_val`` the result is
+    0 below the threshold, 0.5 at it and 1 above it, never NaN.
+
+    The computation is one fused, jit-compiled pass in at least float32 (the reciprocal of
+    the range is taken once, so results can differ from a true division by an ulp). The
+    scalars are traced arguments: new threshold or min/max values never recompile.
+
+    Args:
+      targets: scores of any shape: a jax array, a numpy array or a number. NaN scores stay
+        NaN (they are the caller's data); infinite scores clip to 0 or 1.
+      threshold: the raw score that maps to 0.5.
+      min_val: the smallest raw score seen during validation.
+      max_val: the largest raw score seen during validation.
+
+    Returns:
+      A jax array of the shape of ``targets``, with its dtype when floating (float16,
+      bfloat16, float32, and float64 under x64), else float32.
+
+    Raises:
+      ValueError: ``targets`` is not numeric, a scalar is not finite, or
+        ``max_val < min_val`` (empty statistics are ``+inf``/``-inf``: run validation or load
+        statistics first). Scalars given as tracers, inside the caller's ``jit``, are not
+        checked.
+    """
+    targets = validation.as_array("targets", targets)
+    threshold = validation.host_scalar("threshold", threshold)
+    min_val = validation.host_scalar("min_val", min_val, _EMPTY_HINT)
+    max_val = validation.host_scalar("max_val", max_val, _EMPTY_HINT)
+    if isinstance(min_val, float) and isinstance(max_val, float) and max_val < min_val:
+        raise ValueError(
+            f"max_val ({max_val}) is smaller than min_val ({min_val}); pass statistics from a "
+            "MinMax that has seen data."
+        )
+    return _normalize(targets, threshold, min_val, max_val)

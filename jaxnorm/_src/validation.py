@@ -1,0 +1,92 @@
+"""Input checks that run outside of jit and raise errors a person can act on."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ArrayLike = Any
+
+_HINT = (
+    "pass a jax.Array, a numpy array or a Python/numpy number "
+    "(torch tensors go through torch_compat, or jax.dlpack.from_dlpack(t.detach()))"
+)
+
+
+def is_tracer(x: Any) -> bool:
+    return isinstance(x, jax.core.Tracer)
+
+
+def as_array(name: str, values: ArrayLike) -> jax.Array | np.ndarray:
+    """Returns ``values`` as a jax or numpy array with a real numeric dtype.
+
+    Raises:
+      ValueError: ``values`` is not an array or number, or its dtype is not a real number.
+    """
+    if isinstance(values, (jax.Array, np.ndarray)):
+        arr = values
+    elif isinstance(values, (bool, int, float, np.generic)):
+        arr = np.asarray(values)
+    else:
+        raise ValueError(f"{name}: expected an array, got {type(values).__name__}; {_HINT}.")
+    dtype = np.dtype(arr.dtype)
+    if dtype == np.bool_ or not (
+        jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)
+    ):
+        raise ValueError(
+            f"{name}: dtype {dtype} (shape {tuple(arr.shape)}) is not a real number type; "
+            "cast it to a floating dtype such as float32 first."
+        )
+    return arr
+
+
+def host_scalar(
+    name: str, value: ArrayLike, hint: str = "it must be a finite number"
+) -> float | jax.Array:
+    """Returns a finite scalar as a Python float, or a tracer unchanged.
+
+    Concrete values are checked here, outside jit, so that a NaN threshold or an empty
+    statistic fails loudly instead of turning every score into NaN or 0.5. Tracers (a call
+    inside the caller's own ``jit``) cannot be inspected and pass through.
+    """
+    if is_tracer(value):
+        if jnp.ndim(value) != 0:
+            raise ValueError(f"{name}: expected a scalar, got shape {jnp.shape(value)}.")
+        return value
+    if hasattr(value, "item") and not isinstance(value, (jax.Array, np.ndarray, np.generic)):
+        raise ValueError(f"{name}: expected a float or a 0-d array, got {type(value).__name__}.")
+    if isinstance(value, (jax.Array, np.ndarray, np.generic)):
+        if np.ndim(value) != 0:
+            raise ValueError(
+                f"{name}: expected a scalar, got shape {tuple(np.shape(value))}; pass one value."
+            )
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name}: expected a number, got {type(value).__name__}.")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} is {value}; {hint}.")
+    return value
+
+
+def check_mask(mask: ArrayLike, shape: tuple[int, ...]) -> jax.Array | np.ndarray:
+    """Checks that ``mask`` is boolean and broadcasts to ``shape``."""
+    if not isinstance(mask, (jax.Array, np.ndarray)):
+        raise ValueError(f"mask: expected a boolean array, got {type(mask).__name__}.")
+    if np.dtype(mask.dtype) != np.bool_:
+        raise ValueError(f"mask: dtype {mask.dtype} is not bool; pass `mask != 0` or a bool array.")
+    try:
+        np.broadcast_shapes(tuple(mask.shape), shape)
+        ok = np.broadcast_shapes(tuple(mask.shape), shape) == shape
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"mask: shape {tuple(mask.shape)} does not broadcast to the values' shape {shape}; "
+            "give the mask the values' shape."
+        )
+    return mask

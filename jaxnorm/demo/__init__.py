@@ -1,0 +1,1 @@
+"""The jaxnorm demo: ``python -m jaxnorm.demo``."""

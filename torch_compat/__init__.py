@@ -1,0 +1,1 @@
+"""torch_compat: a PyTorch Lightning callback that computes through jaxnorm."""
