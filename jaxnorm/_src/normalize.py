@@ -48,7 +48,8 @@ def normalize(
     0 below the threshold, 0.5 at it and 1 above it, never NaN.
 
     The computation is one fused, jit-compiled pass in at least float32 (the reciprocal of
-    the range is taken once, so results can differ from a true division by an ulp). The
+    the range is taken once, so results can differ from a true division by an ulp; as
+    everywhere in XLA, subnormal inputs are flushed to zero). The
     scalars are traced arguments: new threshold or min/max values never recompile.
 
     Args:
