@@ -5,7 +5,15 @@ during validation, then map every test or predict score to [0, 1] with the decis
 at 0.5.
 """
 
+from jaxnorm._src.errors import NO_VALUES_MESSAGE as NO_VALUES_MESSAGE
+from jaxnorm._src.errors import NonFiniteScoresError as NonFiniteScoresError
+from jaxnorm._src.errors import StatisticsMissingError as StatisticsMissingError
+from jaxnorm._src.hook import MinMaxNormalizationHook as MinMaxNormalizationHook
+from jaxnorm._src.hook import Reducer as Reducer
 from jaxnorm._src.minmax import MinMax as MinMax
 from jaxnorm._src.normalize import normalize as normalize
+from jaxnorm._src.outputs import NormalizationStats as NormalizationStats
+from jaxnorm._src.outputs import normalize_outputs as normalize_outputs
+from jaxnorm._src.outputs import update_stats as update_stats
 
 __version__ = "0.1.0"

@@ -1,0 +1,134 @@
+"""Which output key feeds which statistics, and which threshold applies to which key.
+
+This is the routing of anomalib's callback, kept in one place: the Flax hook, the pure
+functions below and the Lightning shim all use it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Literal
+
+import flax.struct
+import jax.numpy as jnp
+
+from jaxnorm._src import errors
+from jaxnorm._src.minmax import MinMax
+from jaxnorm._src.normalize import normalize
+
+IMAGE = "image"
+PIXEL = "pixel"
+StatsMode = Literal["shared", "separate"]
+STATS_MODES = ("shared", "separate")
+
+# The statistic each normalized key uses, and so its threshold (image or pixel).
+NORMALIZED_KEYS: Mapping[str, str] = {
+    "pred_scores": IMAGE,
+    "anomaly_maps": PIXEL,
+    "box_scores": PIXEL,
+}
+
+
+def check_stats_mode(stats: str) -> StatsMode:
+    if stats not in STATS_MODES:
+        raise ValueError(f"stats={stats!r}: expected one of {STATS_MODES}.")
+    return stats  # type: ignore[return-value]
+
+
+def stats_sources(outputs: Mapping, stats: StatsMode) -> list[tuple[tuple[str, ...], str]]:
+    """Returns ``[(statistics to update, output key), ...]`` for one validation batch.
+
+    ``"shared"`` (anomalib 0.x): one statistic for both, from ``anomaly_maps``, else
+    ``box_scores``, else ``pred_scores``. ``"separate"`` (anomalib >= 1.1.1): image statistics
+    from ``pred_scores``, pixel statistics from ``anomaly_maps``, else ``box_scores``.
+
+    Raises:
+      ValueError: with anomalib's message, when no key is present.
+    """
+    if not isinstance(outputs, Mapping):
+        raise ValueError(
+            f"outputs: expected a dict of model outputs, got {type(outputs).__name__}."
+        )
+    if stats == "shared":
+        for key in ("anomaly_maps", "box_scores", "pred_scores"):
+            if key in outputs:
+                return [((IMAGE, PIXEL), key)]
+    else:
+        sources = []
+        if "pred_scores" in outputs:
+            sources.append(((IMAGE,), "pred_scores"))
+        for key in ("anomaly_maps", "box_scores"):
+            if key in outputs:
+                sources.append(((PIXEL,), key))
+                break
+        if sources:
+            return sources
+    raise ValueError(errors.NO_VALUES_MESSAGE)
+
+
+@flax.struct.dataclass
+class NormalizationStats:
+    """Image and pixel statistics. With shared statistics both fields hold the same values."""
+
+    image: MinMax
+    pixel: MinMax
+
+    @classmethod
+    def empty(cls) -> NormalizationStats:
+        return cls(image=MinMax.empty(), pixel=MinMax.empty())
+
+    def merge(self, other: NormalizationStats) -> NormalizationStats:
+        return NormalizationStats(self.image.merge(other.image), self.pixel.merge(other.pixel))
+
+    def reduce(self, axis_name=None) -> NormalizationStats:
+        """See ``MinMax.reduce``: across a named axis, or a stacked leading axis."""
+        return NormalizationStats(self.image.reduce(axis_name), self.pixel.reduce(axis_name))
+
+    def get(self, which: str) -> MinMax:
+        return self.image if which == IMAGE else self.pixel
+
+
+def update_stats(
+    stats: NormalizationStats, outputs: Mapping, *, mode: StatsMode = "shared"
+) -> NormalizationStats:
+    """Folds one validation batch into ``stats``: pure and jittable.
+
+    The functional twin of ``MinMaxNormalizationHook.on_validation_batch_end``, to fold the
+    statistics inside your own jitted eval step. Non-finite values are skipped. Inside ``jit``
+    a ``box_scores`` list is concatenated as traced, so its lengths are part of the compiled
+    shape; the hook buckets them instead.
+    """
+    new = {IMAGE: stats.image, PIXEL: stats.pixel}
+    for which, key in stats_sources(outputs, check_stats_mode(mode)):
+        values = outputs[key]
+        if key == "box_scores":
+            parts = [jnp.ravel(b) for b in values]
+            values = jnp.concatenate(parts) if parts else jnp.zeros((0,), jnp.float32)
+        folded = new[which[0]].update(values)
+        for w in which:
+            new[w] = folded
+    return NormalizationStats(image=new[IMAGE], pixel=new[PIXEL])
+
+
+def normalize_outputs(
+    outputs: Mapping,
+    stats: NormalizationStats,
+    image_threshold,
+    pixel_threshold,
+) -> dict:
+    """Returns a copy of ``outputs`` with scores, maps and boxes normalized: jittable.
+
+    ``pred_scores`` use the image threshold and statistics, ``anomaly_maps`` and each array
+    of ``box_scores`` the pixel ones. Other keys pass through unchanged.
+    """
+    thresholds = {IMAGE: image_threshold, PIXEL: pixel_threshold}
+    out = dict(outputs)
+    for key, which in NORMALIZED_KEYS.items():
+        if key not in outputs:
+            continue
+        s = stats.get(which)
+        if key == "box_scores":
+            out[key] = [normalize(b, thresholds[which], s.min, s.max) for b in outputs[key]]
+        else:
+            out[key] = normalize(outputs[key], thresholds[which], s.min, s.max)
+    return out

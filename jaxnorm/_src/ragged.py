@@ -1,0 +1,62 @@
+"""Ragged ``box_scores``: one padded array per batch, with lengths bucketed.
+
+``jit`` compiles once per input shape, and per-image box counts change every batch. The
+scores of a batch are concatenated on the host (they are small), padded to the next power of
+two and normalized or folded in one call, so the number of compilations grows with
+log2(largest batch), not with the number of batches. Splitting back happens on the host too:
+slicing on device would compile once per slice length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+
+from jaxnorm._src import validation
+
+MIN_BUCKET = 64
+
+
+def bucket(n: int) -> int:
+    """The padded length for ``n`` values: a power of two, at least ``MIN_BUCKET``."""
+    return max(MIN_BUCKET, 1 << max(n - 1, 0).bit_length())
+
+
+def check_boxes(key: str, boxes) -> list:
+    if not isinstance(boxes, (list, tuple)):
+        raise ValueError(
+            f"{key}: expected a list with one 1-D array of scores per image, got "
+            f"{type(boxes).__name__}; wrap per-image arrays in a list."
+        )
+    for i, b in enumerate(boxes):
+        arr = validation.as_array(f"{key}[{i}]", b)
+        if arr.ndim > 1:
+            raise ValueError(
+                f"{key}[{i}]: expected a 1-D array of box scores, got shape {tuple(arr.shape)}."
+            )
+    return list(boxes)
+
+
+def concat_padded(boxes: Sequence) -> tuple[np.ndarray, list[int]]:
+    """Concatenates 1-D arrays on the host and zero-pads to ``bucket(total)``.
+
+    Returns:
+      ``(padded, lengths)``; the valid entries are ``padded[:sum(lengths)]``.
+    """
+    host = [np.asarray(b).reshape(-1) for b in jax.device_get(list(boxes))]
+    lengths = [h.size for h in host]
+    dtype = np.result_type(*host) if host else np.float32
+    padded = np.zeros(bucket(sum(lengths)), dtype)
+    if host:
+        np.concatenate(host, out=padded[: sum(lengths)])
+    return padded, lengths
+
+
+def split(padded: jax.Array, lengths: Sequence[int], like: Sequence) -> list[jax.Array]:
+    """Splits ``padded[:sum(lengths)]`` back into per-image arrays on ``like``'s devices."""
+    host = np.asarray(padded)
+    pieces = np.split(host[: sum(lengths)], np.cumsum(lengths)[:-1]) if lengths else []
+    devices = [next(iter(b.devices())) if isinstance(b, jax.Array) else None for b in like]
+    return [jax.device_put(p, d) for p, d in zip(pieces, devices, strict=True)]
