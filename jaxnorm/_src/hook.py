@@ -230,9 +230,9 @@ class MinMaxNormalizationHook:
         for which, new, n_bad, n in updates.values():
             for w in which:
                 image, pixel = (new, pixel) if w == IMAGE else (image, new)
-            self.num_values[which[0]] += n
-            if self.nonfinite == "omit":
-                self._nonfinite_device[which[0]].append(n_bad)
+                self.num_values[w] += n
+                if self.nonfinite == "omit":
+                    self._nonfinite_device[w].append(n_bad)
         self._set(NormalizationStats(image=image, pixel=pixel))
         self._batches += 1
         return outputs
@@ -277,10 +277,14 @@ class MinMaxNormalizationHook:
     # -- test and predict ------------------------------------------------------------------
 
     def on_test_start(self) -> None:
-        """Checks that statistics are there before the first test batch."""
-        self._check_stats(
-            ("pred_scores", "anomaly_maps") if self.stats_mode == "separate" else ("pred_scores",)
-        )
+        """Fails early, before the first test batch, when no statistics are there at all.
+
+        Each batch checks the statistics its keys need (with separate statistics, a model
+        without maps needs no pixel statistics).
+        """
+        stats = self.host_stats()
+        if all(lo > hi for lo, hi in stats.values()):
+            self._check_stats(["pred_scores"])
 
     def on_test_batch_end(self, outputs: Mapping) -> dict:
         """Returns a copy of ``outputs`` with scores, maps and boxes normalized to [0, 1]."""
