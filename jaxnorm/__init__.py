@@ -5,6 +5,7 @@ during validation, then map every test or predict score to [0, 1] with the decis
 at 0.5.
 """
 
+from jaxnorm import nnx as nnx
 from jaxnorm._src.errors import NO_VALUES_MESSAGE as NO_VALUES_MESSAGE
 from jaxnorm._src.errors import NonFiniteScoresError as NonFiniteScoresError
 from jaxnorm._src.errors import StatisticsMissingError as StatisticsMissingError

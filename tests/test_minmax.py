@@ -215,3 +215,8 @@ def test_reduce_under_pmap(devices, data):
     shards = data.reshape(len(devices), -1)
     out = jax.pmap(lambda x: jaxnorm.MinMax.empty().update(x).reduce("i"), axis_name="i")(shards)
     assert np.all(np.asarray(out.min) == data.min()) and np.all(np.asarray(out.max) == data.max())
+
+
+def test_unpacks_as_min_max():
+    lo, hi = jaxnorm.MinMax.empty().update(np.array([2.0, -1.0]))
+    assert (float(lo), float(hi)) == (-1.0, 2.0)

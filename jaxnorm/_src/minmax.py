@@ -118,6 +118,10 @@ class MinMax:
             return MinMax(min=jnp.min(self.min, axis=0), max=jnp.max(self.max, axis=0))
         return MinMax(min=lax.pmin(self.min, axis_name), max=lax.pmax(self.max, axis_name))
 
+    def __iter__(self):
+        """Unpacks as ``lo, hi = stats``."""
+        return iter((self.min, self.max))
+
     @property
     def is_empty(self) -> jax.Array:
         """True while no finite value has been folded in."""
