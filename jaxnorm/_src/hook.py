@@ -78,7 +78,8 @@ class MinMaxNormalizationHook:
         ``"auto"`` (default) all-reduces across JAX processes when ``jax.process_count() > 1``;
         ``None`` never reduces; a callable (see ``Reducer``) is used as given. With a reducer,
         a non-finite error is raised at epoch end on every process at once, so no process
-        waits forever in the collective.
+        waits forever in the collective (only the processes that saw the values can name the
+        key). ``num_values`` and ``num_nonfinite`` stay per process.
     """
 
     def __init__(
@@ -136,6 +137,7 @@ class MinMaxNormalizationHook:
         self._nonfinite_host = {IMAGE: 0, PIXEL: 0}
         self._nonfinite_device: dict[str, list[jax.Array]] = {IMAGE: [], PIXEL: []}
         self._pending: errors.NonFiniteScoresError | None = None
+        self._pending_count = 0
         self._batches = 0
 
     @property
@@ -189,7 +191,7 @@ class MinMaxNormalizationHook:
         """Resets the statistics, unless ``accumulate=True``."""
         if not self.accumulate:
             self.reset()
-        self._pending = None
+        self._pending, self._pending_count = None, 0
 
     def on_validation_batch_end(self, outputs: Mapping) -> Mapping:
         """Folds one batch of validation outputs into the statistics; returns them unchanged.
@@ -224,6 +226,7 @@ class MinMaxNormalizationHook:
                 if self._active_reducer() is None:
                     raise error
                 self._pending = self._pending or error
+                self._pending_count += sum(bad.values())
                 return outputs
 
         image, pixel = self._stats.image, self._stats.pixel
@@ -248,7 +251,7 @@ class MinMaxNormalizationHook:
         if reducer is None:
             return
         (ilo, ihi), (plo, phi) = self.host_stats()[IMAGE], self.host_stats()[PIXEL]
-        n_bad_local = self._pending.count if self._pending else 0
+        n_bad_local = self._pending_count
         mins = np.array([ilo, plo], np.float32)
         maxs = np.array([ihi, phi], np.float32)
         counts = np.array([self.num_values[IMAGE], n_bad_local], np.int64)
@@ -262,7 +265,7 @@ class MinMaxNormalizationHook:
         if n_bad:
             key = self._pending.key if self._pending else "validation outputs"
             where = " (summed over all processes)"
-            self._pending = None
+            self._pending, self._pending_count = None, 0
             raise errors.NonFiniteScoresError(key, n_bad, where)
 
     def _active_reducer(self) -> Reducer | None:

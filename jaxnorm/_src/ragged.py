@@ -58,5 +58,8 @@ def split(padded: jax.Array, lengths: Sequence[int], like: Sequence) -> list[jax
     """Splits ``padded[:sum(lengths)]`` back into per-image arrays on ``like``'s devices."""
     host = np.asarray(padded)
     pieces = np.split(host[: sum(lengths)], np.cumsum(lengths)[:-1]) if lengths else []
-    devices = [next(iter(b.devices())) if isinstance(b, jax.Array) else None for b in like]
-    return [jax.device_put(p, d) for p, d in zip(pieces, devices, strict=True)]
+    devices = {next(iter(b.devices())) for b in like if isinstance(b, jax.Array)}
+    if len(devices) <= 1:  # the usual case: one transfer call for the whole list
+        return jax.device_put(pieces, next(iter(devices), None))
+    per_image = [next(iter(b.devices())) if isinstance(b, jax.Array) else None for b in like]
+    return [jax.device_put(p, d) for p, d in zip(pieces, per_image, strict=True)]
