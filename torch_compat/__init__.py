@@ -1,1 +1,59 @@
-"""torch_compat: a PyTorch Lightning callback that computes through jaxnorm."""
+"""torch_compat: anomalib's ``MinMaxNormalizationCallback`` for PyTorch Lightning, on jaxnorm.
+
+A drop-in swap for anomalib 0.x's callback::
+
+  from torch_compat import MinMaxNormalizationCallback   # was anomalib.utils.callbacks
+
+``torch_compat.MinMaxNormalizationCallback`` subclasses ``pytorch_lightning.Callback`` (anomalib
+0.x's namespace) when ``pytorch_lightning`` is installed, else ``lightning.pytorch.Callback``.
+A Trainer accepts callbacks of its own namespace only: with ``lightning.pytorch`` Trainers
+(``import lightning as L``) use ``torch_compat.lightning.MinMaxNormalizationCallback``; the
+explicit ``torch_compat.pytorch_lightning.MinMaxNormalizationCallback`` exists too. All of them
+run the same code.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import TYPE_CHECKING, Any
+
+from torch_compat._allreduce import allreduce_stats as allreduce_stats
+from torch_compat._dlpack import HostCopyWarning as HostCopyWarning
+from torch_compat._dlpack import to_jax as to_jax
+from torch_compat._dlpack import to_torch as to_torch
+from torch_compat._minmax import MinMax as MinMax
+
+if TYPE_CHECKING:
+    from torch_compat.pytorch_lightning import (
+        MinMaxNormalizationCallback as MinMaxNormalizationCallback,
+    )
+
+__all__ = [
+    "HostCopyWarning",
+    "MinMax",
+    "MinMaxNormalizationCallback",
+    "allreduce_stats",
+    "to_jax",
+    "to_torch",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # Imported on first use: only the Lightning namespace the user picked gets imported.
+    if name == "MinMaxNormalizationCallback":
+        if importlib.util.find_spec("pytorch_lightning") is not None:
+            from torch_compat.pytorch_lightning import MinMaxNormalizationCallback
+        elif importlib.util.find_spec("lightning") is not None:
+            from torch_compat.lightning import MinMaxNormalizationCallback
+        else:
+            raise ImportError(
+                "torch_compat.MinMaxNormalizationCallback needs PyTorch Lightning: "
+                "`pip install pytorch-lightning` (or `pip install lightning`)."
+            )
+        globals()[name] = MinMaxNormalizationCallback
+        return MinMaxNormalizationCallback
+    raise AttributeError(f"module 'torch_compat' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

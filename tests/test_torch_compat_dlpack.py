@@ -1,0 +1,157 @@
+"""torch_compat's DLPack exchange: zero-copy on CPU, dtypes, shapes, devices, host fallback."""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from torch_compat import HostCopyWarning, _dlpack, to_jax, to_torch
+
+FLOATS = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+NO_CUDA = (
+    "needs a CUDA device and a CUDA build of torch (this machine's torch is CPU-only or sees "
+    "no GPU)"
+)
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
+
+
+@pytest.fixture(params=["fast", "public"])
+def path(request, monkeypatch):
+    """Both ways into jax: the direct jaxlib call and the public jax.dlpack.from_dlpack."""
+    if request.param == "public":
+        monkeypatch.setattr(_dlpack, "_fast_from_dlpack", None)
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_cpu_zero_copy_both_ways(dtype, path):
+    t = torch.randn(32, 1, 16, 16).to(dtype)
+    assert t.data_ptr() % 64 == 0  # torch's CPU allocator aligns to 64 bytes
+    a = to_jax(t)
+    assert isinstance(a, jax.Array)
+    assert a.unsafe_buffer_pointer() == t.data_ptr()
+    assert a.dtype == jnp.dtype(str(dtype).removeprefix("torch."))
+    back = to_torch(a, like=t)
+    assert back.data_ptr() == a.unsafe_buffer_pointer()
+    assert back.dtype == dtype and back.shape == t.shape
+    assert torch.equal(back, t)
+
+
+@pytest.mark.parametrize("shape", [(), (0,), (7,), (2, 1, 3, 4)])
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_round_trip_keeps_dtype_shape_device_and_values(dtype, shape, path):
+    t = (torch.randn(shape) * 10).to(dtype)
+    a = to_jax(t)
+    assert a.shape == tuple(shape)
+    # without jax_enable_x64, float64 is narrowed (and cast back below)
+    want = jnp.float32 if dtype == torch.float64 else jnp.dtype(str(dtype).removeprefix("torch."))
+    assert a.dtype == want
+    back = to_torch(a * 1, like=t)  # a computed result, as the callback gets back
+    assert back.dtype == dtype and back.shape == t.shape and back.device == t.device
+    expected = t.float().to(dtype) if dtype == torch.float64 else t
+    assert torch.equal(back, expected)
+
+
+def test_requires_grad_is_detached_without_copy():
+    leaf = torch.randn(16, requires_grad=True)
+    a = to_jax(leaf)  # torch refuses to export tensors that require grad: detached first
+    assert a.unsafe_buffer_pointer() == leaf.data_ptr()
+    assert not to_torch(a, like=leaf).requires_grad
+    derived = leaf * 2
+    np.testing.assert_array_equal(np.asarray(to_jax(derived)), derived.detach().numpy())
+
+
+@pytest.mark.parametrize(
+    "view",
+    [
+        lambda base: base[:, ::2],  # strided
+        lambda base: base.t(),  # transposed
+        lambda base: base[:1].expand(4, 6),  # broadcast (stride 0): jax refuses those
+        lambda base: base.reshape(-1)[1:],  # contiguous but misaligned: jax copies
+    ],
+    ids=["strided", "transposed", "expanded", "misaligned"],
+)
+def test_non_contiguous_and_misaligned_views(view, path):
+    t = view(torch.arange(24.0).reshape(4, 6))
+    a = to_jax(t)
+    np.testing.assert_array_equal(np.asarray(a), t.numpy())
+    assert tuple(to_torch(a, like=t).shape) == tuple(t.shape)
+
+
+def test_integer_like_keeps_floating_results():
+    ints = torch.arange(4, dtype=torch.int32)
+    result = to_torch(jnp.full((4,), 0.25, jnp.float32), like=ints)
+    assert result.dtype == torch.float32  # normalized scores do not fit in integers
+
+
+def test_host_fallback_warns_once_per_process(monkeypatch):
+    """The path a CUDA tensor takes when jax has no GPU, simulated on CPU tensors."""
+    monkeypatch.setattr(_dlpack, "jax_reads_device", lambda device: False)
+    monkeypatch.setattr(_dlpack, "_host_copy_warned", False)
+    t = torch.randn(5)
+    with pytest.warns(HostCopyWarning, match="copied to host memory.*Shown once per process"):
+        a = to_jax(t)
+    np.testing.assert_array_equal(np.asarray(a), t.numpy())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        to_jax(torch.randn(5))  # no second warning
+
+
+def test_jax_reads_cpu_and_not_unknown_devices():
+    assert _dlpack.jax_reads_device(torch.device("cpu"))
+    assert not _dlpack.jax_reads_device(torch.device("meta"))
+    try:
+        has_gpu = bool(jax.devices("gpu"))
+    except RuntimeError:
+        has_gpu = False
+    assert _dlpack.jax_reads_device(torch.device("cuda", 0)) == has_gpu
+
+
+@requires_cuda
+@pytest.mark.filterwarnings("ignore::torch_compat.HostCopyWarning")
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_cuda_round_trip(dtype):
+    t = torch.randn(8, 3, device="cuda").to(dtype)
+    a = to_jax(t)
+    if _dlpack.jax_reads_device(t.device):
+        assert next(iter(a.devices())).platform == "gpu"
+        if dtype != torch.float64:
+            assert a.unsafe_buffer_pointer() == t.data_ptr()  # zero-copy on the GPU
+    else:
+        assert next(iter(a.devices())).platform == "cpu"  # the documented host fallback
+    back = to_torch(a * 1, like=t)
+    assert back.device == t.device and back.dtype == dtype
+    assert torch.equal(back.cpu(), t.cpu().float().to(dtype) if dtype == torch.float64 else t.cpu())
+
+
+@requires_cuda
+@pytest.mark.filterwarnings("ignore::torch_compat.HostCopyWarning")
+def test_cuda_outputs_through_the_callback():
+    from tests import test_torch_compat_hooks as h
+
+    module = h.Module().cuda()
+    cb = h.MinMaxNormalizationCallback()
+    cb.setup(None, module, "fit")
+    val = {k: v.cuda() for k, v in h.make_outputs(0, boxes=False).items()}
+    h.validate(cb, module, [val])
+    lo, hi = module.normalization_metrics.read()["image"]
+    raw = h.make_outputs(1, boxes=False)
+    outputs = {k: v.cuda() for k, v in raw.items()}
+    cb.on_test_batch_end(None, module, outputs, None, 0)
+    assert outputs["anomaly_maps"].is_cuda and outputs["pred_scores"].is_cuda
+    h.assert_matches_reference(
+        {k: v.cpu() for k, v in outputs.items()}, raw, h.IMAGE_T, h.PIXEL_T, lo, hi
+    )
+
+
+@requires_cuda
+def test_pinned_cpu_tensor():
+    t = torch.randn(16).pin_memory()
+    a = to_jax(t)
+    assert next(iter(a.devices())).platform == "cpu"
+    np.testing.assert_array_equal(np.asarray(a), t.numpy())

@@ -1,0 +1,600 @@
+"""MinMaxNormalizationCallback driven by hand (trainer=None), against the numpy reference.
+
+The Lightning runs are in test_torch_compat_lightning.py; the DLPack exchange in
+test_torch_compat_dlpack.py. The helpers here follow anomalib's AnomalyModule protocol and
+are shared with those files.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import re
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+import jaxnorm
+import torch_compat
+import torch_compat._callback
+from tests import reference
+from torch_compat.pytorch_lightning import MinMaxNormalizationCallback
+
+IMAGE_T, PIXEL_T = 1.3, 0.7
+KEYS = ("anomaly_maps", "pred_scores", "box_scores")
+
+
+class Threshold(torch.nn.Module):
+    """anomalib's AnomalyScoreThreshold as far as the callback reads it: a 0-d ``value``."""
+
+    def __init__(self, value: float) -> None:
+        super().__init__()
+        self.register_buffer("value", torch.tensor(value))
+
+
+class Metrics:
+    """anomalib's metric collections as far as the callback uses them."""
+
+    def __init__(self) -> None:
+        self.thresholds: list[float] = []
+
+    def set_threshold(self, value: float) -> None:
+        self.thresholds.append(value)
+
+
+class Module(torch.nn.Module):
+    """The pl_module attributes anomalib's callback reads; no Lightning needed by hand."""
+
+    def __init__(self, image_threshold=IMAGE_T, pixel_threshold=PIXEL_T, pixel_metrics=True):
+        super().__init__()
+        self.image_threshold = Threshold(image_threshold)
+        self.pixel_threshold = Threshold(pixel_threshold)
+        self.image_metrics = Metrics()
+        self.pixel_metrics = Metrics() if pixel_metrics else None
+
+
+def make_outputs(seed, n=3, scale=1.0, shift=0.0, boxes=True, dtype=torch.float32):
+    """One batch of raw outputs with anomalib's keys; the first image has no boxes."""
+    g = torch.Generator().manual_seed(seed)
+    out = {
+        "anomaly_maps": (torch.randn((n, 1, 5, 5), generator=g) * scale + shift).to(dtype),
+        "pred_scores": (torch.randn((n,), generator=g) * scale + shift + 1).to(dtype),
+        "label": torch.arange(n),
+    }
+    if boxes:
+        counts = [0] + [int(c) for c in torch.randint(1, 4, (n - 1,), generator=g)]
+        out["box_scores"] = [
+            (torch.randn((c,), generator=g) * scale + shift).to(dtype) for c in counts
+        ]
+    return out
+
+
+def to_numpy(outputs):
+    """Raw outputs as float64 numpy, for the reference (copies: the callback rewrites)."""
+    out = {}
+    for key, value in outputs.items():
+        if key == "box_scores":
+            out[key] = [b.detach().double().numpy() for b in value]
+        elif key in KEYS:
+            out[key] = value.detach().double().numpy()
+    return out
+
+
+def assert_matches_reference(got, raw, image_t, pixel_t, lo, hi, atol=1e-6):
+    """``got`` (torch, normalized) equals the reference applied to ``raw`` (torch, raw)."""
+    want = reference.normalize_batch(to_numpy(raw), image_t, pixel_t, lo, hi)
+    for key in ("pred_scores", "anomaly_maps"):
+        if key in raw:
+            assert isinstance(got[key], torch.Tensor)
+            assert got[key].dtype == raw[key].dtype and got[key].shape == raw[key].shape, key
+            assert got[key].device == raw[key].device
+            np.testing.assert_allclose(got[key].double().numpy(), want[key], atol=atol, err_msg=key)
+    if "box_scores" in raw:
+        assert isinstance(got["box_scores"], list)
+        assert len(got["box_scores"]) == len(raw["box_scores"])
+        for g, r, w in zip(got["box_scores"], raw["box_scores"], want["box_scores"], strict=True):
+            assert g.dtype == r.dtype and g.shape == r.shape
+            np.testing.assert_allclose(g.double().numpy(), w, atol=atol)
+
+
+def clone(outputs):
+    return {
+        k: [b.clone() for b in v] if isinstance(v, list) else v.clone() for k, v in outputs.items()
+    }
+
+
+def validate(cb, module, batches):
+    cb.on_validation_epoch_start(None, module)
+    for i, b in enumerate(batches):
+        cb.on_validation_batch_end(None, module, b, None, i)
+    cb.on_validation_epoch_end(None, module)
+
+
+def fitted(batches, **options):
+    """A module and callback that validated ``batches``."""
+    module, cb = Module(), MinMaxNormalizationCallback(**options)
+    cb.setup(None, module, "fit")
+    validate(cb, module, batches)
+    return module, cb
+
+
+def test_hooks_by_hand_match_reference():
+    val = [make_outputs(s, scale=1 + s) for s in range(3)]
+    raw_val = [clone(b) for b in val]
+    module, cb = fitted(val)
+    for b, r in zip(val, raw_val, strict=True):  # validation outputs are left as they were
+        for key in ("anomaly_maps", "pred_scores"):
+            assert torch.equal(b[key], r[key])
+    lo, hi = reference.min_max(*[reference.stats_source(to_numpy(b)) for b in raw_val])
+    assert module.normalization_metrics.read() == {"image": (lo, hi), "pixel": (lo, hi)}
+    assert cb.hook.host_stats() == {"image": (lo, hi), "pixel": (lo, hi)}
+
+    cb.on_test_start(None, module)
+    for seed in (10, 11):
+        raw = make_outputs(seed, scale=4.0)
+        outputs = clone(raw)
+        label = outputs["label"]
+        assert cb.on_test_batch_end(None, module, outputs, None, 0) is None
+        assert outputs["label"] is label  # other keys pass through untouched
+        assert_matches_reference(outputs, raw, IMAGE_T, PIXEL_T, lo, hi)
+    raw = {"pred_scores": torch.linspace(-3, 5, 7)}
+    outputs = clone(raw)
+    cb.on_predict_batch_end(None, module, outputs, None, 0)
+    assert_matches_reference(outputs, raw, IMAGE_T, PIXEL_T, lo, hi)
+
+
+def test_stats_source_precedence_boxes_then_scores():
+    raw = make_outputs(0)
+    del raw["anomaly_maps"]
+    module, _ = fitted([clone(raw)])
+    assert module.normalization_metrics.read()["image"] == reference.min_max(
+        reference.stats_source(to_numpy(raw))
+    )
+    del raw["box_scores"]
+    module, _ = fitted([clone(raw)])
+    assert module.normalization_metrics.read()["image"] == reference.min_max(
+        to_numpy(raw)["pred_scores"]
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_dtype_shape_device_round_trip_through_the_callback(dtype):
+    module, cb = fitted([make_outputs(0, dtype=dtype), make_outputs(1, dtype=dtype)])
+    lo, hi = module.normalization_metrics.read()["image"]
+    raw = make_outputs(5, scale=3.0, dtype=dtype)
+    outputs = clone(raw)
+    cb.on_test_batch_end(None, module, outputs, None, 0)
+    # the result is rounded to the input's dtype
+    atol = {torch.float16: 1e-3, torch.bfloat16: 4e-3}.get(dtype, 1e-6)
+    assert_matches_reference(outputs, raw, IMAGE_T, PIXEL_T, lo, hi, atol=atol)
+
+
+def test_requires_grad_and_non_contiguous_outputs():
+    base = torch.randn(3, 1, 5, 10)
+    maps = base[..., ::2].requires_grad_(True)  # a leaf that needs grad, and not contiguous
+    assert not maps.is_contiguous()
+    scores = (torch.randn(3, requires_grad=True) * 2)[::1]  # a non-leaf with grad history
+    module, cb = fitted([{"anomaly_maps": maps, "pred_scores": scores}])
+    lo, hi = reference.min_max(maps.detach().numpy())
+    assert module.normalization_metrics.read()["image"] == (lo, hi)
+    raw = {"anomaly_maps": maps.detach().clone(), "pred_scores": scores.detach().clone()}
+    outputs = {"anomaly_maps": maps, "pred_scores": scores}
+    cb.on_predict_batch_end(None, module, outputs, None, 0)
+    assert not outputs["anomaly_maps"].requires_grad
+    assert outputs["anomaly_maps"].is_contiguous()
+    assert_matches_reference(outputs, raw, IMAGE_T, PIXEL_T, lo, hi)
+
+
+def test_missing_keys_raise_anomalib_message():
+    module, cb = fitted([make_outputs(0)])
+    message = re.escape(reference.NO_VALUES_MESSAGE)
+    with pytest.raises(ValueError, match=message):
+        cb.on_validation_batch_end(None, module, {"label": torch.arange(2)}, None, 0)
+    with pytest.raises(ValueError, match=message):
+        cb.on_test_batch_end(None, module, {"image": torch.zeros(2)}, None, 0)
+    with pytest.raises(ValueError, match="expected the dict a step returns, got NoneType"):
+        cb.on_predict_batch_end(None, module, None, None, 0)
+    with pytest.raises(ValueError, match=r"outputs\['pred_scores'\]: expected a torch.Tensor"):
+        cb.on_test_batch_end(None, module, {"pred_scores": [0.1, 0.2]}, None, 0)
+
+
+def test_setup_attaches_keeps_a_compatible_one_and_rejects_others():
+    module, cb = Module(), MinMaxNormalizationCallback()
+    cb.setup(None, module)  # anomalib's default stage=None
+    metrics = module.normalization_metrics
+    assert isinstance(metrics, torch_compat.MinMax)
+    assert (float(metrics.min), float(metrics.max)) == (math.inf, -math.inf)
+    metrics.write({"image": (-1.0, 2.0), "pixel": (-1.0, 2.0)})
+    cb.setup(None, module, "test")  # e.g. restored from a checkpoint: kept, values and all
+    assert module.normalization_metrics is metrics
+    assert metrics.read()["image"] == (-1.0, 2.0)
+
+    module.normalization_metrics = torch.nn.Linear(1, 1)
+    expected = (
+        "Expected normalization_metrics to be of type MinMax, got "
+        f"{type(module.normalization_metrics)}"
+    )
+    with pytest.raises(AttributeError, match=f"^{re.escape(expected)}$"):
+        cb.setup(None, module, "fit")
+
+
+def test_on_test_start_sets_metric_thresholds_and_skips_none():
+    val = [make_outputs(0)]
+    module, cb = fitted(val)
+    cb.on_test_start(None, module)
+    assert module.image_metrics.thresholds == [0.5]
+    assert module.pixel_metrics.thresholds == [0.5]
+    module.pixel_metrics = None
+    cb.on_test_start(None, module)
+    assert module.image_metrics.thresholds == [0.5, 0.5]
+
+
+def test_reset_each_epoch_by_default_and_accumulate_option():
+    first = [make_outputs(0, scale=10.0)]  # e.g. the sanity check: extreme values
+    second = [make_outputs(1), make_outputs(2)]
+    for accumulate, epochs in ((False, [second]), (True, [first, second])):
+        module, cb = fitted(first, accumulate=accumulate)
+        validate(cb, module, second)
+        want = reference.min_max(*[reference.stats_source(to_numpy(b)) for e in epochs for b in e])
+        assert module.normalization_metrics.read()["image"] == want, accumulate
+        assert cb.hook.host_stats()["image"] == want
+
+
+def test_accumulation_resumes_from_restored_buffers():
+    """Resuming from a checkpoint: accumulation goes on from the saved statistics."""
+    for accumulate, want in ((True, (-10.0, 10.0)), (False, (1.0, 2.0))):
+        module, cb = Module(), MinMaxNormalizationCallback(accumulate=accumulate)
+        cb.setup(None, module, "fit")
+        state = module.state_dict()
+        state["normalization_metrics.min"] = torch.tensor(-10.0)
+        state["normalization_metrics.max"] = torch.tensor(10.0)
+        module.load_state_dict(state)  # what Lightning does after setup
+        validate(cb, module, [{"pred_scores": torch.tensor([1.0, 2.0])}])
+        assert module.normalization_metrics.read()["image"] == want, accumulate
+
+
+def test_separate_stats_in_buffers_and_outputs():
+    val = [make_outputs(0, scale=2.0), make_outputs(1, shift=3.0)]
+    raw_val = [to_numpy(b) for b in val]
+    module, cb = fitted(val, stats="separate")
+    image = reference.min_max(*[b["pred_scores"] for b in raw_val])
+    pixel = reference.min_max(*[b["anomaly_maps"] for b in raw_val])
+    state = module.state_dict()
+    assert sorted(state) == [
+        "image_threshold.value",
+        "normalization_metrics.max",
+        "normalization_metrics.min",
+        "normalization_metrics.pixel_max",
+        "normalization_metrics.pixel_min",
+        "pixel_threshold.value",
+    ]
+    assert (
+        float(state["normalization_metrics.min"]),
+        float(state["normalization_metrics.max"]),
+    ) == image
+    assert (
+        float(state["normalization_metrics.pixel_min"]),
+        float(state["normalization_metrics.pixel_max"]),
+    ) == pixel
+
+    cb.on_test_start(None, module)
+    raw = make_outputs(7, scale=3.0)
+    outputs = clone(raw)
+    cb.on_test_batch_end(None, module, outputs, None, 0)
+    n = to_numpy(raw)
+    np.testing.assert_allclose(
+        outputs["pred_scores"].numpy(),
+        reference.normalize(n["pred_scores"], IMAGE_T, *image),
+        atol=1e-6,
+    )
+    np.testing.assert_allclose(
+        outputs["anomaly_maps"].numpy(),
+        reference.normalize(n["anomaly_maps"], PIXEL_T, *pixel),
+        atol=1e-6,
+    )
+    for g, b in zip(outputs["box_scores"], n["box_scores"], strict=True):
+        np.testing.assert_allclose(g.numpy(), reference.normalize(b, PIXEL_T, *pixel), atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_nonfinite_raises_with_key_and_count(bad):
+    good = make_outputs(0)
+    module, cb = fitted([good])
+    before = module.normalization_metrics.read()
+    poisoned = make_outputs(1, scale=100.0)
+    poisoned["anomaly_maps"][0, 0, :2, 0] = bad
+    cb.on_validation_epoch_start(None, module)
+    cb.on_validation_batch_end(None, module, good, None, 0)
+    with pytest.raises(jaxnorm.NonFiniteScoresError, match="2 non-finite.*'anomaly_maps'") as e:
+        cb.on_validation_batch_end(None, module, poisoned, None, 1)
+    assert (e.value.key, e.value.count) == ("anomaly_maps", 2)
+    cb.on_validation_epoch_end(None, module)  # the poisoned batch was not folded in
+    assert module.normalization_metrics.read() == before
+
+
+def test_nonfinite_omit_skips_them():
+    poisoned = make_outputs(1)
+    poisoned["anomaly_maps"][1, 0, 0, :3] = math.nan
+    module, cb = fitted([poisoned], nonfinite="omit")
+    maps = to_numpy(poisoned)["anomaly_maps"]
+    assert module.normalization_metrics.read()["image"] == reference.min_max(
+        maps[np.isfinite(maps)]
+    )
+    assert cb.hook.num_nonfinite["image"] == 3
+
+
+def test_no_stats_is_a_clear_error_not_half():
+    module, cb = Module(), MinMaxNormalizationCallback()
+    cb.setup(None, module, "test")
+    with pytest.raises(jaxnorm.StatisticsMissingError, match="run validation"):
+        cb.on_test_start(None, module)
+    with pytest.raises(jaxnorm.StatisticsMissingError, match="run validation"):
+        cb.on_predict_batch_end(None, module, {"pred_scores": torch.zeros(3)}, None, 0)
+    # a validation epoch without finite values leaves empty statistics: same error
+    module, cb = fitted([{"pred_scores": torch.full((3,), math.nan)}], nonfinite="omit")
+    with pytest.raises(jaxnorm.StatisticsMissingError):
+        cb.on_test_start(None, module)
+
+
+def test_degenerate_range_gives_0_half_1_never_nan():
+    module, cb = fitted([{"pred_scores": torch.full((4,), 2.0)}])
+    module.image_threshold.value.fill_(2.0)
+    outputs = {"pred_scores": torch.tensor([1.0, 2.0, 3.0, -math.inf, math.inf])}
+    cb.on_predict_batch_end(None, module, outputs, None, 0)
+    assert outputs["pred_scores"].tolist() == [0.0, 0.5, 1.0, 0.0, 1.0]
+
+
+def test_thresholds_are_read_from_the_module_at_every_batch():
+    module, cb = fitted([make_outputs(0)])
+    lo, hi = module.normalization_metrics.read()["image"]
+    for image_t in (0.1, -0.4):
+        module.image_threshold.value.fill_(image_t)  # in place, e.g. a threshold metric update
+        outputs = {"pred_scores": torch.linspace(-2, 2, 5)}
+        cb.on_test_batch_end(None, module, outputs, None, 0)
+        want = reference.normalize(np.linspace(-2, 2, 5), np.float32(image_t), lo, hi)
+        np.testing.assert_allclose(outputs["pred_scores"].numpy(), want, atol=1e-6)
+    module.pixel_threshold = Threshold(5.0)  # a new object
+    outputs = {"anomaly_maps": torch.linspace(-2, 2, 5)}
+    cb.on_test_batch_end(None, module, outputs, None, 0)
+    want = reference.normalize(np.linspace(-2, 2, 5), 5.0, lo, hi)
+    np.testing.assert_allclose(outputs["anomaly_maps"].numpy(), want, atol=1e-6)
+
+    del module.image_threshold
+    with pytest.raises(AttributeError, match=r"pl_module.image_threshold.value is missing"):
+        cb.on_test_batch_end(None, module, {"pred_scores": torch.zeros(2)}, None, 0)
+    module.image_threshold = Threshold(math.nan)
+    with pytest.raises(ValueError, match="image_threshold is nan"):
+        cb.on_test_batch_end(None, module, {"pred_scores": torch.zeros(2)}, None, 0)
+
+
+class AnomalibMinMax:
+    """anomalib 0.3.6-0.7's MinMax metric (a torchmetrics Metric), built on first use."""
+
+    @staticmethod
+    def make():
+        torchmetrics = pytest.importorskip("torchmetrics")
+
+        class MinMax(torchmetrics.Metric):
+            full_state_update = True
+
+            def __init__(self, **kwargs):
+                super().__init__(**kwargs)
+                self.add_state("min", torch.tensor(float("inf")), persistent=True)
+                self.add_state("max", torch.tensor(float("-inf")), persistent=True)
+                self.min = torch.tensor(float("inf"))
+                self.max = torch.tensor(float("-inf"))
+
+            def update(self, predictions):
+                self.max = torch.max(self.max, torch.max(predictions))
+                self.min = torch.min(self.min, torch.min(predictions))
+
+            def compute(self):
+                return self.min, self.max
+
+        return MinMax()
+
+
+def test_checkpoint_keys_load_both_ways_with_anomalib():
+    module, _ = fitted([make_outputs(0)])
+    ours = module.state_dict()
+    theirs_module = Module()
+    theirs_module.normalization_metrics = AnomalibMinMax.make()
+    assert sorted(theirs_module.state_dict()) == sorted(ours)
+    theirs_module.load_state_dict(ours)  # strict
+    assert (
+        float(theirs_module.normalization_metrics.min),
+        float(theirs_module.normalization_metrics.max),
+    ) == module.normalization_metrics.read()["image"]
+
+    # an anomalib checkpoint into ours: a fresh process has a fresh callback and module
+    theirs_module.normalization_metrics.reset()
+    theirs_module.normalization_metrics.update(torch.tensor([-3.0, 0.25, 4.5]))
+    fresh, cb = Module(), MinMaxNormalizationCallback()
+    cb.setup(None, fresh, "test")
+    fresh.load_state_dict(theirs_module.state_dict())  # strict
+    cb.on_test_start(None, fresh)
+    outputs = {"pred_scores": torch.tensor([-3.0, 1.3, 4.5])}
+    cb.on_test_batch_end(None, fresh, outputs, None, 0)
+    want = reference.normalize([-3.0, 1.3, 4.5], IMAGE_T, -3.0, 4.5)
+    np.testing.assert_allclose(outputs["pred_scores"].numpy(), want, atol=1e-6)
+
+
+def test_shared_checkpoint_loads_into_separate_stats_and_not_the_reverse():
+    shared, _ = fitted([make_outputs(0)])
+    module, cb = Module(), MinMaxNormalizationCallback(stats="separate")
+    cb.setup(None, module, "test")
+    module.load_state_dict(shared.state_dict())  # strict: the pixel keys are filled in
+    lohi = shared.normalization_metrics.read()["image"]
+    assert module.normalization_metrics.read() == {"image": lohi, "pixel": lohi}
+
+    separate, _ = fitted([make_outputs(0)], stats="separate")
+    module, cb = Module(), MinMaxNormalizationCallback()
+    cb.setup(None, module, "test")
+    with pytest.raises(RuntimeError, match=r"stats='separate'\) to load it"):
+        module.load_state_dict(separate.state_dict())
+    # a separate MinMax met by a shared callback is refused rather than silently merged
+    with pytest.raises(ValueError, match="created with stats='shared'"):
+        cb.setup(None, separate, "test")
+
+
+def test_stats_are_read_back_from_the_buffers_whenever_they_change():
+    """Restored, replaced or loaded between batches: normalization follows the buffers."""
+    source, _ = fitted([make_outputs(0)])
+    module, cb = Module(), MinMaxNormalizationCallback()
+    cb.setup(None, module, "predict")
+    module.load_state_dict(source.state_dict())
+    scores = torch.linspace(-3, 3, 7)
+
+    def predict_and_check(lo, hi):
+        outputs = {"pred_scores": scores.clone()}
+        cb.on_predict_batch_end(None, module, outputs, None, 0)  # no on_predict_start by hand
+        want = reference.normalize(scores.numpy(), IMAGE_T, lo, hi)
+        np.testing.assert_allclose(outputs["pred_scores"].numpy(), want, atol=1e-6)
+
+    predict_and_check(*source.normalization_metrics.read()["image"])
+    state = module.state_dict()
+    state["normalization_metrics.min"] = torch.tensor(-10.0)
+    state["normalization_metrics.max"] = torch.tensor(10.0)
+    module.load_state_dict(state)  # loaded in place between two batches
+    predict_and_check(-10.0, 10.0)
+    module.normalization_metrics = torch_compat.MinMax()  # replaced
+    module.normalization_metrics.write({"image": (0.5, 1.0), "pixel": (0.5, 1.0)})
+    predict_and_check(0.5, 1.0)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def gloo_group():
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
+    )
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_allreduce_stats_over_a_gloo_group(gloo_group):
+    mins = np.array([0.5, -2.0], np.float32)
+    maxs = np.array([3.0, np.inf], np.float32)
+    counts = np.array([10, 2], np.int64)
+    out = torch_compat.allreduce_stats(mins, maxs, counts)
+    for got, want in zip(out, (mins, maxs, counts), strict=True):
+        assert isinstance(got, np.ndarray) and got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)
+
+
+def test_callback_reduces_and_raises_nonfinite_at_epoch_end_under_ddp(gloo_group):
+    module, cb = fitted([make_outputs(0)])
+    assert cb.hook.reducer is torch_compat.allreduce_stats
+    lo, hi = reference.min_max(to_numpy(make_outputs(0))["anomaly_maps"])
+    assert module.normalization_metrics.read()["image"] == (lo, hi)
+
+    poisoned = make_outputs(1)
+    poisoned["anomaly_maps"][0, 0, 0, :3] = math.nan
+    cb.on_validation_epoch_start(None, module)
+    cb.on_validation_batch_end(None, module, poisoned, None, 0)  # deferred: every rank raises
+    with pytest.raises(jaxnorm.NonFiniteScoresError, match="3 non-finite.*summed over all"):
+        cb.on_validation_epoch_end(None, module)
+
+
+def test_reducer_combines_ranks_with_min_max_sum(monkeypatch):
+    """Another rank simulated in all_reduce: the callback must end with the global stats."""
+    other = {
+        dist.ReduceOp.MIN: (np.array([-7.0, -7.0], np.float32), np.minimum),
+        dist.ReduceOp.MAX: (np.array([9.0, 9.0], np.float32), np.maximum),
+        dist.ReduceOp.SUM: (np.array([4, 0], np.int64), np.add),
+    }
+    calls = []
+
+    def all_reduce(tensor, op):
+        values, combine = other[op]
+        calls.append(op)
+        tensor.copy_(torch.from_numpy(combine(tensor.numpy(), values)))
+
+    monkeypatch.setattr(torch_compat._callback, "ddp_active", lambda: True)
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(dist, "get_backend", lambda: "gloo")
+    module, cb = fitted([{"pred_scores": torch.tensor([1.0, 2.0])}])
+    assert calls == [dist.ReduceOp.MIN, dist.ReduceOp.MAX, dist.ReduceOp.SUM]
+    assert module.normalization_metrics.read()["image"] == (-7.0, 9.0)
+
+
+def test_namespaces_share_one_implementation():
+    import lightning.pytorch
+    import pytorch_lightning
+
+    import torch_compat.lightning
+
+    assert issubclass(torch_compat.MinMaxNormalizationCallback, pytorch_lightning.Callback)
+    assert issubclass(
+        torch_compat.lightning.MinMaxNormalizationCallback, lightning.pytorch.Callback
+    )
+    assert not issubclass(
+        torch_compat.lightning.MinMaxNormalizationCallback, pytorch_lightning.Callback
+    )
+    for cls in (
+        torch_compat.MinMaxNormalizationCallback,
+        torch_compat.lightning.MinMaxNormalizationCallback,
+    ):
+        assert issubclass(cls, torch_compat._callback.MinMaxNormalizationHooks)
+
+
+ANOMALIB_SIGNATURES = {
+    "setup": ["trainer", "pl_module", "stage"],
+    "on_validation_epoch_start": ["trainer", "pl_module"],
+    "on_validation_batch_end": [
+        "trainer",
+        "pl_module",
+        "outputs",
+        "batch",
+        "batch_idx",
+        "dataloader_idx",
+    ],
+    "on_validation_epoch_end": ["trainer", "pl_module"],
+    "on_test_start": ["trainer", "pl_module"],
+    "on_test_batch_end": [
+        "trainer",
+        "pl_module",
+        "outputs",
+        "batch",
+        "batch_idx",
+        "dataloader_idx",
+    ],
+    "on_predict_batch_end": [
+        "trainer",
+        "pl_module",
+        "outputs",
+        "batch",
+        "batch_idx",
+        "dataloader_idx",
+    ],
+}
+
+
+@pytest.mark.parametrize("hook", sorted(ANOMALIB_SIGNATURES))
+def test_hook_signatures(hook):
+    params = inspect.signature(getattr(MinMaxNormalizationCallback, hook)).parameters
+    assert list(params)[1:] == ANOMALIB_SIGNATURES[hook]
+    defaults = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
+    assert defaults == {
+        k: v for k, v in {"stage": None, "dataloader_idx": 0}.items() if k in params
+    }
+
+
+def test_options_are_checked():
+    with pytest.raises(ValueError, match="stats='both'"):
+        MinMaxNormalizationCallback(stats="both")
+    with pytest.raises(ValueError, match="nonfinite='skip'"):
+        MinMaxNormalizationCallback(nonfinite="skip")
+    assert repr(MinMaxNormalizationCallback(accumulate=True)) == (
+        "MinMaxNormalizationCallback(stats='shared', accumulate=True, nonfinite='raise')"
+    )

@@ -1,0 +1,45 @@
+"""The statistics' reduction over torch.distributed ranks (Lightning DDP), as a jaxnorm reducer."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+def ddp_active() -> bool:
+    """Whether a torch.distributed process group is up (Lightning's DDP strategies)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def _collective_device() -> torch.device:
+    # NCCL reduces CUDA tensors only; gloo (and a "cpu:gloo,cuda:nccl" pair) takes CPU ones.
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def allreduce_stats(
+    mins: np.ndarray, maxs: np.ndarray, counts: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A ``jaxnorm.Reducer`` over the default process group: MIN, MAX and SUM.
+
+    Every rank calls it at validation epoch end (through the hook) and gets the global
+    statistics and non-finite count back.
+
+    Args:
+      mins: float32 ``[image, pixel]`` minima of this rank.
+      maxs: float32 ``[image, pixel]`` maxima of this rank.
+      counts: int64 ``[n_values, n_nonfinite]`` of this rank.
+    """
+    device = _collective_device()
+    reduced = []
+    for values, dtype, op in (
+        (mins, torch.float32, dist.ReduceOp.MIN),
+        (maxs, torch.float32, dist.ReduceOp.MAX),
+        (counts, torch.int64, dist.ReduceOp.SUM),
+    ):
+        t = torch.as_tensor(np.asarray(values), dtype=dtype).to(device)
+        dist.all_reduce(t, op=op)
+        reduced.append(t.cpu().numpy())
+    return reduced[0], reduced[1], reduced[2]

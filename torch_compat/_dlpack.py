@@ -1,0 +1,134 @@
+"""torch <-> jax exchange through DLPack: zero-copy on CPU, and on CUDA when jax has a GPU.
+
+``to_jax`` hands a tensor's memory to jax without copying it when it can: a CPU tensor
+(64-byte aligned, as torch allocates it), or a CUDA tensor when jax has a GPU backend.
+``to_torch`` hands a jax result back the same way and restores the tensor's dtype and device.
+
+Copies happen only where they must:
+  - a non-contiguous tensor is made contiguous, and a misaligned one (a view with an offset)
+    is copied by jax; so is a pinned CPU tensor;
+  - float64 is narrowed to float32 unless jax runs with ``jax_enable_x64`` (the result is cast
+    back to float64);
+  - a tensor on a device jax cannot read (CUDA while jax is CPU-only, MPS, XPU...) goes
+    through host memory, with one ``HostCopyWarning`` per process.
+
+jax may still be reading an input when ``to_jax``'s caller moves on (dispatch is
+asynchronous): the jax array keeps the tensor alive, but the tensor must not be written in
+place until the jax result that depends on it has been read.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import jax
+import torch
+
+try:
+    # What jax.dlpack.from_dlpack calls once it has found the device and stream. On CPU that
+    # search costs ~70 us a call (it raises and catches an error for the missing stream), more
+    # than the whole normalization of a batch of image scores; so CPU tensors of the dtypes
+    # jax keeps as they are take this call directly. Any mismatch with a future jaxlib falls
+    # back to the public function for good.
+    from jax._src.lib import _jax as _jaxlib
+
+    _fast_from_dlpack = _jaxlib.dlpack_managed_tensor_to_buffer
+except (ImportError, AttributeError):  # pragma: no cover - depends on the jaxlib
+    _fast_from_dlpack = None
+
+_KDL_CPU = 1  # DLDeviceType.kDLCPU
+# Canonical in jax with or without x64, so the public function would not convert them.
+_FAST_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16, torch.int32, torch.bool})
+
+
+class HostCopyWarning(UserWarning):
+    """A tensor went through host memory because jax has no backend for its device."""
+
+
+_host_copy_warned = False
+
+
+@functools.cache
+def _jax_platforms() -> frozenset[str]:
+    platforms = set()
+    for platform in ("cpu", "gpu"):
+        try:
+            if jax.devices(platform):
+                platforms.add(platform)
+        except RuntimeError:  # no backend of that kind
+            pass
+    return frozenset(platforms)
+
+
+@functools.cache
+def _local_cpu() -> jax.Device:
+    return jax.local_devices(backend="cpu")[0]
+
+
+def _from_dlpack(t: torch.Tensor) -> jax.Array:
+    global _fast_from_dlpack
+    if _fast_from_dlpack is not None and t.device.type == "cpu" and t.dtype in _FAST_DTYPES:
+        try:
+            return _fast_from_dlpack(t.__dlpack__(), _local_cpu(), None, None, _KDL_CPU)
+        except TypeError:  # pragma: no cover - a jaxlib with another signature
+            _fast_from_dlpack = None
+    return jax.dlpack.from_dlpack(t)
+
+
+def jax_reads_device(device: torch.device) -> bool:
+    """Whether jax can take a tensor on ``device`` through DLPack without a host copy."""
+    if device.type == "cpu":
+        return True
+    # jax's "gpu" backend is CUDA or ROCm; torch calls both "cuda".
+    return device.type == "cuda" and "gpu" in _jax_platforms()
+
+
+def _warn_host_copy(device: torch.device) -> None:
+    global _host_copy_warned
+    if _host_copy_warned:
+        return
+    _host_copy_warned = True
+    warnings.warn(
+        f"torch_compat: jax has no backend for torch device '{device}' (jax platforms: "
+        f"{sorted(_jax_platforms())}), so tensors on it are copied to host memory, normalized "
+        "on the CPU and copied back. Install jax with GPU support (e.g. `pip install "
+        "jax[cuda12]`) for zero-copy exchange. Shown once per process.",
+        HostCopyWarning,
+        stacklevel=3,
+    )
+
+
+def to_jax(tensor: torch.Tensor) -> jax.Array:
+    """A jax array over ``tensor``'s memory (zero-copy when possible, see the module doc).
+
+    The tensor is detached first: the result carries no autograd history.
+    """
+    t = tensor.detach()
+    if not jax_reads_device(t.device):
+        _warn_host_copy(t.device)
+        t = t.cpu()
+    elif t.device.type == "cpu" and t.is_pinned():
+        # DLPack labels pinned memory as CUDA host memory, which jax reads as a CUDA device.
+        t = t.clone()
+    if t.dtype == torch.float64 and not jax.config.jax_enable_x64:
+        # jax would narrow it anyway, with a copy of its own; casting here keeps one copy.
+        t = t.float()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    return _from_dlpack(t)
+
+
+def to_torch(array: jax.Array, like: torch.Tensor) -> torch.Tensor:
+    """A torch tensor over ``array``'s memory, with ``like``'s device and floating dtype.
+
+    Zero-copy unless the dtype or device has to change (float64 without x64, or the host
+    copy of ``to_jax``). A result that is floating where ``like`` is an integer tensor keeps
+    its floating dtype: normalized scores do not fit in integers.
+    """
+    out = torch.from_dlpack(array)
+    if out.device != like.device:
+        out = out.to(like.device)
+    if out.dtype != like.dtype and like.is_floating_point():
+        out = out.to(like.dtype)
+    return out
