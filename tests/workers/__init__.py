@@ -1,0 +1,1 @@
+"""Scripts the multi-process tests launch, and the launcher they share."""
