@@ -157,6 +157,14 @@ def test_nonfinite_raises_with_key_and_count_and_loses_nothing(bad):
     assert isinstance(e.value, ValueError)
 
 
+def test_nonfinite_in_full_size_maps_raises():
+    maps = np.random.default_rng(0).normal(size=(32, 1, 64, 64)).astype(np.float32)
+    maps[17, 0, 5, 9] = np.nan
+    hook = jaxnorm.MinMaxNormalizationHook()
+    with pytest.raises(jaxnorm.NonFiniteScoresError, match="1 non-finite .* 'anomaly_maps'"):
+        hook.on_validation_batch_end({"anomaly_maps": jnp.asarray(maps)})
+
+
 def test_nonfinite_omit_skips_and_counts():
     hook = jaxnorm.MinMaxNormalizationHook(nonfinite="omit")
     run_validation(

@@ -89,6 +89,28 @@ def test_nonfinite_values_are_skipped_and_counted():
     assert bool(state.is_empty) and int(n_bad) == 1
 
 
+@pytest.mark.parametrize("size", [7, 4096, 5000, 2**20 + 3])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nonfinite_found_in_large_batches(size, bad):
+    # XLA:CPU's vectorised reductions lose NaN above a few thousand values: the count must not.
+    rng = np.random.default_rng(size)
+    x = rng.normal(size=size).astype(np.float32)
+    where = rng.choice(size, 2, replace=False)
+    x[where] = bad
+    state, n_bad = jaxnorm.MinMax.empty().update_and_count(x)
+    assert int(n_bad) == 2
+    assert as_tuple(state) == reference.min_max(np.delete(x, where))
+    state, n_bad = jax.jit(jaxnorm.MinMax.update_and_count)(jaxnorm.MinMax.empty(), x)
+    assert int(n_bad) == 2 and as_tuple(state) == reference.min_max(np.delete(x, where))
+
+
+def test_finite_values_whose_sum_overflows_are_not_counted():
+    x = np.full(1000, 3e38, np.float32)
+    x[0] = -3e38
+    state, n_bad = jaxnorm.MinMax.empty().update_and_count(x)
+    assert int(n_bad) == 0 and as_tuple(state) == reference.min_max(x)
+
+
 def test_empty_batch_is_a_no_op():
     s = jaxnorm.MinMax.empty().update(np.array([1.0, 2.0]))
     assert as_tuple(s.update(np.zeros((0, 3), np.float32))) == (1.0, 2.0)
