@@ -1,0 +1,154 @@
+"""Case ``shim``: the Lightning callback per test batch, against anomalib 0.7's eager callback.
+
+The shim pays for two DLPack exchanges per tensor on top of ``jaxnorm.normalize``; the DLPack
+rows time those exchanges alone, so the shim's overhead can be read off the table.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import jax
+import jax.dlpack
+import torch
+
+from benchmarks import anomalib_ref, environment, timing
+from benchmarks.cases import base
+from benchmarks.records import CaseResult, Row
+
+KEY = "shim"
+TITLE = "Lightning callback per test batch: torch_compat vs anomalib 0.7, and DLPack alone"
+
+SHIM = "torch_compat callback on_test_batch_end"
+ANOMALIB = "anomalib 0.7 callback _normalize_batch"
+TO_JAX = "torch -> jax: jax.dlpack.from_dlpack(t)"
+TO_TORCH = "jax -> torch: torch.from_dlpack(a)"
+SHIM_TO_JAX = "torch -> jax: torch_compat.to_jax(t)"
+SHIM_TO_TORCH = "jax -> torch: torch_compat.to_torch(a, like=t)"
+
+IMAGE_THRESHOLD, PIXEL_THRESHOLD = 1.2, 0.9
+VAL_BATCHES = 3
+
+
+def _pl_module() -> types.SimpleNamespace:
+    """The attributes of an anomalib module that the callbacks read."""
+    dev = environment.torch_device()
+    return types.SimpleNamespace(
+        image_threshold=types.SimpleNamespace(value=torch.tensor(IMAGE_THRESHOLD, device=dev)),
+        pixel_threshold=types.SimpleNamespace(value=torch.tensor(PIXEL_THRESHOLD, device=dev)),
+        image_metrics=None,
+        pixel_metrics=None,
+    )
+
+
+def _batch(seed: int, with_maps: bool) -> dict[str, torch.Tensor]:
+    out = {"pred_scores": base.to_torch(base.raw_scores(base.SCORES, seed=seed))}
+    if with_maps:
+        out["anomaly_maps"] = base.to_torch(base.raw_scores(base.MAPS_256, seed=seed + 100))
+    return out
+
+
+def _fit_shim(callback_cls: type, val: list[dict[str, torch.Tensor]]) -> tuple[Any, Any]:
+    """A shim callback and module whose statistics come from ``val``, ready to test."""
+    cb, pm = callback_cls(), _pl_module()
+    cb.setup(None, pm, stage="fit")
+    cb.on_validation_epoch_start(None, pm)
+    for i, outputs in enumerate(val):
+        cb.on_validation_batch_end(None, pm, dict(outputs), None, i, 0)
+    cb.on_validation_epoch_end(None, pm)
+    cb.on_test_start(None, pm)
+    return cb, pm
+
+
+def _fit_anomalib(val: list[dict[str, torch.Tensor]]) -> tuple[Any, Any]:
+    cb, pm = anomalib_ref.MinMaxNormalizationCallback(), _pl_module()
+    pm.normalization_metrics = anomalib_ref.MinMax().to(environment.torch_device())
+    for i, outputs in enumerate(val):
+        cb.on_validation_batch_end(None, pm, dict(outputs), None, i, 0)
+    return cb, pm
+
+
+def _test_batch(cb: Any, pm: Any, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    # The hook rewrites its dict in place: each call gets a fresh dict of the same tensors.
+    outputs = dict(batch)
+    cb.on_test_batch_end(None, pm, outputs, None, 0, 0)
+    return outputs
+
+
+def _max_diff(a: dict[str, Any], b: dict[str, Any]) -> float:
+    return max(float((torch.as_tensor(a[k]).float().cpu() - b[k].float().cpu()).abs().max())
+               for k in b)
+
+
+def _dlpack_rows(res: CaseResult, cfg: base.RunConfig) -> None:
+    for shape in (base.MAPS_256, base.SCORES):
+        group = f"DLPack {base.group_label(shape, 'float32')}"
+        t = base.to_torch(base.raw_scores(shape))
+        a = base.to_jax(base.raw_scores(shape))
+        contenders = [
+            timing.Contender(TO_JAX, lambda t=t: jax.dlpack.from_dlpack(t.detach().contiguous())),
+            timing.Contender(TO_TORCH, lambda a=a: torch.from_dlpack(a), sync=timing.sync_all),
+        ]
+        try:  # the shim's own exchange, where it exists
+            from torch_compat import to_jax, to_torch
+        except ImportError:
+            pass
+        else:
+            contenders += [
+                timing.Contender(SHIM_TO_JAX, lambda t=t: to_jax(t)),
+                timing.Contender(SHIM_TO_TORCH, lambda a=a, t=t: to_torch(a, t),
+                                 sync=timing.sync_all),
+            ]
+        timings = timing.compare(contenders, cfg.timer)
+        for c in contenders:
+            res.rows.append(Row(group=group, name=c.name, timing=timings[c.name]))
+        if shape == base.MAPS_256 and environment.torch_device() == "cpu":
+            back = torch.from_dlpack(a)
+            there = jax.dlpack.from_dlpack(t)
+            copies = [name for name, same in (
+                (TO_JAX, there.unsafe_buffer_pointer() == t.data_ptr()),
+                (TO_TORCH, back.data_ptr() == a.unsafe_buffer_pointer())) if not same]
+            res.notes.append(f"DLPack {shape}: " + (f"copies in {copies}" if copies else
+                                                    "zero-copy both ways (data pointers equal)"))
+
+
+def run(cfg: base.RunConfig) -> CaseResult:
+    """Times one test batch through each callback; skips the shim if it is not importable."""
+    res = CaseResult(key=KEY, title=TITLE)
+    _dlpack_rows(res, cfg)
+    try:
+        from torch_compat import MinMaxNormalizationCallback
+    except ImportError as e:
+        res.skipped = (f"torch_compat.MinMaxNormalizationCallback cannot be imported ({e}); "
+                       "only the DLPack rows ran")
+        print(f"[{KEY}] skipped the callback rows: {res.skipped}", flush=True)
+        return res
+
+    for with_maps in (True, False):
+        group = "maps (32,1,256,256) + 32 scores" if with_maps else "32 scores only"
+        val = [_batch(seed=10 + i, with_maps=with_maps) for i in range(VAL_BATCHES)]
+        test = _batch(seed=0, with_maps=with_maps)
+        shim, shim_pm = _fit_shim(MinMaxNormalizationCallback, val)
+        ref, ref_pm = _fit_anomalib(val)
+        diff = _max_diff(_test_batch(shim, shim_pm, test), _test_batch(ref, ref_pm, test))
+        res.notes.append(f"{group}: max |shim - anomalib| = {diff:.2g}")
+        contenders = [
+            timing.Contender(SHIM, lambda cb=shim, pm=shim_pm, b=test: _test_batch(cb, pm, b),
+                             sync=timing.sync_all, role="jaxnorm"),
+            timing.Contender(ANOMALIB, lambda cb=ref, pm=ref_pm, b=test: _test_batch(cb, pm, b),
+                             sync=base.torch_sync()),
+        ]
+        timings = timing.compare(contenders, cfg.timer)
+        for c in contenders:
+            res.rows.append(Row(group=group, name=c.name, role=c.role, timing=timings[c.name]))
+        if with_maps:
+            res.add_ratio_target(f"shim, {group}: anomalib time / shim time", group, ANOMALIB,
+                                 SHIM, ">=", 4.0)
+        else:
+            res.add_ratio_target(f"shim, {group}: shim time / anomalib time", group, SHIM,
+                                 ANOMALIB, "<=", 2.0)
+    # Sanity: the shim must hand back torch tensors, as anomalib's callback does.
+    kinds = {type(v).__name__ for v in _test_batch(shim, shim_pm, test).values()}
+    res.notes.append(f"shim output types: {sorted(kinds)}")
+    return res
