@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Hashable
 
 import flax.struct
@@ -34,10 +35,11 @@ def _finite_min_max_count(values, mask):
     else:
         # Fast path: plain min and max, trusted when every value is finite; otherwise the
         # exact masked pass runs. The finiteness check is its own reduction: XLA:CPU's
-        # vectorised min/max (YNNPACK) drop NaN on large inputs, so they cannot tell. x * 0
-        # is 0 for finite x and NaN for NaN or +-inf, and its sum cannot overflow.
+        # vectorised min/max (YNNPACK) drop NaN on large inputs, so they cannot tell. A sum
+        # is NaN or inf whenever a value is (and, rarely, when finite values overflow it:
+        # then the exact pass runs for nothing, and still counts 0).
         lo, hi = jnp.min(x, initial=jnp.inf), jnp.max(x, initial=-jnp.inf)
-        clean = jnp.sum(x * 0) == 0
+        clean = jnp.isfinite(jnp.sum(x))
         # (lo != lo) is 0 on this branch; deriving it from lo keeps it varying under shard_map.
         zero = (lo != lo).astype(jnp.uint32)
         lo, hi, n_bad = lax.cond(clean, lambda x: (lo, hi, zero), exact, x)
@@ -73,7 +75,8 @@ class MinMax:
     @classmethod
     def empty(cls) -> MinMax:
         """The state that has seen nothing: ``min = +inf``, ``max = -inf``."""
-        return cls(min=jnp.array(jnp.inf, jnp.float32), max=jnp.array(-jnp.inf, jnp.float32))
+        lo, hi = _empty_fields()
+        return cls(min=lo, max=hi)
 
     def update(self, values: ArrayLike, mask: ArrayLike | None = None) -> MinMax:
         """Folds in the finite entries of ``values`` where ``mask`` is True.
@@ -128,6 +131,15 @@ class MinMax:
     def is_empty(self) -> jax.Array:
         """True while no finite value has been folded in."""
         return self.min > self.max
+
+
+@functools.cache
+def _empty_fields() -> tuple[jax.Array, jax.Array]:
+    # Immutable, so one pair serves every empty state; building it costs two transfers.
+    # Made lazily (not at import, which would start jax's backends before a user's
+    # jax.distributed.initialize) and concretely, even when first asked for under a trace.
+    with jax.ensure_compile_time_eval():
+        return jnp.array(jnp.inf, jnp.float32), jnp.array(-jnp.inf, jnp.float32)
 
 
 @jax.jit
