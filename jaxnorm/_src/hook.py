@@ -14,7 +14,7 @@ import numpy as np
 
 from jaxnorm._src import errors, ragged, validation
 from jaxnorm._src.minmax import MinMax, _update
-from jaxnorm._src.normalize import _normalize, normalize
+from jaxnorm._src.normalize import _normalize
 from jaxnorm._src.outputs import (
     IMAGE,
     NORMALIZED_KEYS,
@@ -322,7 +322,9 @@ class MinMaxNormalizationHook:
                 normalized = _normalize(padded, threshold, lo, hi)
                 out[key] = ragged.split(normalized, lengths, boxes)
             else:
-                out[key] = normalize(outputs[key], threshold, lo, hi)
+                # thresholds were checked when set and statistics just above: skip normalize's
+                # scalar checks on this per-batch path.
+                out[key] = _normalize(validation.as_array(key, outputs[key]), threshold, lo, hi)
         return out
 
     def _check_stats(self, keys) -> None:

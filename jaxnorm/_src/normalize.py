@@ -10,6 +10,7 @@ from jaxnorm._src import validation
 
 ArrayLike = validation.ArrayLike
 
+_FINITE_HINT = "it must be a finite number"
 _EMPTY_HINT = (
     "statistics that are not finite come from a MinMax that saw no finite value: run "
     "validation (or load saved statistics) before normalizing"
@@ -59,6 +60,9 @@ def normalize(
       min_val: the smallest raw score seen during validation.
       max_val: the largest raw score seen during validation.
 
+    Scalars given as jax arrays are fetched to the host (together, one sync) to be checked;
+    Python floats skip that round trip.
+
     Returns:
       A jax array of the shape of ``targets``, with its dtype when floating (float16,
       bfloat16, float32, and float64 under x64), else float32.
@@ -70,9 +74,11 @@ def normalize(
         checked.
     """
     targets = validation.as_array("targets", targets)
-    threshold = validation.host_scalar("threshold", threshold)
-    min_val = validation.host_scalar("min_val", min_val, _EMPTY_HINT)
-    max_val = validation.host_scalar("max_val", max_val, _EMPTY_HINT)
+    threshold, min_val, max_val = validation.host_scalars(
+        ("threshold", threshold, _FINITE_HINT),
+        ("min_val", min_val, _EMPTY_HINT),
+        ("max_val", max_val, _EMPTY_HINT),
+    )
     if isinstance(min_val, float) and isinstance(max_val, float) and max_val < min_val:
         raise ValueError(
             f"max_val ({max_val}) is smaller than min_val ({min_val}); pass statistics from a "

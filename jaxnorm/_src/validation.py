@@ -58,6 +58,7 @@ def host_scalar(
             raise ValueError(f"{name}: expected a scalar, got shape {jnp.shape(value)}.")
         return value
     if hasattr(value, "item") and not isinstance(value, (jax.Array, np.ndarray, np.generic)):
+        # e.g. a torch tensor: converting it here would hide a device transfer.
         raise ValueError(f"{name}: expected a float or a 0-d array, got {type(value).__name__}.")
     if isinstance(value, (jax.Array, np.ndarray, np.generic)):
         if np.ndim(value) != 0:
@@ -71,6 +72,24 @@ def host_scalar(
     if not math.isfinite(value):
         raise ValueError(f"{name} is {value}; {hint}.")
     return value
+
+
+def host_scalars(*items: tuple[str, ArrayLike, str]) -> list[float | jax.Array]:
+    """``host_scalar`` over ``(name, value, hint)`` items, with one device sync for all.
+
+    Statistics usually arrive as 0-d jax arrays (``MinMax.min``); fetching them together
+    costs one round trip instead of one each.
+    """
+    on_device = [
+        v for _, v, _ in items if isinstance(v, jax.Array) and not is_tracer(v) and v.ndim == 0
+    ]
+    fetched = iter(jax.device_get(on_device) if on_device else ())
+    out = []
+    for name, value, hint in items:
+        if isinstance(value, jax.Array) and not is_tracer(value) and value.ndim == 0:
+            value = next(fetched)
+        out.append(host_scalar(name, value, hint))
+    return out
 
 
 def check_mask(mask: ArrayLike, shape: tuple[int, ...]) -> jax.Array | np.ndarray:
