@@ -14,7 +14,7 @@ import numpy as np
 
 from jaxnorm._src import errors, ragged, validation
 from jaxnorm._src.minmax import MinMax, _update
-from jaxnorm._src.normalize import _normalize
+from jaxnorm._src.normalize import _normalize_packed, pack
 from jaxnorm._src.outputs import (
     IMAGE,
     NORMALIZED_KEYS,
@@ -122,11 +122,12 @@ class MinMaxNormalizationHook:
 
     def _set_threshold(self, which: str, value) -> None:
         if not hasattr(self, "_thresholds"):
-            self._thresholds = {}
+            self._thresholds, self._params = {}, {}
         value = validation.host_scalar(f"{which}_threshold", value)
         if not isinstance(value, float):
             raise ValueError(f"{which}_threshold: pass a concrete number, not a traced value.")
         self._thresholds[which] = value
+        self._params.pop(which, None)
 
     # -- statistics ------------------------------------------------------------------------
 
@@ -161,6 +162,15 @@ class MinMaxNormalizationHook:
     def _set(self, stats: NormalizationStats) -> None:
         self._stats = stats
         self._host: dict[str, tuple[float, float]] | None = None
+        self._params.clear()
+
+    def _device_params(self, which: str) -> jax.Array:
+        """``[threshold, min, max]`` on the device, made once per change, not per batch."""
+        params = self._params.get(which)
+        if params is None:
+            lo, hi = self.host_stats()[which]
+            params = self._params[which] = jax.device_put(pack(self._thresholds[which], lo, hi))
+        return params
 
     @property
     def num_nonfinite(self) -> dict[str, int]:
@@ -310,21 +320,17 @@ class MinMaxNormalizationHook:
         if not present:
             raise ValueError(errors.NO_VALUES_MESSAGE)
         self._check_stats(present)
-        stats = self.host_stats()
         out = dict(outputs)
         for key in present:
-            which = NORMALIZED_KEYS[key]
-            threshold = self._thresholds[which]
-            lo, hi = stats[which]
+            # Thresholds were checked when set and statistics just above, so this per-batch
+            # path skips normalize's scalar checks, and its scalars stay on the device.
+            params = self._device_params(NORMALIZED_KEYS[key])
             if key == "box_scores":
                 boxes = ragged.check_boxes(key, outputs[key])
                 padded, lengths = ragged.concat_padded(boxes)
-                normalized = _normalize(padded, threshold, lo, hi)
-                out[key] = ragged.split(normalized, lengths, boxes)
+                out[key] = ragged.split(_normalize_packed(padded, params), lengths, boxes)
             else:
-                # thresholds were checked when set and statistics just above: skip normalize's
-                # scalar checks on this per-batch path.
-                out[key] = _normalize(validation.as_array(key, outputs[key]), threshold, lo, hi)
+                out[key] = _normalize_packed(validation.as_array(key, outputs[key]), params)
         return out
 
     def _check_stats(self, keys) -> None:

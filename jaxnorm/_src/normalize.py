@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,8 +24,7 @@ def output_dtype(dtype: np.dtype) -> np.dtype:
     return dtype if jnp.issubdtype(dtype, jnp.floating) else np.dtype(jnp.float32)
 
 
-@jax.jit
-def _normalize(targets, threshold, min_val, max_val):
+def _math(targets, threshold, min_val, max_val):
     out_dtype = output_dtype(targets.dtype)
     compute = jnp.promote_types(out_dtype, jnp.float32)
     x = targets.astype(compute)
@@ -34,6 +35,29 @@ def _normalize(targets, threshold, min_val, max_val):
     # the threshold and NaN at it, so the threshold itself is pinned to 0.5 explicitly.
     y = jnp.where(d == 0, 0.5, d * scale + 0.5)
     return jnp.clip(y, 0, 1).astype(out_dtype)
+
+
+_normalize = jax.jit(_math)
+
+
+@jax.jit
+def _normalize_packed(targets, params):
+    """``_normalize`` with ``params = [threshold, min, max]``: one transfer, not three."""
+    return _math(targets, params[0], params[1], params[2])
+
+
+def pack(threshold: float, min_val: float, max_val: float) -> np.ndarray:
+    """The host scalars of one call as one array (each scalar argument is its own transfer
+    to an accelerator, which costs more than normalizing a batch of image scores)."""
+    dtype = np.float64 if jax.config.jax_enable_x64 else np.float32
+    return np.array([threshold, min_val, max_val], dtype)
+
+
+@functools.lru_cache(maxsize=16)
+def _device_pack(threshold: float, min_val: float, max_val: float, x64: bool) -> jax.Array:
+    # Successive batches share their threshold and statistics: transfer them once.
+    del x64  # part of the cache key: pack's dtype depends on it
+    return jax.device_put(pack(threshold, min_val, max_val))
 
 
 def normalize(
@@ -84,4 +108,7 @@ def normalize(
             f"max_val ({max_val}) is smaller than min_val ({min_val}); pass statistics from a "
             "MinMax that has seen data."
         )
+    if isinstance(threshold, float) and isinstance(min_val, float) and isinstance(max_val, float):
+        params = _device_pack(threshold, min_val, max_val, bool(jax.config.jax_enable_x64))
+        return _normalize_packed(targets, params)
     return _normalize(targets, threshold, min_val, max_val)
