@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     jpath, mpath = report.write(args.out, stem, results, env, md, argv)
     print(f"wrote {jpath} and {mpath}")
     if not args.no_readme and not args.quick and complete:
-        report.inject_readme(ROOT / "README.md", md)
+        others = report.other_machines(args.out, env["machine"])
+        report.inject_readme(ROOT / "README.md", md + others)
         print(f"rewrote the benchmark block of {ROOT / 'README.md'}")
     return 1 if any(r.error for r in results) else 0
 

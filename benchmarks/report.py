@@ -198,6 +198,38 @@ def write(out_dir: pathlib.Path, stem: str, cases: Sequence[CaseResult], env: di
     return jpath, mpath
 
 
+def other_machines(results_dir: pathlib.Path, this_machine: str) -> str:
+    """Markdown of the targets of other machines' full runs, read from their JSON.
+
+    A GPU run is made on a lent machine (``benchmarks/gpu_check.sh``) and its JSON committed
+    to ``results_dir``; the README shows it beside this machine's run, still generated.
+    """
+    sections = []
+    for path in sorted(results_dir.glob("*.json")):
+        data = json.loads(path.read_text())
+        env, argv = data["env"], data.get("argv", [])
+        if env["machine"] == this_machine or "--quick" in argv or "--cases" in argv:
+            continue
+        body = []
+        for case in data["cases"]:
+            for t in case["targets"]:
+                median = "" if t["median"] is None else f"{t['median']:.2f}{t['unit']}"
+                met = "yes" if t["met"] else "**no**"
+                if t["met_median"] is not None and t["met_median"] != t["met"]:
+                    met += " (median: " + ("yes" if t["met_median"] else "no") + ")"
+                body.append([t["label"], f"{t['op']} {t['bound']:g}{t['unit']}",
+                             f"{t['value']:.2f}{t['unit']}", median, met])
+        device = env.get("torch_cuda_device") or env["jax_device"]
+        sections += [
+            "", f"**Targets on {env['machine']}** ({device}; jax {env['jax']} on "
+            f"{env['jax_backend']}, torch {env['torch']} on {env['torch_device']}; "
+            f"{env['date']}; every table in [{path.with_suffix('.md').name}]"
+            f"(benchmarks/results/{path.with_suffix('.md').name}))", "",
+            _md_table(["target", "goal", "best", "median", "met"], body),
+        ]
+    return "\n".join(sections) + ("\n" if sections else "")
+
+
 def inject_readme(readme: pathlib.Path, md: str) -> None:
     """Replaces the README's benchmark block with ``md``, appending the block if absent."""
     text = readme.read_text()
