@@ -45,7 +45,12 @@ def concat_padded(boxes: Sequence) -> tuple[np.ndarray, list[int]]:
     Returns:
       ``(padded, lengths)``; the valid entries are ``padded[:sum(lengths)]``.
     """
-    host = [np.asarray(b).reshape(-1) for b in jax.device_get(list(boxes))]
+    on_host = all(
+        not isinstance(b, jax.Array) or all(d.platform == "cpu" for d in b.devices())
+        for b in boxes
+    )
+    # np.asarray of a CPU array is a view; jax.device_get batches accelerator transfers.
+    host = [np.asarray(b).reshape(-1) for b in (boxes if on_host else jax.device_get(list(boxes)))]
     lengths = [h.size for h in host]
     dtype = np.result_type(*host) if host else np.float32
     padded = np.zeros(bucket(sum(lengths)), dtype)
