@@ -76,17 +76,21 @@ def case_table(case: CaseResult) -> tuple[list[str], list[list[str]]]:
 
 def targets_table(cases: Sequence[CaseResult]) -> tuple[list[str], list[list[str]]]:
     """Every target of the run: judged on the best blocks, with the median ratio beside."""
-    header = ["target", "goal", "best", "median", "met"]
-    body = []
-    for case in cases:
-        for t in case.targets:
-            median = "" if t.median is None else f"{t.median:.2f}{t.unit}"
-            met = "yes" if t.met else "**no**"
-            if t.met_median is not None and t.met_median != t.met:
-                met += " (median: " + ("yes" if t.met_median else "no") + ")"
-            body.append([t.label, f"{t.op} {t.bound:g}{t.unit}", f"{t.value:.2f}{t.unit}",
-                         median, met])
-    return header, body
+    body = [_target_row(_jsonable(t)) for case in cases for t in case.targets]
+    return TARGET_HEADER, body
+
+
+TARGET_HEADER = ["target", "goal", "best", "median", "met"]
+
+
+def _target_row(t: dict[str, Any]) -> list[str]:
+    """One row of a targets table, from a target as stored in the JSON."""
+    median = "" if t["median"] is None else f"{t['median']:.2f}{t['unit']}"
+    met = "yes" if t["met"] else "**no**"
+    if t["met_median"] is not None and t["met_median"] != t["met"]:
+        met += " (median: " + ("yes" if t["met_median"] else "no") + ")"
+    return [t["label"], f"{t['op']} {t['bound']:g}{t['unit']}", f"{t['value']:.2f}{t['unit']}",
+            median, met]
 
 
 def _text_table(header: list[str], body: list[list[str]]) -> str:
@@ -210,22 +214,14 @@ def other_machines(results_dir: pathlib.Path, this_machine: str) -> str:
         env, argv = data["env"], data.get("argv", [])
         if env["machine"] == this_machine or "--quick" in argv or "--cases" in argv:
             continue
-        body = []
-        for case in data["cases"]:
-            for t in case["targets"]:
-                median = "" if t["median"] is None else f"{t['median']:.2f}{t['unit']}"
-                met = "yes" if t["met"] else "**no**"
-                if t["met_median"] is not None and t["met_median"] != t["met"]:
-                    met += " (median: " + ("yes" if t["met_median"] else "no") + ")"
-                body.append([t["label"], f"{t['op']} {t['bound']:g}{t['unit']}",
-                             f"{t['value']:.2f}{t['unit']}", median, met])
+        body = [_target_row(t) for case in data["cases"] for t in case["targets"]]
         device = env.get("torch_cuda_device") or env["jax_device"]
         sections += [
             "", f"**Targets on {env['machine']}** ({device}; jax {env['jax']} on "
             f"{env['jax_backend']}, torch {env['torch']} on {env['torch_device']}; "
             f"{env['date']}; every table in [{path.with_suffix('.md').name}]"
             f"(benchmarks/results/{path.with_suffix('.md').name}))", "",
-            _md_table(["target", "goal", "best", "median", "met"], body),
+            _md_table(TARGET_HEADER, body),
         ]
     return "\n".join(sections) + ("\n" if sections else "")
 
