@@ -165,6 +165,15 @@ def test_nonfinite_in_full_size_maps_raises():
         hook.on_validation_batch_end({"anomaly_maps": jnp.asarray(maps)})
 
 
+def test_nonfinite_error_names_the_batch_of_this_epoch_also_when_accumulating():
+    hook = jaxnorm.MinMaxNormalizationHook(accumulate=True)
+    run_validation(hook, [{"pred_scores": np.array([1.0])}] * 3)
+    hook.on_validation_epoch_start()
+    hook.on_validation_batch_end({"pred_scores": np.array([2.0])})
+    with pytest.raises(jaxnorm.NonFiniteScoresError, match="validation batch 1 of this epoch"):
+        hook.on_validation_batch_end({"pred_scores": np.array([np.nan])})
+
+
 def test_nonfinite_omit_skips_and_counts():
     hook = jaxnorm.MinMaxNormalizationHook(nonfinite="omit")
     run_validation(

@@ -201,7 +201,7 @@ class MinMaxNormalizationHook:
         """Resets the statistics, unless ``accumulate=True``."""
         if not self.accumulate:
             self.reset()
-        self._pending, self._pending_count = None, 0
+        self._pending, self._pending_count, self._batches = None, 0, 0
 
     def on_validation_batch_end(self, outputs: Mapping) -> Mapping:
         """Folds one batch of validation outputs into the statistics; returns them unchanged.
