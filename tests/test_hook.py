@@ -354,3 +354,15 @@ def test_validation_does_not_recompile_across_batches_of_one_shape():
         hook.on_test_batch_end(batch(rng, boxes=False))
     # the two normalize shapes (scores, maps) compile once; nothing per batch
     assert log.count <= 2, log.names
+
+
+def test_boxes_on_host_are_writable_numpy_equal_to_the_device_path():
+    rng = np.random.default_rng(8)
+    hook = jaxnorm.MinMaxNormalizationHook(IMAGE_T, PIXEL_T)
+    run_validation(hook, [batch(rng)])
+    raw = batch(rng)
+    on_host = hook.normalize_batch(raw, boxes_on_host=True)["box_scores"]
+    on_device = hook.normalize_batch(raw)["box_scores"]
+    assert all(type(b) is np.ndarray and b.flags.writeable for b in on_host)
+    for h, d in zip(on_host, on_device, strict=True):
+        np.testing.assert_array_equal(h, np.asarray(d))

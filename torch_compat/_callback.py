@@ -17,7 +17,7 @@ from jaxnorm import MinMaxNormalizationHook, NormalizationStats
 from jaxnorm._src.hook import NonFinitePolicy
 from jaxnorm._src.outputs import NORMALIZED_KEYS, StatsMode
 from torch_compat._allreduce import allreduce_stats, ddp_active
-from torch_compat._dlpack import to_jax, to_torch
+from torch_compat._dlpack import host_to_torch, to_jax, to_torch
 from torch_compat._minmax import MinMax
 
 _ATTRIBUTE_HINT = (
@@ -283,11 +283,13 @@ class MinMaxNormalizationHooks:
         self._load_stats(pl_module)
         self._load_thresholds(pl_module)
         view = _JaxView(outputs)
-        normalized = self.hook.normalize_batch(view)
+        normalized = self.hook.normalize_batch(view, boxes_on_host=True)
         for key in view:
             like = outputs[key]
             if key == "box_scores" and isinstance(like, (list, tuple)):
-                outputs[key] = [to_torch(n, b) for n, b in zip(normalized[key], like, strict=True)]
+                outputs[key] = [
+                    host_to_torch(n, b) for n, b in zip(normalized[key], like, strict=True)
+                ]
             else:
                 outputs[key] = to_torch(normalized[key], like)
 

@@ -23,6 +23,7 @@ import functools
 import warnings
 
 import jax
+import numpy as np
 import torch
 
 try:
@@ -40,6 +41,9 @@ except (ImportError, AttributeError):  # pragma: no cover - depends on the jaxli
 _KDL_CPU = 1  # DLDeviceType.kDLCPU
 # Canonical in jax with or without x64, so the public function would not convert them.
 _FAST_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16, torch.int32, torch.bool})
+
+
+_BFLOAT16 = np.dtype(jax.numpy.bfloat16)
 
 
 class HostCopyWarning(UserWarning):
@@ -126,7 +130,17 @@ def to_torch(array: jax.Array, like: torch.Tensor) -> torch.Tensor:
     copy of ``to_jax``). A result that is floating where ``like`` is an integer tensor keeps
     its floating dtype: normalized scores do not fit in integers.
     """
-    out = torch.from_dlpack(array)
+    return _match(torch.from_dlpack(array), like)
+
+
+def host_to_torch(array: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    """``to_torch`` for a writable numpy array on the host (zero-copy on a CPU ``like``)."""
+    if array.dtype == _BFLOAT16:  # numpy knows it only through ml_dtypes; torch reads the bits
+        return _match(torch.from_numpy(array.view(np.uint16)).view(torch.bfloat16), like)
+    return _match(torch.from_numpy(array), like)
+
+
+def _match(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     if out.device != like.device:
         out = out.to(like.device)
     if out.dtype != like.dtype and like.is_floating_point():

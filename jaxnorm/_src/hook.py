@@ -307,9 +307,15 @@ class MinMaxNormalizationHook:
         """Same as ``on_test_batch_end``: predictions come back normalized."""
         return self.normalize_batch(outputs)
 
-    def normalize_batch(self, outputs: Mapping) -> dict:
+    def normalize_batch(self, outputs: Mapping, *, boxes_on_host: bool = False) -> dict:
         """Normalizes ``pred_scores`` with the image threshold and statistics, and
         ``anomaly_maps`` and each array of ``box_scores`` with the pixel ones.
+
+        Args:
+          outputs: a dict of model outputs.
+          boxes_on_host: return ``box_scores`` as numpy arrays. They are split on the host
+            anyway; this skips one device transfer per image (the Lightning shim wraps them
+            as tensors directly).
 
         Raises:
           ValueError: none of the three keys is present (anomalib's message), or a value is
@@ -328,7 +334,12 @@ class MinMaxNormalizationHook:
             if key == "box_scores":
                 boxes = ragged.check_boxes(key, outputs[key])
                 padded, lengths = ragged.concat_padded(boxes)
-                out[key] = ragged.split(_normalize_packed(padded, params), lengths, boxes)
+                normalized = _normalize_packed(padded, params)
+                out[key] = (
+                    ragged.split_host(normalized, lengths)
+                    if boxes_on_host
+                    else ragged.split(normalized, lengths, boxes)
+                )
             else:
                 out[key] = _normalize_packed(validation.as_array(key, outputs[key]), params)
         return out

@@ -46,8 +46,7 @@ def concat_padded(boxes: Sequence) -> tuple[np.ndarray, list[int]]:
       ``(padded, lengths)``; the valid entries are ``padded[:sum(lengths)]``.
     """
     on_host = all(
-        not isinstance(b, jax.Array) or all(d.platform == "cpu" for d in b.devices())
-        for b in boxes
+        not isinstance(b, jax.Array) or all(d.platform == "cpu" for d in b.devices()) for b in boxes
     )
     # np.asarray of a CPU array is a view; jax.device_get batches accelerator transfers.
     host = [np.asarray(b).reshape(-1) for b in (boxes if on_host else jax.device_get(list(boxes)))]
@@ -59,10 +58,17 @@ def concat_padded(boxes: Sequence) -> tuple[np.ndarray, list[int]]:
     return padded, lengths
 
 
+def split_host(padded: jax.Array, lengths: Sequence[int]) -> list[np.ndarray]:
+    """Splits ``padded[:sum(lengths)]`` into per-image, writable numpy arrays."""
+    # np.array copies once (a small array): the pieces are writable, unlike views of a
+    # jax array's read-only host buffer, so torch can wrap them without a copy each.
+    host = np.array(padded)[: sum(lengths)]
+    return np.split(host, np.cumsum(lengths)[:-1]) if lengths else []
+
+
 def split(padded: jax.Array, lengths: Sequence[int], like: Sequence) -> list[jax.Array]:
     """Splits ``padded[:sum(lengths)]`` back into per-image arrays on ``like``'s devices."""
-    host = np.asarray(padded)
-    pieces = np.split(host[: sum(lengths)], np.cumsum(lengths)[:-1]) if lengths else []
+    pieces = split_host(padded, lengths)
     devices = {next(iter(b.devices())) for b in like if isinstance(b, jax.Array)}
     if len(devices) <= 1:  # the usual case: one transfer call for the whole list
         return jax.device_put(pieces, next(iter(devices), None))
