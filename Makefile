@@ -30,6 +30,7 @@ bench-quick: setup
 
 lint: setup
 	$(BIN)/ruff check jaxnorm torch_compat tests benchmarks
+	$(BIN)/ruff format --check jaxnorm torch_compat tests benchmarks
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

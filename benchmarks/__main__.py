@@ -25,18 +25,31 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true",
-                   help="fewer shapes, rounds and batches (well under a minute); results are "
-                        "written as <machine>-quick.* and the README is left alone")
-    p.add_argument("--cases", default=",".join(CASES),
-                   help=f"comma-separated cases to run, from: {', '.join(CASES)} (default: all)")
-    p.add_argument("--out", type=pathlib.Path, default=ROOT / "benchmarks" / "results",
-                   help="directory for <machine>.json and <machine>.md "
-                        "(default: benchmarks/results)")
-    p.add_argument("--no-readme", action="store_true",
-                   help="do not rewrite README.md's benchmark block")
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="fewer shapes, rounds and batches (well under a minute); results are "
+        "written as <machine>-quick.* and the README is left alone",
+    )
+    p.add_argument(
+        "--cases",
+        default=",".join(CASES),
+        help=f"comma-separated cases to run, from: {', '.join(CASES)} (default: all)",
+    )
+    p.add_argument(
+        "--out",
+        type=pathlib.Path,
+        default=ROOT / "benchmarks" / "results",
+        help="directory for <machine>.json and <machine>.md (default: benchmarks/results)",
+    )
+    p.add_argument(
+        "--no-readme", action="store_true", help="do not rewrite README.md's benchmark block"
+    )
     args = p.parse_args(argv)
     args.case_keys = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = [c for c in args.case_keys if c not in CASES]
@@ -59,8 +72,10 @@ def _run_case(key: str, config: RunConfig) -> CaseResult:
     except Exception:  # one broken case must not hide the others' results
         result = CaseResult(key=key, title=key, error=traceback.format_exc())
     # Other processes' load distorts timings, torch's OpenMP pool most: say how busy it was.
-    result.notes.append(f"1-minute load average {before:.1f} before this case, {_load():.1f} "
-                        f"after, on {environment.cpu_count()} cores.")
+    result.notes.append(
+        f"1-minute load average {before:.1f} before this case, {_load():.1f} "
+        f"after, on {environment.cpu_count()} cores."
+    )
     return result
 
 
@@ -70,9 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     config = RunConfig.make(quick=args.quick)
     env = environment.describe()
-    print(f"machine {env['machine']}: jax {env['jax']} on {env['jax_backend']} "
-          f"({env['jax_device']}), torch {env['torch']} on {env['torch_device']}, "
-          f"{'quick' if args.quick else 'full'} run", flush=True)
+    print(
+        f"machine {env['machine']}: jax {env['jax']} on {env['jax_backend']} "
+        f"({env['jax_device']}), torch {env['torch']} on {env['torch_device']}, "
+        f"{'quick' if args.quick else 'full'} run",
+        flush=True,
+    )
 
     results = []
     for key in args.case_keys:

@@ -112,10 +112,17 @@ class CaseResult:
             raise ValueError(f"{name!r} or {ref!r} in {group!r} was not timed")
         return getattr(a, stat) / getattr(b, stat)
 
-    def add_ratio_target(self, label: str, group: str, num: str, den: str, op: str,
-                         bound: float, note: str = "") -> Target:
+    def add_ratio_target(
+        self, label: str, group: str, num: str, den: str, op: str, bound: float, note: str = ""
+    ) -> Target:
         """Adds the goal ``time(num) / time(den) op bound`` in ``group``, from best and median."""
-        target = Target(label, self.ratio(group, num, den, "best"), op, bound,
-                        median=self.ratio(group, num, den, "median"), note=note)
+        target = Target(
+            label,
+            self.ratio(group, num, den, "best"),
+            op,
+            bound,
+            median=self.ratio(group, num, den, "median"),
+            note=note,
+        )
         self.targets.append(target)
         return target

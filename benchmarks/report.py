@@ -46,8 +46,15 @@ def case_table(case: CaseResult) -> tuple[list[str], list[list[str]]]:
     has_gbps = "GB/s" in case.columns
     has_faults = "faults/call" in case.columns
     extra = [c for c in case.columns if c not in ("GB/s", "faults/call")]
-    header = ["config", "contender", "best", "median", "spread", "x jaxnorm (best)",
-              "x jaxnorm (median)"]
+    header = [
+        "config",
+        "contender",
+        "best",
+        "median",
+        "spread",
+        "x jaxnorm (best)",
+        "x jaxnorm (median)",
+    ]
     header += ["GB/s"] if has_gbps else []
     header += ["faults/call"] if has_faults else []
     header += ["compile", "1st call"] if has_compile else []
@@ -56,19 +63,28 @@ def case_table(case: CaseResult) -> tuple[list[str], list[list[str]]]:
     for r in case.rows:
         ref = _reference(case.rows, r.group)
         t = r.timing
-        ratios = ["", ""] if t is None or ref is None else [
-            f"{t.best / ref.timing.best:.2f}x", f"{t.median / ref.timing.median:.2f}x"]
-        line = [r.group, r.name,
-                fmt_time(t.best if t else None), fmt_time(t.median if t else None),
-                f"{100 * t.spread:.0f}%" if t else "", *ratios]
+        ratios = (
+            ["", ""]
+            if t is None or ref is None
+            else [f"{t.best / ref.timing.best:.2f}x", f"{t.median / ref.timing.median:.2f}x"]
+        )
+        line = [
+            r.group,
+            r.name,
+            fmt_time(t.best if t else None),
+            fmt_time(t.median if t else None),
+            f"{100 * t.spread:.0f}%" if t else "",
+            *ratios,
+        ]
         if has_gbps:
             line.append(_fmt(r.gbps))
         if has_faults:
-            line.append(f"{t.faults_per_call:.0f}" if t and t.faults_per_call is not None
-                        else "")
+            line.append(f"{t.faults_per_call:.0f}" if t and t.faults_per_call is not None else "")
         if has_compile:
-            line += [fmt_time(r.compile.compile_s) if r.compile else "",
-                     fmt_time(r.compile.first_call_s) if r.compile else ""]
+            line += [
+                fmt_time(r.compile.compile_s) if r.compile else "",
+                fmt_time(r.compile.first_call_s) if r.compile else "",
+            ]
         line += [_fmt(r.extra.get(c)) for c in extra]
         body.append(line)
     return header, body
@@ -89,8 +105,13 @@ def _target_row(t: dict[str, Any]) -> list[str]:
     met = "yes" if t["met"] else "**no**"
     if t["met_median"] is not None and t["met_median"] != t["met"]:
         met += " (median: " + ("yes" if t["met_median"] else "no") + ")"
-    return [t["label"], f"{t['op']} {t['bound']:g}{t['unit']}", f"{t['value']:.2f}{t['unit']}",
-            median, met]
+    return [
+        t["label"],
+        f"{t['op']} {t['bound']:g}{t['unit']}",
+        f"{t['value']:.2f}{t['unit']}",
+        median,
+        met,
+    ]
 
 
 def _text_table(header: list[str], body: list[list[str]]) -> str:
@@ -121,9 +142,11 @@ def console(case: CaseResult) -> str:
         out.append(_text_table(*case_table(case)))
     for t in case.targets:
         median = "" if t.median is None else f" (median {t.median:.2f}{t.unit})"
-        out.append(f"target: {t.label}: {t.value:.2f}{t.unit}{median} {t.op} {t.bound:g}{t.unit}"
-                   f" -> {'met' if t.met else 'MISSED'}"
-                   f"{': ' + t.note if t.note and not t.met else ''}")
+        out.append(
+            f"target: {t.label}: {t.value:.2f}{t.unit}{median} {t.op} {t.bound:g}{t.unit}"
+            f" -> {'met' if t.met else 'MISSED'}"
+            f"{': ' + t.note if t.note and not t.met else ''}"
+        )
     out += [f"note: {n}" for n in case.notes]
     return "\n".join(out)
 
@@ -158,8 +181,7 @@ def markdown(cases: Sequence[CaseResult], env: dict[str, Any], command: str) -> 
     header, body = targets_table(cases)
     if body:
         lines += ["", "**Targets**", "", _md_table(header, body)]
-        notes = [f"- {t.label}: {t.note}" for c in cases for t in c.targets
-                 if t.note and not t.met]
+        notes = [f"- {t.label}: {t.note}" for c in cases for t in c.targets if t.note and not t.met]
         lines += [""] + notes if notes else []
     for case in cases:
         lines += ["", f"**{case.key}**: {case.title}", ""]
@@ -191,8 +213,14 @@ def _jsonable(obj: Any) -> Any:
     return str(obj)
 
 
-def write(out_dir: pathlib.Path, stem: str, cases: Sequence[CaseResult], env: dict[str, Any],
-          md: str, argv: list[str]) -> tuple[pathlib.Path, pathlib.Path]:
+def write(
+    out_dir: pathlib.Path,
+    stem: str,
+    cases: Sequence[CaseResult],
+    env: dict[str, Any],
+    md: str,
+    argv: list[str],
+) -> tuple[pathlib.Path, pathlib.Path]:
     """Writes ``<stem>.json`` and ``<stem>.md`` under ``out_dir``; returns their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     jpath, mpath = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
@@ -217,10 +245,12 @@ def other_machines(results_dir: pathlib.Path, this_machine: str) -> str:
         body = [_target_row(t) for case in data["cases"] for t in case["targets"]]
         device = env.get("torch_cuda_device") or env["jax_device"]
         sections += [
-            "", f"**Targets on {env['machine']}** ({device}; jax {env['jax']} on "
+            "",
+            f"**Targets on {env['machine']}** ({device}; jax {env['jax']} on "
             f"{env['jax_backend']}, torch {env['torch']} on {env['torch_device']}; "
             f"{env['date']}; every table in [{path.with_suffix('.md').name}]"
-            f"(benchmarks/results/{path.with_suffix('.md').name}))", "",
+            f"(benchmarks/results/{path.with_suffix('.md').name}))",
+            "",
             _md_table(TARGET_HEADER, body),
         ]
     return "\n".join(sections) + ("\n" if sections else "")
@@ -232,7 +262,7 @@ def inject_readme(readme: pathlib.Path, md: str) -> None:
     block = f"{README_START}\n{md.rstrip()}\n{README_END}"
     start, end = text.find(README_START), text.find(README_END)
     if start != -1 and end > start:
-        text = text[:start] + block + text[end + len(README_END):]
+        text = text[:start] + block + text[end + len(README_END) :]
     else:
         sep = "" if text.endswith("\n\n") else ("\n" if text.endswith("\n") else "\n\n")
         text = f"{text}{sep}{block}\n"

@@ -175,8 +175,9 @@ def compare(contenders: Sequence[Contender], config: TimerConfig) -> dict[str, T
     numbers = {}
     for c in contenders:
         per_call = _warm_up(c, config.warmup_s)
-        numbers[c.name] = int(np.clip(round(config.block_s / max(per_call, 1e-9)), 1,
-                                      config.max_number))
+        numbers[c.name] = int(
+            np.clip(round(config.block_s / max(per_call, 1e-9)), 1, config.max_number)
+        )
     samples: dict[str, list[float]] = {c.name: [] for c in contenders}
     faults = dict.fromkeys(names, 0)
     # Rotating the order puts every contender in every position equally often, so that a
@@ -194,9 +195,14 @@ def compare(contenders: Sequence[Contender], config: TimerConfig) -> dict[str, T
     finally:
         if gc_was_enabled:
             gc.enable()
-    return {n: Timing(number=numbers[n], samples=tuple(samples[n]),
-                      faults_per_call=faults[n] / (numbers[n] * config.rounds) if resource
-                      else None) for n in names}
+    return {
+        n: Timing(
+            number=numbers[n],
+            samples=tuple(samples[n]),
+            faults_per_call=faults[n] / (numbers[n] * config.rounds) if resource else None,
+        )
+        for n in names
+    }
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,8 +34,7 @@ class RunConfig:
     @classmethod
     def make(cls, quick: bool) -> RunConfig:
         if quick:
-            return cls(quick=True, timer=timing.TimerConfig(rounds=5, block_s=0.01,
-                                                            warmup_s=0.01))
+            return cls(quick=True, timer=timing.TimerConfig(rounds=5, block_s=0.01, warmup_s=0.01))
         # Many short blocks rather than few long ones: on a shared machine the best block is
         # the one that caught a quiet moment, and short blocks catch more of them.
         return cls(quick=False, timer=timing.TimerConfig(rounds=25, block_s=0.02, warmup_s=0.05))

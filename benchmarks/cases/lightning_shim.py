@@ -77,8 +77,9 @@ def _test_batch(cb: Any, pm: Any, batch: dict[str, torch.Tensor]) -> dict[str, A
 
 
 def _max_diff(a: dict[str, Any], b: dict[str, Any]) -> float:
-    return max(float((torch.as_tensor(a[k]).float().cpu() - b[k].float().cpu()).abs().max())
-               for k in b)
+    return max(
+        float((torch.as_tensor(a[k]).float().cpu() - b[k].float().cpu()).abs().max()) for k in b
+    )
 
 
 def _dlpack_rows(res: CaseResult, cfg: base.RunConfig) -> None:
@@ -97,8 +98,9 @@ def _dlpack_rows(res: CaseResult, cfg: base.RunConfig) -> None:
         else:
             contenders += [
                 timing.Contender(SHIM_TO_JAX, lambda t=t: to_jax(t)),
-                timing.Contender(SHIM_TO_TORCH, lambda a=a, t=t: to_torch(a, t),
-                                 sync=timing.sync_all),
+                timing.Contender(
+                    SHIM_TO_TORCH, lambda a=a, t=t: to_torch(a, t), sync=timing.sync_all
+                ),
             ]
         timings = timing.compare(contenders, cfg.timer)
         for c in contenders:
@@ -106,11 +108,18 @@ def _dlpack_rows(res: CaseResult, cfg: base.RunConfig) -> None:
         if shape == base.MAPS_256 and environment.torch_device() == "cpu":
             back = torch.from_dlpack(a)
             there = jax.dlpack.from_dlpack(t)
-            copies = [name for name, same in (
-                (TO_JAX, there.unsafe_buffer_pointer() == t.data_ptr()),
-                (TO_TORCH, back.data_ptr() == a.unsafe_buffer_pointer())) if not same]
-            res.notes.append(f"DLPack {shape}: " + (f"copies in {copies}" if copies else
-                                                    "zero-copy both ways (data pointers equal)"))
+            copies = [
+                name
+                for name, same in (
+                    (TO_JAX, there.unsafe_buffer_pointer() == t.data_ptr()),
+                    (TO_TORCH, back.data_ptr() == a.unsafe_buffer_pointer()),
+                )
+                if not same
+            ]
+            res.notes.append(
+                f"DLPack {shape}: "
+                + (f"copies in {copies}" if copies else "zero-copy both ways (data pointers equal)")
+            )
 
 
 def run(cfg: base.RunConfig) -> CaseResult:
@@ -120,8 +129,10 @@ def run(cfg: base.RunConfig) -> CaseResult:
     try:
         from torch_compat import MinMaxNormalizationCallback
     except ImportError as e:
-        res.skipped = (f"torch_compat.MinMaxNormalizationCallback cannot be imported ({e}); "
-                       "only the DLPack rows ran")
+        res.skipped = (
+            f"torch_compat.MinMaxNormalizationCallback cannot be imported ({e}); "
+            "only the DLPack rows ran"
+        )
         print(f"[{KEY}] skipped the callback rows: {res.skipped}", flush=True)
         return res
 
@@ -134,20 +145,29 @@ def run(cfg: base.RunConfig) -> CaseResult:
         diff = _max_diff(_test_batch(shim, shim_pm, test), _test_batch(ref, ref_pm, test))
         res.notes.append(f"{group}: max |shim - anomalib| = {diff:.2g}")
         contenders = [
-            timing.Contender(SHIM, lambda cb=shim, pm=shim_pm, b=test: _test_batch(cb, pm, b),
-                             sync=timing.sync_all, role="jaxnorm"),
-            timing.Contender(ANOMALIB, lambda cb=ref, pm=ref_pm, b=test: _test_batch(cb, pm, b),
-                             sync=base.torch_sync()),
+            timing.Contender(
+                SHIM,
+                lambda cb=shim, pm=shim_pm, b=test: _test_batch(cb, pm, b),
+                sync=timing.sync_all,
+                role="jaxnorm",
+            ),
+            timing.Contender(
+                ANOMALIB,
+                lambda cb=ref, pm=ref_pm, b=test: _test_batch(cb, pm, b),
+                sync=base.torch_sync(),
+            ),
         ]
         timings = timing.compare(contenders, cfg.timer)
         for c in contenders:
             res.rows.append(Row(group=group, name=c.name, role=c.role, timing=timings[c.name]))
         if with_maps:
-            res.add_ratio_target(f"shim, {group}: anomalib time / shim time", group, ANOMALIB,
-                                 SHIM, ">=", 4.0)
+            res.add_ratio_target(
+                f"shim, {group}: anomalib time / shim time", group, ANOMALIB, SHIM, ">=", 4.0
+            )
         else:
-            res.add_ratio_target(f"shim, {group}: shim time / anomalib time", group, SHIM,
-                                 ANOMALIB, "<=", 2.0)
+            res.add_ratio_target(
+                f"shim, {group}: shim time / anomalib time", group, SHIM, ANOMALIB, "<=", 2.0
+            )
     # Sanity: the shim must hand back torch tensors, as anomalib's callback does.
     kinds = {type(v).__name__ for v in _test_batch(shim, shim_pm, test).values()}
     res.notes.append(f"shim output types: {sorted(kinds)}")

@@ -62,14 +62,15 @@ def _host_probe(fn: Any, x: Any, sync: Any) -> dict[str, Any]:
     sync(fn(x))  # compiles, and lets the allocator reach its steady state
     gc.collect()
     reset = _reset_peak()
-    base_kib = _status_kib("VmRSS") if reset else resource.getrusage(
-        resource.RUSAGE_SELF).ru_maxrss
+    base_kib = _status_kib("VmRSS") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     out = fn(x)
     sync(out)
-    peak_kib = _status_kib("VmHWM") if reset else resource.getrusage(
-        resource.RUSAGE_SELF).ru_maxrss
-    return {"extra_bytes": (peak_kib - base_kib) * 1024, "out_bytes": _nbytes(out),
-            "method": "VmHWM after clear_refs" if reset else "ru_maxrss (not reset; upper bound)"}
+    peak_kib = _status_kib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {
+        "extra_bytes": (peak_kib - base_kib) * 1024,
+        "out_bytes": _nbytes(out),
+        "method": "VmHWM after clear_refs" if reset else "ru_maxrss (not reset; upper bound)",
+    }
 
 
 def _nbytes(a: Any) -> int:
@@ -103,8 +104,11 @@ def probe(contender: str, shape: tuple[int, ...]) -> dict[str, Any]:
             before = torch.cuda.memory_allocated()
             out = fn(x)
             torch.cuda.synchronize()
-            return {"extra_bytes": torch.cuda.max_memory_allocated() - before,
-                    "out_bytes": _nbytes(out), "method": "torch.cuda.max_memory_allocated"}
+            return {
+                "extra_bytes": torch.cuda.max_memory_allocated() - before,
+                "out_bytes": _nbytes(out),
+                "method": "torch.cuda.max_memory_allocated",
+            }
         return _host_probe(fn, x, lambda out: None)
 
     import jaxnorm
@@ -115,9 +119,11 @@ def probe(contender: str, shape: tuple[int, ...]) -> dict[str, Any]:
     s = jnp.float32(1.0)
     roofline = jax.jit(lambda x, s: x * s)
     if contender == "jaxnorm":
+
         def fn(x):
             return jaxnorm.normalize(x, 1.0, 0.0, 5.0)
     else:
+
         def fn(x):
             return roofline(x, s)
 
@@ -128,15 +134,21 @@ def probe(contender: str, shape: tuple[int, ...]) -> dict[str, Any]:
         out = jax.block_until_ready(fn(x))
         # The peak never resets; it is at least input + output here, so a rise is real.
         peak = dev.memory_stats()["peak_bytes_in_use"]
-        return {"extra_bytes": peak - before, "out_bytes": _nbytes(out),
-                "method": "device memory_stats peak_bytes_in_use"}
+        return {
+            "extra_bytes": peak - before,
+            "out_bytes": _nbytes(out),
+            "method": "device memory_stats peak_bytes_in_use",
+        }
     return _host_probe(fn, x, jax.block_until_ready)
 
 
 def run(cfg: Any) -> CaseResult:
     """Runs one subprocess per contender and compares their peaks with input + output."""
-    res = CaseResult(key=KEY, title=TITLE,
-                     columns=["peak over input", "x output size", "input+peak / (input+output)"])
+    res = CaseResult(
+        key=KEY,
+        title=TITLE,
+        columns=["peak over input", "x output size", "input+peak / (input+output)"],
+    )
     shape = QUICK_SHAPE if cfg.quick else SHAPE
     in_bytes = 4 * int(np.prod(shape))
     group = f"{shape} float32"
@@ -144,9 +156,16 @@ def run(cfg: Any) -> CaseResult:
     # probes run at once: a high-water mark is per process, and most of their time is imports.
     keys = ["jaxnorm", "torch"] if cfg.quick else list(CONTENDERS)
     arg = ",".join(map(str, shape))
-    procs = {key: subprocess.Popen([sys.executable, "-m", "benchmarks.cases.memory", key, arg],
-                                   cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   text=True) for key in keys}
+    procs = {
+        key: subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.cases.memory", key, arg],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for key in keys
+    }
     for key, proc in procs.items():
         name = CONTENDERS[key]
         stdout, stderr = proc.communicate(timeout=600)
@@ -155,17 +174,32 @@ def run(cfg: Any) -> CaseResult:
         data = json.loads(stdout.strip().splitlines()[-1])
         extra, out = data["extra_bytes"], data["out_bytes"]
         footprint = (in_bytes + extra) / (in_bytes + out)
-        res.rows.append(Row(group=group, name=name, role="jaxnorm" if key == "jaxnorm" else
-                            "baseline", extra={
-                                "peak over input": f"{extra / MIB:.0f} MiB",
-                                "x output size": f"{extra / out:.2f}x",
-                                "input+peak / (input+output)": f"{footprint:.2f}x"}))
+        res.rows.append(
+            Row(
+                group=group,
+                name=name,
+                role="jaxnorm" if key == "jaxnorm" else "baseline",
+                extra={
+                    "peak over input": f"{extra / MIB:.0f} MiB",
+                    "x output size": f"{extra / out:.2f}x",
+                    "input+peak / (input+output)": f"{footprint:.2f}x",
+                },
+            )
+        )
         if key == "jaxnorm":
-            res.targets.append(Target(f"memory {group}: jaxnorm (input + peak) / (input + "
-                                      "output)", footprint, "<=", 1.1))
+            res.targets.append(
+                Target(
+                    f"memory {group}: jaxnorm (input + peak) / (input + output)",
+                    footprint,
+                    "<=",
+                    1.1,
+                )
+            )
         method = data["method"]
-    res.notes.append(f"Measured with {method}, one fresh process per contender, on the second "
-                     "call (the first compiles and warms the allocator).")
+    res.notes.append(
+        f"Measured with {method}, one fresh process per contender, on the second "
+        "call (the first compiles and warms the allocator)."
+    )
     return res
 
 

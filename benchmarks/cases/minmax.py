@@ -53,9 +53,12 @@ def _two_pass(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 def _variadic(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     # One reduction with two accumulators: a single read of x, if the backend emits it well.
     inf = jnp.array(jnp.inf, x.dtype)
-    return lax.reduce((x, x), (inf, -inf), lambda a, b: (jnp.minimum(a[0], b[0]),
-                                                          jnp.maximum(a[1], b[1])),
-                      tuple(range(x.ndim)))
+    return lax.reduce(
+        (x, x),
+        (inf, -inf),
+        lambda a, b: (jnp.minimum(a[0], b[0]), jnp.maximum(a[1], b[1])),
+        tuple(range(x.ndim)),
+    )
 
 
 _roofline = jax.jit(jnp.max)
@@ -75,8 +78,11 @@ def _proposed_update(state: jaxnorm.MinMax, x: jax.Array) -> tuple[jaxnorm.MinMa
 
     def exact(x):
         finite = jnp.isfinite(x)
-        return (jnp.min(jnp.where(finite, x, jnp.inf)), jnp.max(jnp.where(finite, x, -jnp.inf)),
-                jnp.sum(~finite, dtype=jnp.uint32))
+        return (
+            jnp.min(jnp.where(finite, x, jnp.inf)),
+            jnp.max(jnp.where(finite, x, -jnp.inf)),
+            jnp.sum(~finite, dtype=jnp.uint32),
+        )
 
     lo, hi, n_bad = lax.cond(clean, lambda x: (lo, hi, jnp.uint32(0)), exact, x)
     return state.merge(jaxnorm.MinMax(min=lo, max=hi)), n_bad
@@ -102,12 +108,13 @@ def _input_reads(hlo: str, shape: tuple[int, ...]) -> int:
     Each is one pass over the input in memory: two means XLA did not fuse the reductions.
     """
     dims = ",".join(map(str, shape))
-    entry = hlo[hlo.index("ENTRY"):]
+    entry = hlo[hlo.index("ENTRY") :]
     params = re.findall(rf"(%[\w.]+) = \w+\[{dims}\]\S* parameter\(", entry)
     n = 0
     for line in entry.splitlines():
-        if " parameter(" in line or re.search(r"= \S+ (tuple|conditional|get-tuple-element)\(",
-                                               line):
+        if " parameter(" in line or re.search(
+            r"= \S+ (tuple|conditional|get-tuple-element)\(", line
+        ):
             continue
         n += any(re.search(rf"[(,\s]{re.escape(p)}[,)]", line) for p in params)
     return n
@@ -128,14 +135,18 @@ def _evidence(x: jax.Array) -> list[str]:
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         reads = _input_reads(text, tuple(x.shape))
-        facts.append(f"HLO of {name}: {reads} kernel(s) read the {mb:.1f} MB input directly, "
-                     f"{text.count('__ynn_fusion')} YNNPACK fusion(s) in the module, XLA cost "
-                     f"analysis {cost.get('bytes accessed', 0) / 1e6:.1f} MB accessed (all "
-                     "branches)")
+        facts.append(
+            f"HLO of {name}: {reads} kernel(s) read the {mb:.1f} MB input directly, "
+            f"{text.count('__ynn_fusion')} YNNPACK fusion(s) in the module, XLA cost "
+            f"analysis {cost.get('bytes accessed', 0) / 1e6:.1f} MB accessed (all "
+            "branches)"
+        )
     with_nan = x.at[(0,) * x.ndim].set(jnp.nan)
-    facts.append(f"NaN propagation on this backend: jit(jnp.max) of the input with one NaN "
-                 f"gives {float(_roofline(with_nan))}, the variadic reduce gives "
-                 f"{float(_variadic(with_nan)[1])} (XLA semantics: nan)")
+    facts.append(
+        f"NaN propagation on this backend: jit(jnp.max) of the input with one NaN "
+        f"gives {float(_roofline(with_nan))}, the variadic reduce gives "
+        f"{float(_variadic(with_nan)[1])} (XLA semantics: nan)"
+    )
     return facts
 
 
@@ -161,18 +172,26 @@ def run(cfg: base.RunConfig) -> CaseResult:
         ]
         x_nan = base.to_jax(np.where(np.arange(x_np.size).reshape(shape) == 7, np.nan, x_np))
         # The contract: non-finite values are skipped and counted (SPEC section 2).
-        counts = {name: int(fn(state, x_nan)[1]) for name, fn in (
-            ("MinMax.update_and_count", lambda s, v: s.update_and_count(v)),
-            ("proposal", _proposed_update))}
-        res.notes.append(f"{group} with one NaN, non-finite values counted (expected 1): "
-                         + ", ".join(f"{k} {v}" for k, v in counts.items()))
+        counts = {
+            name: int(fn(state, x_nan)[1])
+            for name, fn in (
+                ("MinMax.update_and_count", lambda s, v: s.update_and_count(v)),
+                ("proposal", _proposed_update),
+            )
+        }
+        res.notes.append(
+            f"{group} with one NaN, non-finite values counted (expected 1): "
+            + ", ".join(f"{k} {v}" for k, v in counts.items())
+        )
         if not cfg.quick:
             contenders += [
                 timing.Contender(VARIADIC, lambda x=x: _variadic(x), role="probe"),
-                timing.Contender(PROPOSAL, lambda x=x, s=state: _proposed_update(s, x),
-                                 role="probe"),
-                timing.Contender(NAN_BATCH, lambda x=x_nan: jaxnorm.MinMax.empty().update(x),
-                                 role="probe"),
+                timing.Contender(
+                    PROPOSAL, lambda x=x, s=state: _proposed_update(s, x), role="probe"
+                ),
+                timing.Contender(
+                    NAN_BATCH, lambda x=x_nan: jaxnorm.MinMax.empty().update(x), role="probe"
+                ),
             ]
         expected = (float(x_np.min()), float(x_np.max()))
         got = jaxnorm.MinMax.empty().update(x)
@@ -181,17 +200,33 @@ def run(cfg: base.RunConfig) -> CaseResult:
                 raise RuntimeError(f"{name} gives {lo_hi}, numpy {expected}: not comparable")
 
         timings = timing.compare(contenders, cfg.timer)
-        compiles = {IN_JIT: timing.measure_compile(lambda s, v: s.update(v), state, x),
-                    ROOFLINE: timing.measure_compile(jnp.max, x)}
+        compiles = {
+            IN_JIT: timing.measure_compile(lambda s, v: s.update(v), state, x),
+            ROOFLINE: timing.measure_compile(jnp.max, x),
+        }
         for c in contenders:
-            res.rows.append(Row(group=group, name=c.name, role=c.role, timing=timings[c.name],
-                                compile=compiles.get(c.name), bytes_moved=x.nbytes))
+            res.rows.append(
+                Row(
+                    group=group,
+                    name=c.name,
+                    role=c.role,
+                    timing=timings[c.name],
+                    compile=compiles.get(c.name),
+                    bytes_moved=x.nbytes,
+                )
+            )
         if shape == base.MAPS_256:
             for name in (EAGER, IN_JIT):
                 res.add_ratio_target(
-                    f"{name} {group}: time / one jnp.max pass", group, name, ROOFLINE, "<=", 1.3,
+                    f"{name} {group}: time / one jnp.max pass",
+                    group,
+                    name,
+                    ROOFLINE,
+                    "<=",
+                    1.3,
                     note="XLA:CPU runs each reduction as its own YNNPACK kernel, with no "
-                    "sibling fusion: min and max read the input twice (see the HLO notes)")
+                    "sibling fusion: min and max read the input twice (see the HLO notes)",
+                )
             res.notes += _evidence(x)
 
     # The eval step: maps come out of a jit; update can ride in it or follow it.
@@ -207,20 +242,29 @@ def run(cfg: base.RunConfig) -> CaseResult:
         return maps, state.update(maps)
 
     contenders = [
-        timing.Contender(FUSED, lambda: _step_and_update(state, x, mean, inv_var),
-                         role="jaxnorm"),
+        timing.Contender(FUSED, lambda: _step_and_update(state, x, mean, inv_var), role="jaxnorm"),
         timing.Contender(SEPARATE, separate),
         timing.Contender(STEP_ONLY, lambda: _step_jit(x, mean, inv_var), role="roofline"),
     ]
     timings = timing.compare(contenders, cfg.timer)
     for c in contenders:
         # Reads x, writes maps; the small mean/inv_var stay in cache.
-        res.rows.append(Row(group=group, name=c.name, role=c.role, timing=timings[c.name],
-                            bytes_moved=2 * x.nbytes))
+        res.rows.append(
+            Row(
+                group=group,
+                name=c.name,
+                role=c.role,
+                timing=timings[c.name],
+                bytes_moved=2 * x.nbytes,
+            )
+        )
     res.notes.append(
         f"Eval step (best blocks): fused costs {res.ratio(group, FUSED, STEP_ONLY):.2f}x the "
         f"step alone and {res.ratio(group, FUSED, SEPARATE):.2f}x the step followed by a "
-        "separate update.")
-    res.notes.append("GB/s: min/max rows count one read of the input; eval-step rows count "
-                     "one read and one write.")
+        "separate update."
+    )
+    res.notes.append(
+        "GB/s: min/max rows count one read of the input; eval-step rows count "
+        "one read and one write."
+    )
     return res

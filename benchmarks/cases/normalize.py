@@ -63,37 +63,75 @@ def run(cfg: base.RunConfig) -> CaseResult:
             s = jnp.float32(1.0)
 
             contenders = [
-                timing.Contender(JAXNORM, lambda x=x, st=stats: jaxnorm.normalize(
-                    x, THRESHOLD, st.min, st.max), role="jaxnorm"),
-                timing.Contender(JAXNORM_FLOATS, lambda x=x, lo=lo, hi=hi: jaxnorm.normalize(
-                    x, THRESHOLD, lo, hi), role="jaxnorm"),
-                timing.Contender(TORCH, lambda xt=xt, a=t_thr, b=t_lo, c=t_hi:
-                                 anomalib_ref.normalize(xt, a, b, c), sync=tsync),
-                timing.Contender(NUMPY, lambda x_np=x_np, lo=lo, hi=hi: anomalib_ref.normalize(
-                    x_np, THRESHOLD, lo, hi), sync=timing.no_sync),
+                timing.Contender(
+                    JAXNORM,
+                    lambda x=x, st=stats: jaxnorm.normalize(x, THRESHOLD, st.min, st.max),
+                    role="jaxnorm",
+                ),
+                timing.Contender(
+                    JAXNORM_FLOATS,
+                    lambda x=x, lo=lo, hi=hi: jaxnorm.normalize(x, THRESHOLD, lo, hi),
+                    role="jaxnorm",
+                ),
+                timing.Contender(
+                    TORCH,
+                    lambda xt=xt, a=t_thr, b=t_lo, c=t_hi: anomalib_ref.normalize(xt, a, b, c),
+                    sync=tsync,
+                ),
+                timing.Contender(
+                    NUMPY,
+                    lambda x_np=x_np, lo=lo, hi=hi: anomalib_ref.normalize(x_np, THRESHOLD, lo, hi),
+                    sync=timing.no_sync,
+                ),
                 timing.Contender(ROOFLINE, lambda x=x, s=s: _roofline(x, s), role="roofline"),
             ]
-            outs = {c.name: np.asarray(c.fn().float().cpu() if c.name == TORCH else c.fn())
-                    for c in contenders if c.name != ROOFLINE}
+            outs = {
+                c.name: np.asarray(c.fn().float().cpu() if c.name == TORCH else c.fn())
+                for c in contenders
+                if c.name != ROOFLINE
+            }
             agreement.append(f"{group}: {_check_agree(outs, dtype)}")
 
             timings = timing.compare(contenders, cfg.timer)
             compiles = {
                 JAXNORM: timing.measure_compile(
-                    lambda x, t, a, b: jaxnorm.normalize(x, t, a, b), x, THRESHOLD,
-                    stats.min, stats.max),
+                    lambda x, t, a, b: jaxnorm.normalize(x, t, a, b),
+                    x,
+                    THRESHOLD,
+                    stats.min,
+                    stats.max,
+                ),
                 ROOFLINE: timing.measure_compile(_roofline, x, s),
             }
             for c in contenders:
-                res.rows.append(Row(group=group, name=c.name, role=c.role,
-                                    timing=timings[c.name], compile=compiles.get(c.name),
-                                    bytes_moved=2 * x.nbytes))
+                res.rows.append(
+                    Row(
+                        group=group,
+                        name=c.name,
+                        role=c.role,
+                        timing=timings[c.name],
+                        compile=compiles.get(c.name),
+                        bytes_moved=2 * x.nbytes,
+                    )
+                )
 
             if shape == base.MAPS_256 and dtype == "float32":
-                res.add_ratio_target(f"normalize {group}: eager torch time / jaxnorm time",
-                                     group, TORCH, JAXNORM, ">=", 6.0)
-                res.add_ratio_target(f"normalize {group}: jaxnorm time / roofline time",
-                                     group, JAXNORM, ROOFLINE, "<=", 1.3)
+                res.add_ratio_target(
+                    f"normalize {group}: eager torch time / jaxnorm time",
+                    group,
+                    TORCH,
+                    JAXNORM,
+                    ">=",
+                    6.0,
+                )
+                res.add_ratio_target(
+                    f"normalize {group}: jaxnorm time / roofline time",
+                    group,
+                    JAXNORM,
+                    ROOFLINE,
+                    "<=",
+                    1.3,
+                )
     res.notes.append("Outputs checked equal before timing: " + "; ".join(agreement) + ".")
     res.notes.append(
         "GB/s counts one read of the input and one write of the output (2 x nbytes) over the "
@@ -101,5 +139,6 @@ def run(cfg: base.RunConfig) -> CaseResult:
         "README's usage); the `float stats` row passes Python floats. faults/call counts "
         "minor page faults: glibc maps every allocation of 32 MiB or more afresh, so the "
         "(32, 1, 512, 512) float32 outputs fault in 8192 new pages per call, which bounds "
-        "jaxnorm and the roofline alike.")
+        "jaxnorm and the roofline alike."
+    )
     return res

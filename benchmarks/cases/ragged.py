@@ -47,13 +47,17 @@ def _batches(n: int, max_boxes: int, seed: int) -> list[tuple[np.ndarray, list[n
 
 
 def _as_jax(batches) -> list[Batch]:
-    return [{"pred_scores": base.to_jax(p), "box_scores": [base.to_jax(b) for b in bs]}
-            for p, bs in batches]
+    return [
+        {"pred_scores": base.to_jax(p), "box_scores": [base.to_jax(b) for b in bs]}
+        for p, bs in batches
+    ]
 
 
 def _as_torch(batches) -> list[Batch]:
-    return [{"pred_scores": base.to_torch(p), "box_scores": [base.to_torch(b) for b in bs]}
-            for p, bs in batches]
+    return [
+        {"pred_scores": base.to_torch(p), "box_scores": [base.to_torch(b) for b in bs]}
+        for p, bs in batches
+    ]
 
 
 def _cold(fn: Callable[[], Any], sync: Callable[[Any], None], clear: bool) -> tuple[float, int]:
@@ -84,9 +88,15 @@ def _phases(n: int, max_boxes: int, hook_cls: type | None):
     lo, hi = float(stats.min), float(stats.max)
 
     def jax_test():
-        return [{"pred_scores": jaxnorm.normalize(o["pred_scores"], IMAGE_THRESHOLD, lo, hi),
-                 "box_scores": [jaxnorm.normalize(b, PIXEL_THRESHOLD, lo, hi)
-                                for b in o["box_scores"]]} for o in test_j]
+        return [
+            {
+                "pred_scores": jaxnorm.normalize(o["pred_scores"], IMAGE_THRESHOLD, lo, hi),
+                "box_scores": [
+                    jaxnorm.normalize(b, PIXEL_THRESHOLD, lo, hi) for b in o["box_scores"]
+                ],
+            }
+            for o in test_j
+        ]
 
     cb = anomalib_ref.MinMaxNormalizationCallback()
     pm = _anomalib_module(dev)
@@ -105,8 +115,10 @@ def _phases(n: int, max_boxes: int, hook_cls: type | None):
             cb.on_test_batch_end(None, pm, o, None, 0, 0)
         return outs
 
-    phases = {"validation": {JAX_LOOP: jax_val, TORCH_LOOP: torch_val},
-              "test": {JAX_LOOP: jax_test, TORCH_LOOP: torch_test}}
+    phases = {
+        "validation": {JAX_LOOP: jax_val, TORCH_LOOP: torch_val},
+        "test": {JAX_LOOP: jax_test, TORCH_LOOP: torch_test},
+    }
     if hook_cls is not None:
         hook = hook_cls(image_threshold=IMAGE_THRESHOLD, pixel_threshold=PIXEL_THRESHOLD)
 
@@ -132,7 +144,8 @@ def _anomalib_module(dev: str) -> types.SimpleNamespace:
     """The module attributes anomalib's callback reads."""
     return types.SimpleNamespace(
         image_threshold=types.SimpleNamespace(value=torch.tensor(IMAGE_THRESHOLD, device=dev)),
-        pixel_threshold=types.SimpleNamespace(value=torch.tensor(PIXEL_THRESHOLD, device=dev)))
+        pixel_threshold=types.SimpleNamespace(value=torch.tensor(PIXEL_THRESHOLD, device=dev)),
+    )
 
 
 def _sync_for(name: str) -> Callable[[Any], None]:
@@ -141,14 +154,16 @@ def _sync_for(name: str) -> Callable[[Any], None]:
 
 def run(cfg: base.RunConfig) -> CaseResult:
     """Times validation and test over ragged batches, cold and warm, with compile counts."""
-    res = CaseResult(key=KEY, title=TITLE,
-                     columns=["cold 1st pass", "compiles cold", "compiles warm"])
+    res = CaseResult(
+        key=KEY, title=TITLE, columns=["cold 1st pass", "compiles cold", "compiles warm"]
+    )
     # Quick runs cut the batches and the distinct lengths: each naive compile costs ~0.1 s.
     n, max_boxes = (4, 8) if cfg.quick else (200, MAX_BOXES)
     hook_cls = getattr(jaxnorm, "MinMaxNormalizationHook", None)
     if hook_cls is None:
-        res.skipped = ("jaxnorm.MinMaxNormalizationHook does not exist yet; only the "
-                       "per-tensor loops ran")
+        res.skipped = (
+            "jaxnorm.MinMaxNormalizationHook does not exist yet; only the per-tensor loops ran"
+        )
         print(f"[{KEY}] skipped the hook rows: {res.skipped}", flush=True)
     phases = _phases(n, max_boxes, hook_cls)
     timer = timing.TimerConfig(rounds=3 if cfg.quick else 5, block_s=0.0, warmup_s=0.0)
@@ -166,21 +181,36 @@ def run(cfg: base.RunConfig) -> CaseResult:
             with jaxnorm.testing.count_compiles() as log:
                 _sync_for(name)(fn())
             warm[name] = log.count
-        contenders = [timing.Contender(name, fn, sync=_sync_for(name),
-                                       role="jaxnorm" if name == HOOK else "baseline")
-                      for name, fn in fns.items()]
+        contenders = [
+            timing.Contender(
+                name, fn, sync=_sync_for(name), role="jaxnorm" if name == HOOK else "baseline"
+            )
+            for name, fn in fns.items()
+        ]
         with jaxnorm.testing.count_compiles() as timed_log:
             timings = timing.compare(contenders, timer)
         if timed_log.count:
-            res.notes.append(f"{phase}: {timed_log.count} compilations during the timed "
-                             f"rounds: {sorted(set(timed_log.names))}")
+            res.notes.append(
+                f"{phase}: {timed_log.count} compilations during the timed "
+                f"rounds: {sorted(set(timed_log.names))}"
+            )
         for c in contenders:
-            res.rows.append(Row(group=group, name=c.name, role=c.role, timing=timings[c.name],
-                                extra={"cold 1st pass": f"{cold[c.name][0]:.3g} s",
-                                       "compiles cold": cold[c.name][1],
-                                       "compiles warm": warm[c.name]}))
+            res.rows.append(
+                Row(
+                    group=group,
+                    name=c.name,
+                    role=c.role,
+                    timing=timings[c.name],
+                    extra={
+                        "cold 1st pass": f"{cold[c.name][0]:.3g} s",
+                        "compiles cold": cold[c.name][1],
+                        "compiles warm": warm[c.name],
+                    },
+                )
+            )
     res.notes.append(
         f"Box counts per image uniform in 0..{max_boxes}; 'compiles cold' counts every XLA "
         "compilation of the first pass after jax.clear_caches(), eager ops included; "
-        "'compiles warm' those of one more pass once warm.")
+        "'compiles warm' those of one more pass once warm."
+    )
     return res
