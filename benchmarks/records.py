@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from benchmarks.timing import CompileTime, Timing
@@ -126,3 +127,28 @@ class CaseResult:
         )
         self.targets.append(target)
         return target
+
+
+def timed_rows(
+    group: str,
+    contenders: Sequence[Any],
+    timings: Mapping[str, Timing],
+    *,
+    compile: Mapping[str, CompileTime] | None = None,
+    bytes_moved: int | None = None,
+    extra: Mapping[str, dict[str, Any]] | None = None,
+) -> list[Row]:
+    """One row per contender of a timed comparison (contenders have ``name`` and ``role``)."""
+    compile, extra = compile or {}, extra or {}
+    return [
+        Row(
+            group=group,
+            name=c.name,
+            role=c.role,
+            timing=timings[c.name],
+            compile=compile.get(c.name),
+            bytes_moved=bytes_moved,
+            extra=extra.get(c.name, {}),
+        )
+        for c in contenders
+    ]

@@ -15,7 +15,7 @@ import torch
 
 from benchmarks import anomalib_ref, environment, timing
 from benchmarks.cases import base
-from benchmarks.records import CaseResult, Row
+from benchmarks.records import CaseResult, timed_rows
 
 KEY = "shim"
 TITLE = "Lightning callback per test batch: torch_compat vs anomalib 0.7, and DLPack alone"
@@ -103,8 +103,7 @@ def _dlpack_rows(res: CaseResult, cfg: base.RunConfig) -> None:
                 ),
             ]
         timings = timing.compare(contenders, cfg.timer)
-        for c in contenders:
-            res.rows.append(Row(group=group, name=c.name, timing=timings[c.name]))
+        res.rows += timed_rows(group, contenders, timings)
         if shape == base.MAPS_256 and environment.torch_device() == "cpu":
             back = torch.from_dlpack(a)
             there = jax.dlpack.from_dlpack(t)
@@ -158,8 +157,7 @@ def run(cfg: base.RunConfig) -> CaseResult:
             ),
         ]
         timings = timing.compare(contenders, cfg.timer)
-        for c in contenders:
-            res.rows.append(Row(group=group, name=c.name, role=c.role, timing=timings[c.name]))
+        res.rows += timed_rows(group, contenders, timings)
         if with_maps:
             res.add_ratio_target(
                 f"shim, {group}: anomalib time / shim time", group, ANOMALIB, SHIM, ">=", 4.0

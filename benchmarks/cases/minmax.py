@@ -19,7 +19,7 @@ from jax import lax
 import jaxnorm
 from benchmarks import anomalib_ref, environment, timing
 from benchmarks.cases import base
-from benchmarks.records import CaseResult, Row
+from benchmarks.records import CaseResult, timed_rows
 
 KEY = "minmax"
 TITLE = "MinMax.update: jaxnorm vs anomalib 0.7 (torch.max + torch.min), torch.aminmax, jnp.max"
@@ -204,17 +204,7 @@ def run(cfg: base.RunConfig) -> CaseResult:
             IN_JIT: timing.measure_compile(lambda s, v: s.update(v), state, x),
             ROOFLINE: timing.measure_compile(jnp.max, x),
         }
-        for c in contenders:
-            res.rows.append(
-                Row(
-                    group=group,
-                    name=c.name,
-                    role=c.role,
-                    timing=timings[c.name],
-                    compile=compiles.get(c.name),
-                    bytes_moved=x.nbytes,
-                )
-            )
+        res.rows += timed_rows(group, contenders, timings, compile=compiles, bytes_moved=x.nbytes)
         if shape == base.MAPS_256:
             for name in (EAGER, IN_JIT):
                 res.add_ratio_target(
@@ -225,7 +215,8 @@ def run(cfg: base.RunConfig) -> CaseResult:
                     "<=",
                     1.3,
                     note="XLA:CPU runs each reduction as its own YNNPACK kernel, with no "
-                    "sibling fusion: min and max read the input twice (see the HLO notes)",
+                    "sibling fusion: min, max and the finiteness sum (YNNPACK's min/max drop "
+                    "NaN) read the input three times (see the HLO notes)",
                 )
             res.notes += _evidence(x)
 
@@ -247,17 +238,8 @@ def run(cfg: base.RunConfig) -> CaseResult:
         timing.Contender(STEP_ONLY, lambda: _step_jit(x, mean, inv_var), role="roofline"),
     ]
     timings = timing.compare(contenders, cfg.timer)
-    for c in contenders:
-        # Reads x, writes maps; the small mean/inv_var stay in cache.
-        res.rows.append(
-            Row(
-                group=group,
-                name=c.name,
-                role=c.role,
-                timing=timings[c.name],
-                bytes_moved=2 * x.nbytes,
-            )
-        )
+    # Reads x, writes maps; the small mean/inv_var stay in cache.
+    res.rows += timed_rows(group, contenders, timings, bytes_moved=2 * x.nbytes)
     res.notes.append(
         f"Eval step (best blocks): fused costs {res.ratio(group, FUSED, STEP_ONLY):.2f}x the "
         f"step alone and {res.ratio(group, FUSED, SEPARATE):.2f}x the step followed by a "

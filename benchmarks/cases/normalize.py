@@ -15,7 +15,7 @@ import torch
 import jaxnorm
 from benchmarks import anomalib_ref, environment, timing
 from benchmarks.cases import base
-from benchmarks.records import CaseResult, Row
+from benchmarks.records import CaseResult, timed_rows
 
 KEY = "normalize"
 TITLE = "normalize: jaxnorm vs anomalib 0.7 eager torch, numpy and a read+write roofline"
@@ -103,17 +103,9 @@ def run(cfg: base.RunConfig) -> CaseResult:
                 ),
                 ROOFLINE: timing.measure_compile(_roofline, x, s),
             }
-            for c in contenders:
-                res.rows.append(
-                    Row(
-                        group=group,
-                        name=c.name,
-                        role=c.role,
-                        timing=timings[c.name],
-                        compile=compiles.get(c.name),
-                        bytes_moved=2 * x.nbytes,
-                    )
-                )
+            res.rows += timed_rows(
+                group, contenders, timings, compile=compiles, bytes_moved=2 * x.nbytes
+            )
 
             if shape == base.MAPS_256 and dtype == "float32":
                 res.add_ratio_target(

@@ -21,7 +21,7 @@ import jaxnorm
 import jaxnorm.testing
 from benchmarks import anomalib_ref, environment, timing
 from benchmarks.cases import base
-from benchmarks.records import CaseResult, Row
+from benchmarks.records import CaseResult, timed_rows
 
 KEY = "ragged"
 TITLE = "ragged box scores: jaxnorm hook vs per-tensor jaxnorm loop vs torch eager loop"
@@ -194,20 +194,19 @@ def run(cfg: base.RunConfig) -> CaseResult:
                 f"{phase}: {timed_log.count} compilations during the timed "
                 f"rounds: {sorted(set(timed_log.names))}"
             )
-        for c in contenders:
-            res.rows.append(
-                Row(
-                    group=group,
-                    name=c.name,
-                    role=c.role,
-                    timing=timings[c.name],
-                    extra={
-                        "cold 1st pass": f"{cold[c.name][0]:.3g} s",
-                        "compiles cold": cold[c.name][1],
-                        "compiles warm": warm[c.name],
-                    },
-                )
-            )
+        res.rows += timed_rows(
+            group,
+            contenders,
+            timings,
+            extra={
+                name: {
+                    "cold 1st pass": f"{cold[name][0]:.3g} s",
+                    "compiles cold": cold[name][1],
+                    "compiles warm": warm[name],
+                }
+                for name in timings
+            },
+        )
     res.notes.append(
         f"Box counts per image uniform in 0..{max_boxes}; 'compiles cold' counts every XLA "
         "compilation of the first pass after jax.clear_caches(), eager ops included; "
