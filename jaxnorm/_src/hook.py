@@ -14,7 +14,7 @@ import numpy as np
 
 from jaxnorm._src import errors, ragged, validation
 from jaxnorm._src.minmax import MinMax, _update
-from jaxnorm._src.normalize import _normalize_packed, pack
+from jaxnorm._src.normalize import _device_pack, _normalize_packed
 from jaxnorm._src.outputs import (
     IMAGE,
     NORMALIZED_KEYS,
@@ -98,6 +98,7 @@ class MinMaxNormalizationHook:
         self.accumulate = bool(accumulate)
         self.nonfinite: NonFinitePolicy = nonfinite
         self.reducer = reducer
+        self._thresholds: dict[str, float] = {}
         self.image_threshold = image_threshold
         self.pixel_threshold = pixel_threshold
         self.reset()
@@ -121,13 +122,10 @@ class MinMaxNormalizationHook:
         self._set_threshold(PIXEL, value)
 
     def _set_threshold(self, which: str, value) -> None:
-        if not hasattr(self, "_thresholds"):
-            self._thresholds, self._params = {}, {}
         value = validation.host_scalar(f"{which}_threshold", value)
         if not isinstance(value, float):
             raise ValueError(f"{which}_threshold: pass a concrete number, not a traced value.")
         self._thresholds[which] = value
-        self._params.pop(which, None)
 
     # -- statistics ------------------------------------------------------------------------
 
@@ -162,15 +160,11 @@ class MinMaxNormalizationHook:
     def _set(self, stats: NormalizationStats) -> None:
         self._stats = stats
         self._host: dict[str, tuple[float, float]] | None = None
-        self._params.clear()
 
     def _device_params(self, which: str) -> jax.Array:
-        """``[threshold, min, max]`` on the device, made once per change, not per batch."""
-        params = self._params.get(which)
-        if params is None:
-            lo, hi = self.host_stats()[which]
-            params = self._params[which] = jax.device_put(pack(self._thresholds[which], lo, hi))
-        return params
+        """``[threshold, min, max]`` on the device; cached by value, so made once per change."""
+        lo, hi = self.host_stats()[which]
+        return _device_pack(self._thresholds[which], lo, hi, bool(jax.config.jax_enable_x64))
 
     @property
     def num_nonfinite(self) -> dict[str, int]:
