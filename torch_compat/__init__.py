@@ -17,6 +17,10 @@ from __future__ import annotations
 import importlib.util
 from typing import TYPE_CHECKING, Any
 
+# First: jaxnorm imports jax and puts numpy's and Python's global random states back as they
+# were (importing jax draws from numpy's), so importing torch_compat does not move the user's
+# seeded random numbers.
+import jaxnorm as _jaxnorm  # noqa: F401  isort: skip
 from torch_compat._allreduce import allreduce_stats as allreduce_stats
 from torch_compat._dlpack import HostCopyWarning as HostCopyWarning
 from torch_compat._dlpack import to_jax as to_jax

@@ -110,3 +110,64 @@ def check_mask(mask: ArrayLike, shape: tuple[int, ...]) -> jax.Array | np.ndarra
             "give the mask the values' shape."
         )
     return mask
+
+
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+def loaded_stats(source: str, lo_key: str, lo: Any, hi_key: str, hi: Any) -> tuple[float, float]:
+    """Checks a ``(min, max)`` pair that comes from outside and returns it as Python floats.
+
+    For statistics that enter from a checkpoint, a state dict, JSON metadata or ``set_stats``:
+    they were not folded by jaxnorm, so nothing guarantees they are usable. The empty state
+    (``min = +inf``, ``max = -inf``, what ``MinMax.empty()`` holds) passes: it means "no
+    statistics", which test and predict report with ``StatisticsMissingError``.
+
+    Args:
+      source: where the values come from, for the message (e.g. ``"checkpoint"``).
+      lo_key: the name of the minimum there (e.g. ``"normalization_metrics.min"``).
+      lo: the minimum: a number, or an array or tensor with one element.
+      hi_key: the name of the maximum there.
+      hi: the maximum.
+
+    Raises:
+      ValueError: naming the source, the key and the value, when a value is not one real
+        number, is NaN or infinite (other than the empty pair), does not fit in float32
+        (statistics are float32), or when ``max < min``.
+    """
+    values = []
+    for key, value in ((lo_key, lo), (hi_key, hi)):
+        shape = tuple(getattr(value, "shape", ()))
+        if shape and int(np.prod(shape)) != 1:
+            raise ValueError(
+                f"{source}: '{key}' has shape {shape}; expected one number (a 0-d array)."
+            )
+        if hasattr(value, "item"):
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(
+                f"{source}: '{key}' is {value!r} ({type(value).__name__}); expected a number."
+            )
+        values.append(float(value))
+    flo, fhi = values
+    if flo == math.inf and fhi == -math.inf:
+        return flo, fhi
+    for key, value in ((lo_key, flo), (hi_key, fhi)):
+        if not math.isfinite(value):
+            raise ValueError(
+                f"{source}: '{key}' is {value}; normalization statistics must be finite (or "
+                "both empty: min=+inf, max=-inf). They come from a run whose scores were not "
+                "finite: validate again (nonfinite='raise' names the bad output) or load other "
+                "statistics."
+            )
+        if abs(value) > _F32_MAX:
+            raise ValueError(
+                f"{source}: '{key}' is {value}, beyond float32's range (+-{_F32_MAX:.4g}); "
+                "statistics are float32: rescale the scores."
+            )
+    if fhi < flo:
+        raise ValueError(
+            f"{source}: '{hi_key}' ({fhi}) is smaller than '{lo_key}' ({flo}); these are not "
+            "statistics of any scores: load the pair that was saved together."
+        )
+    return flo, fhi
