@@ -117,12 +117,15 @@ class TimerConfig:
       warmup_s: minimum time spent calling each contender before calibration (after the
         calls that compile).
       max_number: cap on calls per block.
+      warmup_calls: minimum calls before calibration, the two that compile included. Loops
+        of hundreds of batches are warm after one call: they take 1.
     """
 
     rounds: int = 15
     block_s: float = 0.05
     warmup_s: float = 0.05
     max_number: int = 10_000
+    warmup_calls: int = 5
 
 
 def _call(c: Contender) -> float:
@@ -131,17 +134,14 @@ def _call(c: Contender) -> float:
     return time.perf_counter() - t0
 
 
-def _warm_up(c: Contender, warmup_s: float) -> float:
+def _warm_up(c: Contender, warmup_s: float, calls: int) -> float:
     """Runs ``c`` until caches and compilations settle; returns a per-call estimate."""
-    # The first calls compile, allocate and fill caches; they never count.
-    _call(c)
-    _call(c)
-    spent, times = 0.0, []
-    while spent < warmup_s or len(times) < 3:
-        dt = _call(c)
-        spent += dt
-        times.append(dt)
-    return statistics.median(times)
+    # The first two calls compile, allocate and fill caches; they count in no estimate
+    # unless they are all there is.
+    times: list[float] = []
+    while len(times) < calls or (len(times) > 2 and sum(times[2:]) < warmup_s):
+        times.append(_call(c))
+    return statistics.median(times[2:] or times[-1:])
 
 
 def _minor_faults() -> int:
@@ -174,7 +174,7 @@ def compare(contenders: Sequence[Contender], config: TimerConfig) -> dict[str, T
         raise ValueError(f"contender names must be distinct, got {names}")
     numbers = {}
     for c in contenders:
-        per_call = _warm_up(c, config.warmup_s)
+        per_call = _warm_up(c, config.warmup_s, config.warmup_calls)
         numbers[c.name] = int(
             np.clip(round(config.block_s / max(per_call, 1e-9)), 1, config.max_number)
         )
@@ -203,6 +203,15 @@ def compare(contenders: Sequence[Contender], config: TimerConfig) -> dict[str, T
         )
         for n in names
     }
+
+
+def per_item(t: Timing, items: int) -> Timing:
+    """``t`` divided by the ``items`` (batches, steps) that each timed call went through."""
+    return dataclasses.replace(
+        t,
+        samples=tuple(s / items for s in t.samples),
+        faults_per_call=None if t.faults_per_call is None else t.faults_per_call / items,
+    )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,6 +15,7 @@ CASES: dict[str, str] = {
     "shim": "benchmarks.cases.lightning_shim",
     "ragged": "benchmarks.cases.ragged",
     "memory": "benchmarks.cases.memory",
+    "pipeline": "benchmarks.cases.pipeline",
 }
 
 
