@@ -16,6 +16,7 @@ CASES: dict[str, str] = {
     "ragged": "benchmarks.cases.ragged",
     "memory": "benchmarks.cases.memory",
     "pipeline": "benchmarks.cases.pipeline",
+    "overhead": "benchmarks.cases.overhead",
 }
 
 
