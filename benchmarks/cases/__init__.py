@@ -17,6 +17,7 @@ CASES: dict[str, str] = {
     "memory": "benchmarks.cases.memory",
     "pipeline": "benchmarks.cases.pipeline",
     "overhead": "benchmarks.cases.overhead",
+    "fused": "benchmarks.cases.fused",
 }
 
 

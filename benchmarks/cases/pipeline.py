@@ -47,7 +47,7 @@ def _label(maps: tuple[int, ...]) -> str:
     return f"32 scores + {maps} maps"
 
 
-def _is_gpu() -> bool:
+def is_gpu() -> bool:
     return environment.jax_device().platform == "gpu"
 
 
@@ -194,7 +194,7 @@ def run(cfg: base.RunConfig) -> CaseResult:
     _validation_group(res, cfg, TINY_MAPS, n)
     norm, upd = _kernel_groups(res, cfg, n)
 
-    if _is_gpu():
+    if is_gpu():
         res.add_ratio_target(
             f"GPU: pipelined shim, {test}: anomalib time / shim time",
             test,
