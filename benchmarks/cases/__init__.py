@@ -18,6 +18,7 @@ CASES: dict[str, str] = {
     "pipeline": "benchmarks.cases.pipeline",
     "overhead": "benchmarks.cases.overhead",
     "fused": "benchmarks.cases.fused",
+    "load": "benchmarks.cases.loadtest",
 }
 
 

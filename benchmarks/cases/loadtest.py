@@ -1,0 +1,222 @@
+"""Case ``load``: 10,000 validation batches through the hook and the shim; memory must stay flat.
+
+For every ``nonfinite`` x ``accumulate`` combination, 32 scores plus (32, 1, 8, 8) maps per
+batch go through ``on_validation_batch_end`` in epochs of ``EPOCH`` batches (epoch start and
+end hooks between them), with no sync inside the loop. Under ``"omit"`` one batch in
+``loops.POOL`` carries a NaN; under ``"raise"`` every batch is clean. The run reports the XLA
+compilations (all of them, and those after warm-up, which should be none), the time per
+batch over each chunk of ``CHUNK`` batches after warm-up, and the growth of the resident set
+(``VmRSS`` of ``/proc/self/status``, after ``gc.collect()``) and of the number of live jax
+arrays from the end of warm-up to the last batch. Per-batch state that is kept instead of
+folded (a list of device scalars, say) shows up as growth; the goal is less than
+``RSS_BOUND_MIB``.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+
+import jaxnorm
+import jaxnorm.testing
+from benchmarks import timing
+from benchmarks.cases import base, loops, pipeline
+from benchmarks.records import CaseResult, Row, Target
+
+KEY = "load"
+TITLE = (
+    "load test: 10,000 validation batches per nonfinite x accumulate combination, "
+    "compilations, time per batch and RSS growth"
+)
+
+BATCHES, CHUNK, EPOCH = 10_000, 1_000, 200
+QUICK_BATCHES, QUICK_CHUNK, QUICK_EPOCH = 800, 200, 100
+RSS_BOUND_MIB = 5.0
+MIB = 2**20
+COMBOS = [(nf, acc) for nf in ("raise", "omit") for acc in (False, True)]
+
+
+def rss_bytes() -> int | None:
+    """The resident set of this process (``VmRSS``), or None where /proc is missing."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _drivers(nonfinite: str, accumulate: bool, pool: loops.Pool) -> dict[str, Any]:
+    """Per contender: (epoch start, batch i, epoch end, statistics) as callables."""
+    kwargs = {"nonfinite": nonfinite, "accumulate": accumulate}
+    hook = jaxnorm.MinMaxNormalizationHook(**kwargs)
+    shim, pm = loops.shim_class()(**kwargs), loops.pl_module()
+    shim.setup(None, pm, stage="fit")
+    jb, tb = pool.jax, pool.torch
+    return {
+        loops.HOOK: (
+            hook.on_validation_epoch_start,
+            lambda i: hook.on_validation_batch_end(jb[i % len(jb)]),
+            hook.on_validation_epoch_end,
+            lambda: loops.validation_stats(loops.HOOK, hook.stats),
+            hook,
+        ),
+        loops.SHIM: (
+            lambda: shim.on_validation_epoch_start(None, pm),
+            lambda i: shim.on_validation_batch_end(None, pm, dict(tb[i % len(tb)]), None, i, 0),
+            lambda: shim.on_validation_epoch_end(None, pm),
+            lambda: loops.validation_stats(loops.SHIM, pm.normalization_metrics),
+            shim.hook,
+        ),
+    }
+
+
+def _run(
+    start: Callable[[], None],
+    batch: Callable[[int], Any],
+    end: Callable[[], None],
+    stats: Callable[[], tuple[float, float]],
+    n: int,
+    chunk: int,
+    epoch: int,
+) -> dict[str, Any]:
+    """``n`` batches in epochs of ``epoch``; times and RSS at every ``chunk`` boundary."""
+    times, rss, live = [], [], []
+    with jaxnorm.testing.count_compiles() as log:
+        t0 = time.perf_counter()
+        for i in range(n):
+            if i % epoch == 0:
+                if i:
+                    end()
+                start()
+            batch(i)
+            if (i + 1) % chunk == 0:
+                # A checkpoint: wait for the work so far (the statistics depend on every
+                # batch), then read the memory outside the timed span.
+                timing.sync_jax(stats())
+                times.append((time.perf_counter() - t0) / chunk)
+                if i + 1 == chunk:
+                    warm_compiles = log.count
+                gc.collect()
+                rss.append(rss_bytes())
+                live.append(len(jax.live_arrays()))
+                t0 = time.perf_counter()
+        end()
+        final = stats()
+    return {
+        "times": times[1:],  # the first chunk is warm-up
+        "rss": rss,
+        "live": live,
+        "compiles": log.count,
+        "compiles_after_warmup": log.count - warm_compiles,
+        "stats": final,
+    }
+
+
+def _expected(pool: loops.Pool, accumulate: bool) -> tuple[float, float]:
+    """numpy's min and max of the finite map values the loop saw (every pool batch)."""
+    del accumulate  # each epoch sees the whole pool, so both policies agree
+    maps = np.stack([b["anomaly_maps"] for b in pool.numpy])
+    finite = maps[np.isfinite(maps)]
+    return float(finite.min()), float(finite.max())
+
+
+def run(cfg: base.RunConfig) -> CaseResult:
+    """Runs every combination through the hook and the shim; reports compiles, time, RSS."""
+    res = CaseResult(
+        key=KEY,
+        title=TITLE,
+        columns=[
+            "compiles",
+            "compiles after warm-up",
+            "RSS after warm-up",
+            "RSS growth",
+            "live arrays growth",
+        ],
+    )
+    n, chunk, epoch = (
+        (QUICK_BATCHES, QUICK_CHUNK, QUICK_EPOCH) if cfg.quick else (BATCHES, CHUNK, EPOCH)
+    )
+    if rss_bytes() is None:
+        res.skipped = "/proc/self/status is not readable here: no RSS to report"
+        return res
+    loops.shim_class()  # Lightning's import, once, before the heap is frozen
+    # Objects that exist now are not the runs' to free: frozen, they leave gc.collect()
+    # (at every chunk) a few milliseconds of work instead of half a second.
+    gc.collect()
+    gc.freeze()
+    try:
+        checks = _combos(res, n, chunk, epoch)
+    finally:
+        gc.unfreeze()
+    res.notes.append(
+        loops.agree(
+            "final statistics (min, max) against numpy's min/max of the finite values",
+            dict(checks),
+            tol=0.0,
+        )
+    )
+    res.notes.append(
+        f"{n} batches per run in epochs of {epoch}; best/median/spread are per batch over "
+        f"the chunks of {chunk} batches after the first (warm-up). Each chunk ends with one "
+        "sync on the statistics, then gc.collect() and a read of VmRSS (not timed). "
+        "'compiles' counts every XLA compilation of the run, eager ops included. "
+        "'live arrays growth' is the change of len(jax.live_arrays()) over the same span: "
+        "device buffers kept per batch show there even where the allocator hides them from "
+        "the RSS (the runs share one process, so one run can reuse pages another freed)."
+    )
+    return res
+
+
+def _combos(res: CaseResult, n: int, chunk: int, epoch: int) -> list[tuple[str, float]]:
+    """Runs every combination through each contender; adds rows and targets to ``res``."""
+    checks = []
+    for nonfinite, accumulate in COMBOS:
+        group = f"nonfinite={nonfinite!r}, accumulate={accumulate}"
+        pool = loops.make_pool(
+            pipeline.TINY_MAPS, seed=100, nan_every=loops.POOL if nonfinite == "omit" else 0
+        )
+        want = _expected(pool, accumulate)
+        for name, (start, batch, end, stats, hook) in _drivers(nonfinite, accumulate, pool).items():
+            out = _run(start, batch, end, stats, n, chunk, epoch)
+            growth = (out["rss"][-1] - out["rss"][0]) / MIB
+            checks.append(
+                (
+                    f"{group} {name}",
+                    max(abs(a - b) for a, b in zip(out["stats"], want, strict=True)),
+                )
+            )
+            if nonfinite == "omit":
+                res.notes.append(f"{group}, {name}: num_nonfinite at the end {hook.num_nonfinite}")
+            res.rows.append(
+                Row(
+                    group=group,
+                    name=name,
+                    role="jaxnorm",
+                    timing=timing.Timing(number=chunk, samples=tuple(out["times"])),
+                    extra={
+                        "compiles": out["compiles"],
+                        "compiles after warm-up": out["compiles_after_warmup"],
+                        "RSS after warm-up": f"{out['rss'][0] / MIB:.0f} MiB",
+                        "RSS growth": f"{growth:+.1f} MiB",
+                        "live arrays growth": out["live"][-1] - out["live"][0],
+                    },
+                )
+            )
+            res.targets.append(
+                Target(
+                    f"load {group}, {name}: RSS growth from batch {chunk} to {n}",
+                    growth,
+                    "<=",
+                    RSS_BOUND_MIB,
+                    unit=" MiB",
+                )
+            )
+    return checks
