@@ -7,6 +7,7 @@ import operator
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from benchmarks import environment
 from benchmarks.timing import CompileTime, Timing
 
 _OPS = {"<=": operator.le, ">=": operator.ge}
@@ -56,6 +57,8 @@ class Target:
       median: the same ratio from the median blocks, when it applies.
       unit: printed after the numbers, e.g. ``"x"``.
       note: what limits the measurement when the goal is missed, when known.
+      pending: why the goal was not judged in this run (e.g. it is a GPU goal and this run
+        is on a CPU); ``value`` is then NaN and the tables say so instead of met / not met.
     """
 
     label: str
@@ -65,10 +68,11 @@ class Target:
     median: float | None = None
     unit: str = "x"
     note: str = ""
+    pending: str = ""
 
     @property
     def met(self) -> bool:
-        return bool(_OPS[self.op](self.value, self.bound))
+        return not self.pending and bool(_OPS[self.op](self.value, self.bound))
 
     @property
     def met_median(self) -> bool | None:
@@ -114,9 +118,32 @@ class CaseResult:
         return getattr(a, stat) / getattr(b, stat)
 
     def add_ratio_target(
-        self, label: str, group: str, num: str, den: str, op: str, bound: float, note: str = ""
+        self,
+        label: str,
+        group: str,
+        num: str,
+        den: str,
+        op: str,
+        bound: float,
+        note: str = "",
+        platform: str | None = None,
     ) -> Target:
-        """Adds the goal ``time(num) / time(den) op bound`` in ``group``, from best and median."""
+        """Adds the goal ``time(num) / time(den) op bound`` in ``group``, from best and median.
+
+        A goal set for one ``platform`` (``"cpu"``, ``"gpu"``) is judged only on a run whose
+        jax device is of it; other runs list it as pending, so that every goal shows.
+        """
+        here = environment.jax_device().platform
+        if platform is not None and platform != here:
+            target = Target(
+                label,
+                float("nan"),
+                op,
+                bound,
+                pending=f"{platform.upper()} runs only (this run: {here.upper()})",
+            )
+            self.targets.append(target)
+            return target
         target = Target(
             label,
             self.ratio(group, num, den, "best"),

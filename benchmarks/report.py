@@ -101,13 +101,16 @@ TARGET_HEADER = ["target", "goal", "best", "median", "met"]
 
 def _target_row(t: dict[str, Any]) -> list[str]:
     """One row of a targets table, from a target as stored in the JSON."""
+    goal = f"{t['op']} {t['bound']:g}{t['unit']}"
+    if t.get("pending"):
+        return [t["label"], goal, "", "", f"not judged: {t['pending']}"]
     median = "" if t["median"] is None else f"{t['median']:.2f}{t['unit']}"
     met = "yes" if t["met"] else "**no**"
     if t["met_median"] is not None and t["met_median"] != t["met"]:
         met += " (median: " + ("yes" if t["met_median"] else "no") + ")"
     return [
         t["label"],
-        f"{t['op']} {t['bound']:g}{t['unit']}",
+        goal,
         f"{t['value']:.2f}{t['unit']}",
         median,
         met,
@@ -141,6 +144,9 @@ def console(case: CaseResult) -> str:
     if case.rows:
         out.append(_text_table(*case_table(case)))
     for t in case.targets:
+        if t.pending:
+            out.append(f"target: {t.label}: {t.op} {t.bound:g}{t.unit} -> not judged: {t.pending}")
+            continue
         median = "" if t.median is None else f" (median {t.median:.2f}{t.unit})"
         out.append(
             f"target: {t.label}: {t.value:.2f}{t.unit}{median} {t.op} {t.bound:g}{t.unit}"
@@ -176,7 +182,9 @@ def markdown(cases: Sequence[CaseResult], env: dict[str, Any], command: str) -> 
         "and every ratio comes from this one run. Targets are judged on the best blocks (the "
         "quietest moments of a shared machine; load from other processes slows torch's "
         "OpenMP pool most), with the median ratio beside them. *compile* is XLA compilation "
-        "of a fresh `jax.jit`, *1st call* its trace + compile + first run.",
+        "of a fresh `jax.jit`, *1st call* its trace + compile + first run. The pipelined "
+        "cases (`pipeline`, `overhead`, `fused`, `load`) time whole loops of batches with "
+        "one sync at the end, as a real loop runs, and show the time per batch.",
     ]
     header, body = targets_table(cases)
     if body:

@@ -133,20 +133,22 @@ def run(cfg: base.RunConfig) -> CaseResult:
     test = _test(res, cfg, n)
     val = _validation(res, cfg, n)
     res.add_ratio_target(
-        f"hook per batch at tiny sizes, {test}: time / one-call floor",
+        f"CPU: hook per batch at tiny sizes, {test}: time / one-call floor",
         test,
         loops.HOOK,
         FLOOR_TEST,
         "<=",
         BOUND,
+        platform="cpu",
     )
     res.add_ratio_target(
-        f"hook per batch at tiny sizes, {val}: time / one-call floor",
+        f"CPU: hook per batch at tiny sizes, {val}: time / one-call floor",
         val,
         loops.HOOK,
         FLOOR_VAL,
         "<=",
         BOUND,
+        platform="cpu",
     )
     res.notes.append(
         "The validation floor folds the statistics only; the hook also counts non-finite "

@@ -47,10 +47,6 @@ def _label(maps: tuple[int, ...]) -> str:
     return f"32 scores + {maps} maps"
 
 
-def is_gpu() -> bool:
-    return environment.jax_device().platform == "gpu"
-
-
 def _test_group(res: CaseResult, cfg: base.RunConfig, maps: tuple[int, ...], n: int) -> str:
     group = f"test, {n} batches of {_label(maps)}"
     val, test = loops.make_pool(maps, seed=10), loops.make_pool(maps, seed=20)
@@ -194,48 +190,45 @@ def run(cfg: base.RunConfig) -> CaseResult:
     _validation_group(res, cfg, TINY_MAPS, n)
     norm, upd = _kernel_groups(res, cfg, n)
 
-    if is_gpu():
+    # Issue 11's goals: each is judged on its platform's run and listed as pending elsewhere.
+    for platform, bound in (("cpu", 4.0), ("gpu", 1.5)):
         res.add_ratio_target(
-            f"GPU: pipelined shim, {test}: anomalib time / shim time",
+            f"{platform.upper()}: pipelined shim, {test}: anomalib time / shim time",
             test,
             loops.ANOMALIB,
             loops.SHIM,
             ">=",
-            1.5,
-        )
-        res.add_ratio_target(
-            f"GPU: pipelined {norm}: eager torch time / jaxnorm time",
-            norm,
-            TORCH_NORMALIZE,
-            NORMALIZE,
-            ">=",
-            2.0,
-        )
-        res.add_ratio_target(
-            f"GPU: pipelined {upd}: anomalib time / jaxnorm time",
-            upd,
-            TORCH_UPDATE,
-            UPDATE,
-            ">=",
-            1.0,
-        )
-    else:
-        res.add_ratio_target(
-            f"CPU: pipelined shim, {test}: anomalib time / shim time",
-            test,
-            loops.ANOMALIB,
-            loops.SHIM,
-            ">=",
-            4.0,
-        )
-        res.notes.append(
-            "The GPU targets of this case (shim >= 1.5x anomalib, normalize >= 2x eager "
-            "torch, update >= 1x anomalib, all pipelined) are judged on a GPU run only."
+            bound,
+            platform=platform,
         )
     for name in (loops.HOOK, loops.SHIM):
         res.add_ratio_target(
-            f"pipelined {name}, {val}: time / anomalib time", val, name, loops.ANOMALIB, "<=", 1.0
+            f"CPU: pipelined {name}, {val}: time / anomalib time",
+            val,
+            name,
+            loops.ANOMALIB,
+            "<=",
+            1.0,
+            platform="cpu",
         )
+    res.add_ratio_target(
+        f"GPU: pipelined {norm}: eager torch time / jaxnorm time",
+        norm,
+        TORCH_NORMALIZE,
+        NORMALIZE,
+        ">=",
+        2.0,
+        platform="gpu",
+    )
+    res.add_ratio_target(
+        f"GPU: pipelined {upd}: anomalib time / jaxnorm time",
+        upd,
+        TORCH_UPDATE,
+        UPDATE,
+        ">=",
+        1.0,
+        platform="gpu",
+    )
     res.notes.append(
         f"Each timed call runs {n} batches (a pool of {loops.POOL} distinct batches, cycled) "
         "and syncs once on the last outputs; times are per batch. Validation loops include "
