@@ -35,7 +35,7 @@ TITLE = (
 )
 
 BATCHES, CHUNK, EPOCH = 10_000, 1_000, 200
-QUICK_BATCHES, QUICK_CHUNK, QUICK_EPOCH = 800, 200, 100
+QUICK_BATCHES, QUICK_CHUNK, QUICK_EPOCH = 400, 100, 50
 RSS_BOUND_MIB = 5.0
 MIB = 2**20
 COMBOS = [(nf, acc) for nf in ("raise", "omit") for acc in (False, True)]
