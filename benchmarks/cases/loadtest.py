@@ -15,6 +15,10 @@ folded (a list of device scalars, say) shows up as growth; the goal is less than
 from __future__ import annotations
 
 import gc
+import json
+import pathlib
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -38,6 +42,7 @@ BATCHES, CHUNK, EPOCH = 10_000, 1_000, 200
 QUICK_BATCHES, QUICK_CHUNK, QUICK_EPOCH = 400, 100, 50
 RSS_BOUND_MIB = 5.0
 MIB = 2**20
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 COMBOS = [(nf, acc) for nf in ("raise", "omit") for acc in (False, True)]
 
 
@@ -129,7 +134,8 @@ def _expected(pool: loops.Pool, accumulate: bool) -> tuple[float, float]:
 
 
 def run(cfg: base.RunConfig) -> CaseResult:
-    """Runs every combination through the hook and the shim; reports compiles, time, RSS."""
+    """Runs the load test in a fresh process, so that no earlier case's freed heap (pages
+    the allocator hands out again without growing the RSS) hides what the runs keep."""
     res = CaseResult(
         key=KEY,
         title=TITLE,
@@ -141,42 +147,74 @@ def run(cfg: base.RunConfig) -> CaseResult:
             "live arrays growth",
         ],
     )
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.cases.loadtest"] + (["--quick"] if cfg.quick else []),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"load test process failed:\n{proc.stderr[-3000:]}")
+    data = json.loads(proc.stdout.strip().splitlines()[-1])
+    if data["skipped"]:
+        res.skipped = data["skipped"]
+        return res
+    for r in data["rows"]:
+        res.rows.append(
+            Row(
+                group=r["group"],
+                name=r["name"],
+                role="jaxnorm",
+                timing=timing.Timing(number=r["number"], samples=tuple(r["samples"])),
+                extra=r["extra"],
+            )
+        )
+    res.targets += [Target(**t) for t in data["targets"]]
+    res.notes += data["notes"]
+    return res
+
+
+def measure(quick: bool) -> dict[str, Any]:
+    """The load test itself, in this process; returns plain data for ``run``."""
+    data: dict[str, Any] = {"skipped": None, "rows": [], "targets": [], "notes": []}
     n, chunk, epoch = (
-        (QUICK_BATCHES, QUICK_CHUNK, QUICK_EPOCH) if cfg.quick else (BATCHES, CHUNK, EPOCH)
+        (QUICK_BATCHES, QUICK_CHUNK, QUICK_EPOCH) if quick else (BATCHES, CHUNK, EPOCH)
     )
     if rss_bytes() is None:
-        res.skipped = "/proc/self/status is not readable here: no RSS to report"
-        return res
+        data["skipped"] = "/proc/self/status is not readable here: no RSS to report"
+        return data
     loops.shim_class()  # Lightning's import, once, before the heap is frozen
     # Objects that exist now are not the runs' to free: frozen, they leave gc.collect()
     # (at every chunk) a few milliseconds of work instead of half a second.
     gc.collect()
     gc.freeze()
     try:
-        checks = _combos(res, n, chunk, epoch)
+        checks = _combos(data, n, chunk, epoch)
     finally:
         gc.unfreeze()
-    res.notes.append(
+    data["notes"].append(
         loops.agree(
             "final statistics (min, max) against numpy's min/max of the finite values",
             dict(checks),
             tol=0.0,
         )
     )
-    res.notes.append(
-        f"{n} batches per run in epochs of {epoch}; best/median/spread are per batch over "
-        f"the chunks of {chunk} batches after the first (warm-up). Each chunk ends with one "
+    data["notes"].append(
+        f"One fresh process runs every combination, the hook's run then the shim's; {n} "
+        f"batches per run in epochs of {epoch}; best/median/spread are per batch over the "
+        f"chunks of {chunk} batches after the first (warm-up). Each chunk ends with one "
         "sync on the statistics, then gc.collect() and a read of VmRSS (not timed). "
         "'compiles' counts every XLA compilation of the run, eager ops included. "
         "'live arrays growth' is the change of len(jax.live_arrays()) over the same span: "
         "device buffers kept per batch show there even where the allocator hides them from "
-        "the RSS (the runs share one process, so one run can reuse pages another freed)."
+        "the RSS by reusing pages freed earlier."
     )
-    return res
+    return data
 
 
-def _combos(res: CaseResult, n: int, chunk: int, epoch: int) -> list[tuple[str, float]]:
-    """Runs every combination through each contender; adds rows and targets to ``res``."""
+def _combos(data: dict[str, Any], n: int, chunk: int, epoch: int) -> list[tuple[str, float]]:
+    """Runs every combination through each contender; adds rows and targets to ``data``."""
     checks = []
     for nonfinite, accumulate in COMBOS:
         group = f"nonfinite={nonfinite!r}, accumulate={accumulate}"
@@ -194,29 +232,44 @@ def _combos(res: CaseResult, n: int, chunk: int, epoch: int) -> list[tuple[str, 
                 )
             )
             if nonfinite == "omit":
-                res.notes.append(f"{group}, {name}: num_nonfinite at the end {hook.num_nonfinite}")
-            res.rows.append(
-                Row(
-                    group=group,
-                    name=name,
-                    role="jaxnorm",
-                    timing=timing.Timing(number=chunk, samples=tuple(out["times"])),
-                    extra={
+                data["notes"].append(
+                    f"{group}, {name}: num_nonfinite at the end {hook.num_nonfinite}"
+                )
+            live = out["live"][-1] - out["live"][0]
+            data["rows"].append(
+                {
+                    "group": group,
+                    "name": name,
+                    "number": chunk,
+                    "samples": out["times"],
+                    "extra": {
                         "compiles": out["compiles"],
                         "compiles after warm-up": out["compiles_after_warmup"],
                         "RSS after warm-up": f"{out['rss'][0] / MIB:.0f} MiB",
                         "RSS growth": f"{growth:+.1f} MiB",
-                        "live arrays growth": out["live"][-1] - out["live"][0],
+                        "live arrays growth": live,
                     },
-                )
+                }
             )
-            res.targets.append(
-                Target(
-                    f"load {group}, {name}: RSS growth from batch {chunk} to {n}",
-                    growth,
-                    "<=",
-                    RSS_BOUND_MIB,
-                    unit=" MiB",
-                )
-            )
+            span = f"from batch {chunk} to {n}"
+            data["targets"] += [
+                {
+                    "label": f"load {group}, {name}: RSS growth {span}",
+                    "value": growth,
+                    "op": "<=",
+                    "bound": RSS_BOUND_MIB,
+                    "unit": " MiB",
+                },
+                {
+                    "label": f"load {group}, {name}: live jax arrays growth {span}",
+                    "value": float(live),
+                    "op": "<=",
+                    "bound": 0.0,
+                    "unit": " arrays",
+                },
+            ]
     return checks
+
+
+if __name__ == "__main__":
+    print(json.dumps(measure(quick="--quick" in sys.argv[1:])))

@@ -1,6 +1,6 @@
 """Case ``pipeline``: per-batch time of loops with one sync at the end, as a real loop runs.
 
-Each contender runs a whole loop of batches (``loops.BATCHES``) per timed call and syncs once,
+Each contender runs a whole loop of ``BATCHES`` batches per timed call and syncs once,
 on its last outputs; the table shows the time per batch. Synchronising after every batch (the
 ``normalize``, ``minmax`` and ``shim`` cases) measures a batch's latency; this case measures
 what a test or validation loop sees: the host dispatches the next batch while the device still
