@@ -7,7 +7,7 @@
 #   OUT=/tmp/gpu bash benchmarks/gpu_check.sh
 # Results land in $OUT: copy <machine>.json/.md into benchmarks/results/ to publish them
 # (a run of every case is what the README's "Targets on <machine>" table reads).
-# Knobs: TEST_TIMEOUT and BENCH_TIMEOUT (seconds; together they fit one 10-minute device
+# Knobs: TEST_TIMEOUT and BENCH_TIMEOUT (seconds; 120 + 400 by default, to fit one 10-minute device
 # call), CASES (comma-separated, default every case; a subset is not shown in the README),
 # QUICK=1 for a smoke run of the harness on the GPU.
 set -uo pipefail
@@ -25,12 +25,12 @@ mapfile -t cuda_tests < <(grep -il cuda tests/test_*.py | grep -v test_benchmark
 tests=("${cuda_tests[@]}" tests/test_torch_compat_hooks.py tests/test_normalize.py tests/test_hook.py)
 mapfile -t tests < <(printf '%s\n' "${tests[@]}" | sort -u)
 echo "CUDA tests: ${tests[*]}"
-timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q -p no:cacheprovider -rs "${tests[@]}" 2>&1 \
+timeout "${TEST_TIMEOUT:-120}" python3 -m pytest -q -p no:cacheprovider -rs "${tests[@]}" 2>&1 \
   | tee "$OUT/gpu_tests.log"
 echo "tests: rc ${PIPESTATUS[0]} after $((SECONDS - start)) s"
 
 args=(--no-readme --out "$OUT")
 [[ -n "${CASES:-}" ]] && args+=(--cases "$CASES")
 [[ "${QUICK:-0}" == 1 ]] && args+=(--quick)
-timeout "${BENCH_TIMEOUT:-420}" python3 -m benchmarks "${args[@]}" 2>&1 | tee "$OUT/bench.log"
+timeout "${BENCH_TIMEOUT:-400}" python3 -m benchmarks "${args[@]}" 2>&1 | tee "$OUT/bench.log"
 echo "benchmarks: rc ${PIPESTATUS[0]} after $((SECONDS - start)) s"

@@ -18,6 +18,7 @@ not depend on which cases ran before.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import pathlib
@@ -62,54 +63,73 @@ def rss_bytes() -> int | None:
     return None
 
 
-def _drivers(nonfinite: str, accumulate: bool, pool: loops.Pool) -> dict[str, Any]:
-    """Per contender: (epoch start, batch i, epoch end, statistics) as callables."""
+@dataclasses.dataclass(frozen=True)
+class Driver:
+    """One contender's validation hooks, as callables.
+
+    Attributes:
+      start: the epoch start hook.
+      batch: the batch end hook of batch ``i``.
+      end: the epoch end hook.
+      stats: the statistics as ``(min, max)`` floats (a host read).
+      device_stats: the statistics as jax arrays, which depend on every batch so far.
+      hook: the ``MinMaxNormalizationHook`` that does the work.
+    """
+
+    start: Callable[[], None]
+    batch: Callable[[int], Any]
+    end: Callable[[], None]
+    stats: Callable[[], tuple[float, float]]
+    device_stats: Callable[[], Any]
+    hook: Any
+
+
+def _drivers(nonfinite: str, accumulate: bool, pool: loops.Pool) -> dict[str, Driver]:
     kwargs = {"nonfinite": nonfinite, "accumulate": accumulate}
     hook = jaxnorm.MinMaxNormalizationHook(**kwargs)
     shim, pm = loops.shim_class()(**kwargs), loops.pl_module()
     shim.setup(None, pm, stage="fit")
     jb, tb = pool.jax, pool.torch
     return {
-        loops.HOOK: (
-            hook.on_validation_epoch_start,
-            lambda i: hook.on_validation_batch_end(jb[i % len(jb)]),
-            hook.on_validation_epoch_end,
-            lambda: loops.validation_stats(loops.HOOK, hook.stats),
-            hook,
+        loops.HOOK: Driver(
+            start=hook.on_validation_epoch_start,
+            batch=lambda i: hook.on_validation_batch_end(jb[i % len(jb)]),
+            end=hook.on_validation_epoch_end,
+            stats=lambda: loops.validation_stats(loops.HOOK, hook.stats),
+            device_stats=lambda: hook.stats,
+            hook=hook,
         ),
-        loops.SHIM: (
-            lambda: shim.on_validation_epoch_start(None, pm),
-            lambda i: shim.on_validation_batch_end(None, pm, dict(tb[i % len(tb)]), None, i, 0),
-            lambda: shim.on_validation_epoch_end(None, pm),
-            lambda: loops.validation_stats(loops.SHIM, pm.normalization_metrics),
-            shim.hook,
+        loops.SHIM: Driver(
+            start=lambda: shim.on_validation_epoch_start(None, pm),
+            batch=lambda i: shim.on_validation_batch_end(
+                None, pm, dict(tb[i % len(tb)]), None, i, 0
+            ),
+            end=lambda: shim.on_validation_epoch_end(None, pm),
+            stats=lambda: loops.validation_stats(loops.SHIM, pm.normalization_metrics),
+            # The shim's public ``hook`` holds the statistics as they are folded.
+            device_stats=lambda: shim.hook.stats,
+            hook=shim.hook,
         ),
     }
 
 
-def _run(
-    start: Callable[[], None],
-    batch: Callable[[int], Any],
-    end: Callable[[], None],
-    stats: Callable[[], tuple[float, float]],
-    n: int,
-    chunk: int,
-    epoch: int,
-) -> dict[str, Any]:
+def _run(d: Driver, n: int, chunk: int, epoch: int) -> dict[str, Any]:
     """``n`` batches in epochs of ``epoch``; times and RSS at every ``chunk`` boundary."""
+    if n % epoch or chunk % epoch:
+        raise ValueError(f"{n} batches and chunks of {chunk} must be whole epochs of {epoch}")
     times, rss, live = [], [], []
     with jaxnorm.testing.count_compiles() as log:
         t0 = time.perf_counter()
         for i in range(n):
             if i % epoch == 0:
-                if i:
-                    end()
-                start()
-            batch(i)
+                d.start()
+            d.batch(i)
+            if (i + 1) % epoch == 0:
+                d.end()
             if (i + 1) % chunk == 0:
-                # A checkpoint: wait for the work so far (the statistics depend on every
-                # batch), then read the memory outside the timed span.
-                timing.sync_jax(stats())
+                # A checkpoint at an epoch's end: wait for the work so far (the statistics
+                # depend on every batch), then read the memory outside the timed span.
+                timing.sync_jax(d.device_stats())
                 times.append((time.perf_counter() - t0) / chunk)
                 if i + 1 == chunk:
                     warm_compiles = log.count
@@ -117,8 +137,7 @@ def _run(
                 rss.append(rss_bytes())
                 live.append(len(jax.live_arrays()))
                 t0 = time.perf_counter()
-        end()
-        final = stats()
+        final = d.stats()
     return {
         "times": times[1:],  # the first chunk is warm-up
         "rss": rss,
@@ -226,8 +245,8 @@ def _combos(data: dict[str, Any], n: int, chunk: int, epoch: int) -> list[tuple[
             pipeline.TINY_MAPS, seed=100, nan_every=loops.POOL if nonfinite == "omit" else 0
         )
         want = _expected(pool, accumulate)
-        for name, (start, batch, end, stats, hook) in _drivers(nonfinite, accumulate, pool).items():
-            out = _run(start, batch, end, stats, n, chunk, epoch)
+        for name, driver in _drivers(nonfinite, accumulate, pool).items():
+            out = _run(driver, n, chunk, epoch)
             growth = (out["rss"][-1] - out["rss"][0]) / MIB
             checks.append(
                 (
@@ -237,7 +256,7 @@ def _combos(data: dict[str, Any], n: int, chunk: int, epoch: int) -> list[tuple[
             )
             if nonfinite == "omit":
                 data["notes"].append(
-                    f"{group}, {name}: num_nonfinite at the end {hook.num_nonfinite}"
+                    f"{group}, {name}: num_nonfinite at the end {driver.hook.num_nonfinite}"
                 )
             live = out["live"][-1] - out["live"][0]
             data["rows"].append(
