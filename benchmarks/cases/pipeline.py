@@ -39,7 +39,7 @@ TORCH_UPDATE = "anomalib 0.7 MinMax.update (torch)"
 def timer(cfg: base.RunConfig) -> timing.TimerConfig:
     """One loop per block; a loop is warm after one pass (which compiles)."""
     return timing.TimerConfig(
-        rounds=2 if cfg.quick else 7, block_s=0.0, warmup_s=0.0, max_number=1, warmup_calls=1
+        rounds=1 if cfg.quick else 7, block_s=0.0, warmup_s=0.0, max_number=1, warmup_calls=1
     )
 
 
