@@ -111,5 +111,13 @@ def test_pre_padded_batches_with_valid_rows():
 
 def test_bucket_sizes():
     assert [batching.bucket(n) for n in (0, 1, 2, 3, 5, 8, 9, 64, 65)] == [
-        0, 1, 2, 4, 8, 8, 16, 64, 128,
+        0,
+        1,
+        2,
+        4,
+        8,
+        8,
+        16,
+        64,
+        128,
     ]
