@@ -118,7 +118,7 @@ class _ReadsCountEachBatch(jaxnorm.MinMaxNormalizationHook):
 
     def on_validation_batch_end(self, outputs, **kwargs):
         out = super().on_validation_batch_end(outputs, **kwargs)
-        int(self._state.first_bad_count)
+        jax.device_get(self._state.counters)  # any read of the record waits for the batch
         return out
 
 

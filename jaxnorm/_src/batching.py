@@ -67,9 +67,10 @@ class Buckets:
 
     def pad(self, phase: str, key: str, x) -> tuple[object, int | None]:
         """``(x or x padded along axis 0, the true leading size when padded, else None)``."""
-        if np.ndim(x) == 0:
+        shape = x.shape
+        if not shape:
             return x, None
-        n = x.shape[0]
+        n = shape[0]
         rows = self.rows(phase, key, n)
         if rows == n or not _single_device(x):
             return x, None

@@ -91,7 +91,7 @@ class MinMaxNormalizationHook:
         self.nonfinite: NonFinitePolicy = nonfinite
         self.reducer = reducer
         self._thresholds: dict[str, float] = {}
-        self._params: jax.Array | None = None
+        self._invalidate()
         self._buckets = batching.Buckets()
         self.image_threshold = image_threshold
         self.pixel_threshold = pixel_threshold
@@ -153,7 +153,7 @@ class MinMaxNormalizationHook:
                 "where the statistics live; pass a threshold in raw-score units."
             )
         self._thresholds[which] = value
-        self._params = None
+        self._invalidate()
 
     # -- statistics ------------------------------------------------------------------------
 
@@ -186,42 +186,49 @@ class MinMaxNormalizationHook:
         self._load_host_stats("set_stats", _host_pairs(stats))
 
     def _load_host_stats(
-        self, source: str, pairs: Mapping[str, tuple[object, object]], prefix: str = ""
+        self,
+        source: str,
+        pairs: Mapping[str, tuple[object, object]],
+        keys: Mapping[str, tuple[str, str]] | None = None,
     ) -> None:
-        """Checks ``{"image": (lo, hi), "pixel": (lo, hi)}`` from outside and installs them."""
-        host = {
-            which: validation.loaded_stats(
-                source, f"{prefix}{which}.min", lo, f"{prefix}{which}.max", hi
-            )
-            for which, (lo, hi) in pairs.items()
-        }
+        """Checks ``{"image": (lo, hi), "pixel": (lo, hi)}`` from outside and installs them.
+
+        ``keys`` names each pair's values in ``source`` (default ``"image.min"``, ...).
+        """
+        host = {}
+        for which, (lo, hi) in pairs.items():
+            lo_key, hi_key = (keys or {}).get(which, (f"{which}.min", f"{which}.max"))
+            host[which] = validation.loaded_stats(source, lo_key, lo, hi_key, hi)
         leaves = jax.device_put([np.float32(v) for which in (IMAGE, PIXEL) for v in host[which]])
         stats = NormalizationStats(
             image=MinMax(min=leaves[0], max=leaves[1]), pixel=MinMax(min=leaves[2], max=leaves[3])
         )
         self._state = self._state.replace(stats=stats)
         self._host = host
-        self._params = None
+        self._invalidate()
+
+    def _invalidate(self) -> None:
+        """The thresholds or statistics changed: their device copy and checks are stale."""
+        self._params: jax.Array | None = None
+        self._checked: set[str] = set()
 
     def _set_state(self, state: hook_step.HookState) -> None:
         self._state = state
         self._host: dict[str, tuple[float, float]] | None = None
         self._unchecked = False  # batches folded under "raise" whose record was not read
-        self._params = None
+        self._invalidate()
 
     @property
     def num_values(self) -> dict[str, int]:
         """Values folded into each statistic since the last reset (reads the device)."""
         self._raise_pending()
-        counts = jax.device_get(self._state.num_values)
-        return {w: hook_step.count(counts[i]) for i, w in enumerate((IMAGE, PIXEL))}
+        return hook_step.Record(self._state.counters).num_values
 
     @property
     def num_nonfinite(self) -> dict[str, int]:
         """Non-finite values skipped under ``nonfinite="omit"`` since the last reset."""
         self._raise_pending()
-        counts = jax.device_get(self._state.num_nonfinite)
-        return {w: hook_step.count(counts[i]) for i, w in enumerate((IMAGE, PIXEL))}
+        return hook_step.Record(self._state.counters).num_nonfinite
 
     def host_stats(self) -> dict[str, tuple[float, float]]:
         """``{"image": (min, max), "pixel": (min, max)}`` as Python floats (one host sync).
@@ -247,13 +254,14 @@ class MinMaxNormalizationHook:
         if not self._unchecked:
             return
         self._unchecked = False
-        first_bad, count = jax.device_get((self._state.first_bad, self._state.first_bad_count))
-        key_id, batch = (int(v) for v in first_bad)
-        if key_id < 0:
+        record = hook_step.Record(self._state.counters)
+        if record.bad_key is None:
             return
-        self._state = self._state.reported()
+        self._state = self._state.with_counters(record.reported())
         raise errors.NonFiniteScoresError(
-            hook_step.KEYS[key_id], int(count), f" (validation batch {batch} of this epoch)"
+            record.bad_key,
+            record.bad_count,
+            f" (validation batch {record.bad_batch} of this epoch)",
         )
 
     # -- validation ------------------------------------------------------------------------
@@ -270,7 +278,8 @@ class MinMaxNormalizationHook:
         if not self.accumulate:
             self.reset()
         else:
-            self._state = self._state.new_epoch()
+            record = hook_step.Record(self._state.counters)
+            self._state = self._state.with_counters(record.new_epoch())
 
     def on_validation_batch_end(
         self, outputs: Mapping, *, valid_rows: int | None = None
@@ -317,7 +326,7 @@ class MinMaxNormalizationHook:
             self._state, values, rows, routes=routes, omit=self.nonfinite == "omit"
         )
         self._host = None
-        self._params = None
+        self._invalidate()
         self._unchecked = self.nonfinite == "raise"
         return outputs
 
@@ -338,30 +347,23 @@ class MinMaxNormalizationHook:
             return
         state = self._state
         s = state.stats
-        host = jax.device_get(
-            (
-                (s.image.min, s.pixel.min),
-                (s.image.max, s.pixel.max),
-                state.num_values,
-                state.rejected,
-                state.first_bad,
-            )
+        mins, maxs, counters = jax.device_get(
+            ((s.image.min, s.pixel.min), (s.image.max, s.pixel.max), state.counters)
         )
-        mins, maxs, num_values, rejected, first_bad = host
-        key_id = int(first_bad[0])
-        counts = np.array([hook_step.count(num_values[0]), hook_step.count(rejected)], np.int64)
+        record = hook_step.Record(counters)
+        counts = np.array([record.num_values[IMAGE], record.rejected], np.int64)
         mins, maxs, counts = reducer(
             np.asarray(mins, np.float32), np.asarray(maxs, np.float32), counts
         )
         self._unchecked = False
-        self._state = state.new_epoch()
+        self._state = state.with_counters(record.new_epoch())
         self._load_host_stats(
             "reducer output",
             {IMAGE: (mins[0], maxs[0]), PIXEL: (mins[1], maxs[1])},
         )
         n_bad = int(counts[1])
         if n_bad:
-            key = hook_step.KEYS[key_id] if key_id >= 0 else "validation outputs"
+            key = record.bad_key or "validation outputs"
             raise errors.NonFiniteScoresError(key, n_bad, " (summed over all processes)")
 
     def _active_reducer(self) -> Reducer | None:
@@ -471,8 +473,11 @@ class MinMaxNormalizationHook:
 
     def _check_stats(self, keys) -> None:
         self._raise_pending()
+        needed = {NORMALIZED_KEYS[k] for k in keys}
+        if needed <= self._checked:
+            return
         stats = self._read_stats()
-        for which in dict.fromkeys(NORMALIZED_KEYS[k] for k in keys):
+        for which in sorted(needed):
             lo, hi = stats[which]
             if lo > hi:
                 label = "" if self.stats_mode == "shared" else f"{which} "
@@ -493,6 +498,7 @@ class MinMaxNormalizationHook:
                     f"{which} statistics ({lo}, {hi}) are not finite (scores beyond float32's "
                     "range were folded in); rescale the scores and validate again."
                 )
+            self._checked.add(which)
 
     # -- saving and loading ----------------------------------------------------------------
 
@@ -546,7 +552,9 @@ class MinMaxNormalizationHook:
         current = self._state
         self._set_state(hook_step.HookState.initial(current.stats, **counts))
         try:
-            self._load_host_stats("state", pairs, prefix="stats.")
+            self._load_host_stats(
+                "state", pairs, {w: (f"stats.{w}.min", f"stats.{w}.max") for w in pairs}
+            )
         except ValueError:
             self._set_state(current)
             raise
@@ -606,11 +614,13 @@ class MinMaxNormalizationHook:
             )
         meta = dict(meta)
         if "min" in meta and "max" in meta:
-            image = pixel = _pair_from(meta, "min", "max")
+            keys = {IMAGE: ("min", "max"), PIXEL: ("min", "max")}
             mode: StatsMode = "shared"
         elif "pred_scores.min" in meta or "anomaly_maps.min" in meta:
-            image = _pair_from(meta, "pred_scores.min", "pred_scores.max")
-            pixel = _pair_from(meta, "anomaly_maps.min", "anomaly_maps.max")
+            keys = {
+                IMAGE: ("pred_scores.min", "pred_scores.max"),
+                PIXEL: ("anomaly_maps.min", "anomaly_maps.max"),
+            }
             mode = "separate"
         else:
             raise ValueError(
@@ -622,7 +632,8 @@ class MinMaxNormalizationHook:
             for w in (IMAGE, PIXEL)
             if f"{w}_threshold" in meta
         }
-        self._load_host_stats("metadata", {IMAGE: image, PIXEL: pixel})
+        pairs = {w: _pair_from(meta, *k) for w, k in keys.items()}
+        self._load_host_stats("metadata", pairs, keys)
         for w, t in thresholds.items():
             self._set_threshold(w, t)
         self.stats_mode = mode

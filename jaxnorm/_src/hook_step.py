@@ -26,7 +26,18 @@ from jaxnorm._src.outputs import IMAGE, NORMALIZED_KEYS, PIXEL, NormalizationSta
 # Output keys by id, for the error record (the order of anomalib's precedence).
 KEYS = ("anomaly_maps", "box_scores", "pred_scores")
 _WHICH = {IMAGE: 0, PIXEL: 1}
-NO_ERROR = (-1, 0)  # (key id, batch index) of the first rejected batch: none
+
+# The layout of ``HookState.counters``, one uint32 vector (each buffer a jitted call takes or
+# returns costs host time, so the counters travel as one). Counts are (high, low) pairs.
+NUM_VALUES = (0, 2)  # image pair, pixel pair at [0:2], [2:4]
+NUM_NONFINITE = (4, 6)  # likewise, values skipped under "omit"
+REJECTED = 8  # pair: non-finite values in batches rejected this epoch ("raise")
+BATCH = 10  # validation batches seen this epoch
+BAD_KEY = 11  # 1 + the id in KEYS of the first rejected batch's key not reported; 0: none
+BAD_BATCH = 12  # that batch's index in the epoch
+BAD_COUNT = 13  # how many of that key's values were not finite
+_SIZE = 14
+_EPOCH = slice(REJECTED, _SIZE)  # what a new epoch clears
 
 
 @flax.struct.dataclass
@@ -35,22 +46,11 @@ class HookState:
 
     Attributes:
       stats: the image and pixel statistics.
-      num_values: uint32 [2, 2]: values folded, per statistic (image, pixel), as (high, low).
-      num_nonfinite: uint32 [2, 2]: non-finite values skipped under ``"omit"``, likewise.
-      batch: int32: validation batches seen this epoch.
-      rejected: uint32 [2]: non-finite values in batches rejected this epoch (``"raise"``).
-      first_bad: int32 [2]: (key id in ``KEYS``, batch index) of the first rejected batch
-        not reported yet, or ``NO_ERROR``.
-      first_bad_count: uint32: how many values of that key were not finite.
+      counters: uint32 [14], laid out as the constants above say; read it with ``Record``.
     """
 
     stats: NormalizationStats
-    num_values: jax.Array
-    num_nonfinite: jax.Array
-    batch: jax.Array
-    rejected: jax.Array
-    first_bad: jax.Array
-    first_bad_count: jax.Array
+    counters: jax.Array
 
     @classmethod
     def initial(
@@ -61,35 +61,46 @@ class HookState:
     ) -> HookState:
         """A fresh state (built on the host, transferred in one call: nothing compiles)."""
         stats = NormalizationStats.empty() if stats is None else stats
-        counts = [
-            np.stack([pair(dict(c or {}).get(w, 0)) for w in (IMAGE, PIXEL)])
-            for c in (num_values, num_nonfinite)
-        ]
-        fields = jax.device_put(
-            (counts[0], counts[1], *_epoch_fields()),
-        )
-        return cls(stats, *fields)
+        counters = np.zeros(_SIZE, np.uint32)
+        for start, counts in ((NUM_VALUES[0], num_values), (NUM_NONFINITE[0], num_nonfinite)):
+            for i, w in enumerate((IMAGE, PIXEL)):
+                counters[start + 2 * i : start + 2 * i + 2] = pair(dict(counts or {}).get(w, 0))
+        return cls(stats, jax.device_put(counters))
 
-    def new_epoch(self) -> HookState:
-        """The same statistics and counters, with this epoch's record cleared."""
-        batch, rejected, first_bad, count = jax.device_put(_epoch_fields())
-        return self.replace(
-            batch=batch, rejected=rejected, first_bad=first_bad, first_bad_count=count
-        )
-
-    def reported(self) -> HookState:
-        """The state once its first rejected batch was reported: ready to record the next."""
-        first_bad, count = jax.device_put(_epoch_fields()[2:])
-        return self.replace(first_bad=first_bad, first_bad_count=count)
+    def with_counters(self, counters: np.ndarray) -> HookState:
+        return self.replace(counters=jax.device_put(counters))
 
 
-def _epoch_fields() -> tuple[np.ndarray, ...]:
-    return (
-        np.int32(0),
-        np.zeros(2, np.uint32),
-        np.array(NO_ERROR, np.int32),
-        np.uint32(0),
-    )
+class Record:
+    """``HookState.counters`` read on the host (one transfer), as Python ints."""
+
+    def __init__(self, counters: jax.Array | np.ndarray) -> None:
+        self.raw = np.array(jax.device_get(counters))
+        c = self.raw
+        self.num_values = {w: count(c[NUM_VALUES[i] : NUM_VALUES[i] + 2]) for i, w in _NAMES}
+        self.num_nonfinite = {
+            w: count(c[NUM_NONFINITE[i] : NUM_NONFINITE[i] + 2]) for i, w in _NAMES
+        }
+        self.rejected = count(c[REJECTED : REJECTED + 2])
+        self.batch = int(c[BATCH])
+        self.bad_key = KEYS[int(c[BAD_KEY]) - 1] if c[BAD_KEY] else None
+        self.bad_batch = int(c[BAD_BATCH])
+        self.bad_count = int(c[BAD_COUNT])
+
+    def new_epoch(self) -> np.ndarray:
+        """The counters with this epoch's record cleared."""
+        out = self.raw.copy()
+        out[_EPOCH] = 0
+        return out
+
+    def reported(self) -> np.ndarray:
+        """The counters once the first rejected batch was reported: ready for the next."""
+        out = self.raw.copy()
+        out[[BAD_KEY, BAD_BATCH, BAD_COUNT]] = 0
+        return out
+
+
+_NAMES = tuple(enumerate((IMAGE, PIXEL)))
 
 
 def pair(n: int) -> np.ndarray:
@@ -102,16 +113,7 @@ def pair(n: int) -> np.ndarray:
 
 def count(p) -> int:
     """A uint32 (high, low) pair, read on the host, as a Python int."""
-    p = np.asarray(p)
-    return (int(p[..., 0]) << 32) | int(p[..., 1])
-
-
-def _add(p: jax.Array, n: jax.Array) -> jax.Array:
-    """``p + n`` for a (high, low) pair ``p`` and a uint32 ``n``, with the carry."""
-    n = n.astype(jnp.uint32)
-    low = p[..., 1] + n
-    high = p[..., 0] + (low < n).astype(jnp.uint32)
-    return jnp.stack([high, low], axis=-1)
+    return (int(p[0]) << 32) | int(p[1])
 
 
 @functools.partial(jax.jit, static_argnames=("routes", "omit"))
@@ -153,37 +155,37 @@ def fold(
     keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(ok, new, old))
 
     stats = {IMAGE: state.stats.image, PIXEL: state.stats.pixel}
-    num_values, num_nonfinite = state.num_values, state.num_nonfinite
+    # Increments of the five counter pairs, in their layout order: num_values (image,
+    # pixel), num_nonfinite (image, pixel), rejected. Added as one vector, with the carry.
+    inc = [jnp.uint32(0)] * 5
     for which, _, batch_stats, n_bad, n in parts:
         folded = stats[which[0]].merge(batch_stats)
         for w in which:
             i = _WHICH[w]
             stats[w] = keep(folded, stats[w])
-            num_values = num_values.at[i].set(_add(num_values[i], jnp.where(ok, n, 0)))
+            inc[i] = inc[i] + jnp.where(ok, n, jnp.uint32(0))
             if omit:
-                num_nonfinite = num_nonfinite.at[i].set(_add(num_nonfinite[i], n_bad))
-
-    rejected, first_bad, first_count = state.rejected, state.first_bad, state.first_bad_count
+                inc[2 + i] = inc[2 + i] + n_bad
+    c = state.counters
+    batch = c[BATCH]
+    misc = c[BATCH:]
     if not omit:
+        inc[4] = total_bad
         # The first key (in route order) with non-finite values names the batch's error.
-        key_id, key_count = jnp.int32(-1), jnp.uint32(0)
+        key_id, key_count = jnp.uint32(0), jnp.uint32(0)
         for _, key, _, n_bad, _ in reversed(parts):
-            key_id = jnp.where(n_bad > 0, KEYS.index(key), key_id)
+            key_id = jnp.where(n_bad > 0, jnp.uint32(KEYS.index(key) + 1), key_id)
             key_count = jnp.where(n_bad > 0, n_bad, key_count)
-        new_error = ~ok & (first_bad[0] < 0)
-        first_bad = jnp.where(new_error, jnp.stack([key_id, state.batch]), first_bad)
-        first_count = jnp.where(new_error, key_count, first_count)
-        rejected = _add(rejected, total_bad)
+        new_error = ~ok & (c[BAD_KEY] == 0)
+        misc = jnp.where(new_error, jnp.stack([batch, key_id, batch, key_count]), misc)
+    inc = jnp.stack(inc)
+    pairs = c[:BATCH].reshape(5, 2)
+    low = pairs[:, 1] + inc
+    high = pairs[:, 0] + (low < inc).astype(jnp.uint32)
+    misc = misc.at[0].set(batch + 1)
+    c = jnp.concatenate([jnp.stack([high, low], axis=1).reshape(-1), misc])
 
-    return HookState(
-        stats=NormalizationStats(image=stats[IMAGE], pixel=stats[PIXEL]),
-        num_values=num_values,
-        num_nonfinite=num_nonfinite,
-        batch=state.batch + 1,
-        rejected=rejected,
-        first_bad=first_bad,
-        first_bad_count=first_count,
-    )
+    return HookState(stats=NormalizationStats(image=stats[IMAGE], pixel=stats[PIXEL]), counters=c)
 
 
 @jax.jit
