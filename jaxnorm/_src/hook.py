@@ -50,9 +50,13 @@ class MinMaxNormalizationHook:
       for batch in test_loader:
           outputs = hook.on_test_batch_end(eval_step(state, batch))   # scores in [0, 1]
 
-    The hook is plain Python and is never traced; the per-batch work runs in jitted
-    functions. To fold statistics inside your own jitted step instead, use
-    ``jaxnorm.update_stats`` there and hand the result over with ``hook.set_stats``.
+    The hook is plain Python and is never traced; the per-batch work is one jitted call per
+    batch, on state that stays on the device, and no per-batch hook reads anything back to
+    the host (``box_scores`` aside, which are concatenated and split there). Batch sizes
+    that vary are bucketed (see ``jaxnorm._src.batching``), so they compile O(log n) times.
+
+    To fold statistics inside your own jitted step instead, use ``jaxnorm.update_stats``
+    there and hand the result over with ``hook.set_stats``.
 
     Args:
       image_threshold: raw-score threshold for ``pred_scores`` (anomalib's
@@ -63,9 +67,12 @@ class MinMaxNormalizationHook:
         from maps or boxes, as anomalib >= 1.1.1).
       accumulate: keep the statistics across validation epochs, sanity check included, as
         anomalib 0.x did. The default resets them at each validation epoch start.
-      nonfinite: ``"raise"`` (default): a batch with NaN/inf scores raises
-        ``NonFiniteScoresError`` naming the key and the count, and is not folded in.
-        ``"omit"``: non-finite values are skipped (and counted in ``num_nonfinite``).
+      nonfinite: ``"raise"`` (default): a batch with NaN/inf scores is not folded in
+        (decided on the device, so the batch hook does not wait for the outputs), and
+        ``NonFiniteScoresError`` naming the key, the count and the batch is raised by
+        ``on_validation_epoch_end``, or earlier by the first call that reads the state on the
+        host (see ``on_validation_batch_end``). ``"omit"``: non-finite values are skipped
+        (and counted in ``num_nonfinite``).
       reducer: how ``on_validation_epoch_end`` combines the statistics of several processes.
         ``"auto"`` (default) all-reduces across JAX processes when ``jax.process_count() > 1``;
         ``None`` never reduces; a callable (see ``Reducer``) is used as given. With a reducer,
