@@ -372,3 +372,50 @@ def test_boxes_on_host_are_writable_numpy_equal_to_the_device_path():
     assert all(type(b) is np.ndarray and b.flags.writeable for b in on_host)
     for h, d in zip(on_host, on_device, strict=True):
         np.testing.assert_array_equal(h, np.asarray(d))
+
+
+@pytest.mark.parametrize(
+    "read",
+    [
+        lambda h: h.host_stats(),
+        lambda h: h.state_dict(),
+        lambda h: h.num_values,
+        lambda h: h.on_test_start(),
+        lambda h: h.on_test_batch_end({"pred_scores": np.array([1.0])}),
+        lambda h: h.on_validation_epoch_start(),
+    ],
+    ids=["host_stats", "state_dict", "num_values", "test_start", "test_batch", "next_epoch"],
+)
+def test_nonfinite_error_surfaces_at_the_first_host_read_once(read):
+    hook = jaxnorm.MinMaxNormalizationHook(accumulate=True)  # the next epoch keeps the stats
+    hook.on_validation_epoch_start()
+    hook.on_validation_batch_end({"pred_scores": np.array([0.0, 2.0])})
+    hook.on_validation_batch_end({"pred_scores": np.array([np.nan, 1.0])})
+    with pytest.raises(jaxnorm.NonFiniteScoresError, match="1 non-finite .* batch 1 of this"):
+        read(hook)
+    read(hook)  # reported once: the statistics stay usable
+    assert hook.host_stats()["image"] == (0.0, 2.0)
+
+
+def test_reducer_raises_at_epoch_end_with_the_summed_count():
+    calls = []
+
+    def reducer(mins, maxs, counts):  # as if another process saw 4 more non-finite values
+        calls.append(counts.tolist())
+        return np.minimum(mins, -1.0), np.maximum(maxs, 5.0), counts + np.array([10, 4])
+
+    hook = jaxnorm.MinMaxNormalizationHook(reducer=reducer)
+    hook.on_validation_epoch_start()
+    hook.on_validation_batch_end({"pred_scores": np.array([0.0, 2.0])})
+    hook.on_validation_batch_end({"pred_scores": np.array([np.nan, np.inf, 1.0])})
+    with pytest.raises(jaxnorm.NonFiniteScoresError, match="6 non-finite .*'pred_scores'.*summed"):
+        hook.on_validation_epoch_end()
+    assert calls == [[2, 2]]
+    assert hook.host_stats()["image"] == (-1.0, 5.0)
+
+    def bad_reducer(mins, maxs, counts):
+        return mins * np.nan, maxs, counts
+
+    hook.reducer = bad_reducer
+    with pytest.raises(ValueError, match="reducer output: 'image.min' is nan"):
+        hook.on_validation_epoch_end()
