@@ -60,9 +60,13 @@ def test_load_state_dict_rejects_unusable_statistics(pair, match):
     state = jaxnorm.MinMaxNormalizationHook().state_dict()
     raw = flax.serialization.to_state_dict(state)
     raw["stats"]["image"] = {"min": np.float32(pair[0]), "max": np.float64(pair[1])}
-    hook = jaxnorm.MinMaxNormalizationHook()
+    raw["image_threshold"] = np.float64(7.0)
+    hook = validated(jaxnorm.MinMaxNormalizationHook(), {"pred_scores": np.array([0.0, 1.0])})
     with pytest.raises(ValueError, match="state: " + match):
         hook.load_state_dict(raw)
+    # nothing changed
+    assert hook.host_stats()["image"] == (0.0, 1.0) and hook.image_threshold == 0.5
+    assert hook.num_values["image"] == 2
 
 
 @pytest.mark.parametrize("lo, hi", [(math.nan, 1.0), (0.0, math.inf), (3.0, 1.0)])

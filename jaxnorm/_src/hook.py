@@ -151,15 +151,7 @@ class MinMaxNormalizationHook:
         self._set_threshold(PIXEL, value)
 
     def _set_threshold(self, which: str, value) -> None:
-        value = validation.host_scalar(f"{which}_threshold", value)
-        if not isinstance(value, float):
-            raise ValueError(f"{which}_threshold: pass a concrete number, not a traced value.")
-        if abs(value) > _F32_MAX:
-            raise ValueError(
-                f"{which}_threshold is {value}, beyond float32's range (+-{_F32_MAX:.4g}), "
-                "where the statistics live; pass a threshold in raw-score units."
-            )
-        self._thresholds[which] = value
+        self._thresholds[which] = _check_threshold(f"{which}_threshold", value)
         self._invalidate()
 
     # -- statistics ------------------------------------------------------------------------
@@ -190,28 +182,16 @@ class MinMaxNormalizationHook:
             raise ValueError(
                 f"stats: expected NormalizationStats or MinMax, got {type(stats).__name__}."
             )
-        self._load_host_stats("set_stats", _host_pairs(stats))
+        self._install(_checked_stats("set_stats", _host_pairs(stats)))
 
-    def _load_host_stats(
-        self,
-        source: str,
-        pairs: Mapping[str, tuple[object, object]],
-        keys: Mapping[str, tuple[str, str]] | None = None,
-    ) -> None:
-        """Checks ``{"image": (lo, hi), "pixel": (lo, hi)}`` from outside and installs them.
-
-        ``keys`` names each pair's values in ``source`` (default ``"image.min"``, ...).
-        """
-        host = {}
-        for which, (lo, hi) in pairs.items():
-            lo_key, hi_key = (keys or {}).get(which, (f"{which}.min", f"{which}.max"))
-            host[which] = validation.loaded_stats(source, lo_key, lo, hi_key, hi)
+    def _install(self, host: Mapping[str, tuple[float, float]]) -> None:
+        """Puts checked host statistics on the device (one transfer) and caches them."""
         leaves = jax.device_put([np.float32(v) for which in (IMAGE, PIXEL) for v in host[which]])
         stats = NormalizationStats(
             image=MinMax(min=leaves[0], max=leaves[1]), pixel=MinMax(min=leaves[2], max=leaves[3])
         )
         self._state = self._state.replace(stats=stats)
-        self._host = host
+        self._host = dict(host)
         self._invalidate()
 
     def _invalidate(self) -> None:
@@ -364,9 +344,8 @@ class MinMaxNormalizationHook:
         )
         self._unchecked = False
         self._state = state.with_counters(record.new_epoch())
-        self._load_host_stats(
-            "reducer output",
-            {IMAGE: (mins[0], maxs[0]), PIXEL: (mins[1], maxs[1])},
+        self._install(
+            _checked_stats("reducer output", {IMAGE: (mins[0], maxs[0]), PIXEL: (mins[1], maxs[1])})
         )
         n_bad = int(counts[1])
         if n_bad:
@@ -553,18 +532,15 @@ class MinMaxNormalizationHook:
                 w: _host_count(f"state['{name}']['{w}']", c.get(w, 0)) for w in (IMAGE, PIXEL)
             }
         image_threshold, pixel_threshold = (
-            validation.host_scalar(f"state['{w}_threshold']", t)
+            _check_threshold(f"state['{w}_threshold']", t)
             for w, t in zip((IMAGE, PIXEL), thresholds, strict=True)
         )
-        current = self._state
-        self._set_state(hook_step.HookState.initial(current.stats, **counts))
-        try:
-            self._load_host_stats(
-                "state", pairs, {w: (f"stats.{w}.min", f"stats.{w}.max") for w in pairs}
-            )
-        except ValueError:
-            self._set_state(current)
-            raise
+        host = _checked_stats(
+            "state", pairs, {w: (f"stats.{w}.min", f"stats.{w}.max") for w in pairs}
+        )
+        # Everything is checked: nothing below raises, so a bad state changes nothing.
+        self._set_state(hook_step.HookState.initial(None, **counts))
+        self._install(host)
         self.image_threshold = image_threshold
         self.pixel_threshold = pixel_threshold
 
@@ -635,12 +611,12 @@ class MinMaxNormalizationHook:
                 f"among {sorted(meta)}; export it with MinMaxNormalizationHook.to_json()."
             )
         thresholds = {
-            w: validation.host_scalar(f"metadata '{w}_threshold'", meta[f"{w}_threshold"])
+            w: _check_threshold(f"metadata '{w}_threshold'", meta[f"{w}_threshold"])
             for w in (IMAGE, PIXEL)
             if f"{w}_threshold" in meta
         }
         pairs = {w: _pair_from(meta, *k) for w, k in keys.items()}
-        self._load_host_stats("metadata", pairs, keys)
+        self._install(_checked_stats("metadata", pairs, keys))
         for w, t in thresholds.items():
             self._set_threshold(w, t)
         self.stats_mode = mode
@@ -667,6 +643,34 @@ def _finite(v: float) -> float | None:
 
 _F32_MAX = float(np.finfo(np.float32).max)
 _EMPTY_HOST = {IMAGE: (math.inf, -math.inf), PIXEL: (math.inf, -math.inf)}
+
+
+def _check_threshold(name: str, value) -> float:
+    value = validation.host_scalar(name, value)
+    if not isinstance(value, float):
+        raise ValueError(f"{name}: pass a concrete number, not a traced value.")
+    if abs(value) > _F32_MAX:
+        raise ValueError(
+            f"{name} is {value}, beyond float32's range (+-{_F32_MAX:.4g}), where the "
+            "statistics live; pass a threshold in raw-score units."
+        )
+    return value
+
+
+def _checked_stats(
+    source: str,
+    pairs: Mapping[str, tuple[object, object]],
+    keys: Mapping[str, tuple[str, str]] | None = None,
+) -> dict[str, tuple[float, float]]:
+    """Checks ``{"image": (lo, hi), "pixel": (lo, hi)}`` that come from outside.
+
+    ``keys`` names each pair's values in ``source`` (default ``"image.min"``, ...).
+    """
+    host = {}
+    for which, (lo, hi) in pairs.items():
+        lo_key, hi_key = (keys or {}).get(which, (f"{which}.min", f"{which}.max"))
+        host[which] = validation.loaded_stats(source, lo_key, lo, hi_key, hi)
+    return host
 
 
 def _host_pairs(stats: NormalizationStats) -> dict[str, tuple[object, object]]:
