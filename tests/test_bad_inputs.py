@@ -117,6 +117,12 @@ def test_wide_integers_do_not_wrap(values):
     assert hook.host_stats()["image"] == pytest.approx((want_lo, want_hi), rel=1e-7)
 
 
+def test_wide_integer_box_scores_do_not_wrap():
+    boxes = [np.array([2**40, 5], np.int64), np.array([-(2**33)], np.int64)]
+    hook = validated(jaxnorm.MinMaxNormalizationHook(), {"box_scores": boxes})
+    assert hook.host_stats()["pixel"] == (-(2.0**33), 2.0**40)
+
+
 def test_python_int_beyond_int64_is_a_number():
     got = jaxnorm.normalize(2**70, 0.0, -1.0, 1.0)
     assert float(got) == 1.0
