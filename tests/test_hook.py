@@ -150,9 +150,12 @@ def test_nonfinite_raises_with_key_and_count_and_loses_nothing(bad):
     hook.on_validation_epoch_start()
     hook.on_validation_batch_end({"anomaly_maps": np.array([0.0, 1.0])})
     maps = np.array([5.0, bad, bad, -5.0])
+    hook.on_validation_batch_end({"anomaly_maps": maps})  # decided on the device: no raise yet
+    hook.on_validation_batch_end({"anomaly_maps": np.array([0.5])})  # later batches still fold
     with pytest.raises(jaxnorm.NonFiniteScoresError, match=r"2 non-finite .* 'anomaly_maps'") as e:
-        hook.on_validation_batch_end({"anomaly_maps": maps})
+        hook.on_validation_epoch_end()
     assert (e.value.key, e.value.count) == ("anomaly_maps", 2)
+    assert "validation batch 1 of this epoch" in str(e.value)
     assert hook.host_stats()["image"] == (0.0, 1.0)  # the bad batch was not folded in
     assert isinstance(e.value, ValueError)
 
@@ -161,8 +164,9 @@ def test_nonfinite_in_full_size_maps_raises():
     maps = np.random.default_rng(0).normal(size=(32, 1, 64, 64)).astype(np.float32)
     maps[17, 0, 5, 9] = np.nan
     hook = jaxnorm.MinMaxNormalizationHook()
+    hook.on_validation_batch_end({"anomaly_maps": jnp.asarray(maps)})
     with pytest.raises(jaxnorm.NonFiniteScoresError, match="1 non-finite .* 'anomaly_maps'"):
-        hook.on_validation_batch_end({"anomaly_maps": jnp.asarray(maps)})
+        hook.on_validation_epoch_end()
 
 
 def test_nonfinite_error_names_the_batch_of_this_epoch_also_when_accumulating():
@@ -170,8 +174,9 @@ def test_nonfinite_error_names_the_batch_of_this_epoch_also_when_accumulating():
     run_validation(hook, [{"pred_scores": np.array([1.0])}] * 3)
     hook.on_validation_epoch_start()
     hook.on_validation_batch_end({"pred_scores": np.array([2.0])})
+    hook.on_validation_batch_end({"pred_scores": np.array([np.nan])})
     with pytest.raises(jaxnorm.NonFiniteScoresError, match="validation batch 1 of this epoch"):
-        hook.on_validation_batch_end({"pred_scores": np.array([np.nan])})
+        hook.on_validation_epoch_end()
 
 
 def test_nonfinite_omit_skips_and_counts():
@@ -187,8 +192,9 @@ def test_nonfinite_omit_skips_and_counts():
 
 def test_nonfinite_box_scores_counted_with_key():
     hook = jaxnorm.MinMaxNormalizationHook()
+    hook.on_validation_batch_end({"box_scores": [np.array([1.0]), np.array([np.nan, 2.0])]})
     with pytest.raises(jaxnorm.NonFiniteScoresError, match="1 non-finite .* 'box_scores'"):
-        hook.on_validation_batch_end({"box_scores": [np.array([1.0]), np.array([np.nan, 2.0])]})
+        hook.on_validation_epoch_end()
 
 
 def test_no_stats_is_a_clear_error_not_half():
@@ -366,3 +372,50 @@ def test_boxes_on_host_are_writable_numpy_equal_to_the_device_path():
     assert all(type(b) is np.ndarray and b.flags.writeable for b in on_host)
     for h, d in zip(on_host, on_device, strict=True):
         np.testing.assert_array_equal(h, np.asarray(d))
+
+
+@pytest.mark.parametrize(
+    "read",
+    [
+        lambda h: h.host_stats(),
+        lambda h: h.state_dict(),
+        lambda h: h.num_values,
+        lambda h: h.on_test_start(),
+        lambda h: h.on_test_batch_end({"pred_scores": np.array([1.0])}),
+        lambda h: h.on_validation_epoch_start(),
+    ],
+    ids=["host_stats", "state_dict", "num_values", "test_start", "test_batch", "next_epoch"],
+)
+def test_nonfinite_error_surfaces_at_the_first_host_read_once(read):
+    hook = jaxnorm.MinMaxNormalizationHook(accumulate=True)  # the next epoch keeps the stats
+    hook.on_validation_epoch_start()
+    hook.on_validation_batch_end({"pred_scores": np.array([0.0, 2.0])})
+    hook.on_validation_batch_end({"pred_scores": np.array([np.nan, 1.0])})
+    with pytest.raises(jaxnorm.NonFiniteScoresError, match="1 non-finite .* batch 1 of this"):
+        read(hook)
+    read(hook)  # reported once: the statistics stay usable
+    assert hook.host_stats()["image"] == (0.0, 2.0)
+
+
+def test_reducer_raises_at_epoch_end_with_the_summed_count():
+    calls = []
+
+    def reducer(mins, maxs, counts):  # as if another process saw 4 more non-finite values
+        calls.append(counts.tolist())
+        return np.minimum(mins, -1.0), np.maximum(maxs, 5.0), counts + np.array([10, 4])
+
+    hook = jaxnorm.MinMaxNormalizationHook(reducer=reducer)
+    hook.on_validation_epoch_start()
+    hook.on_validation_batch_end({"pred_scores": np.array([0.0, 2.0])})
+    hook.on_validation_batch_end({"pred_scores": np.array([np.nan, np.inf, 1.0])})
+    with pytest.raises(jaxnorm.NonFiniteScoresError, match="6 non-finite .*'pred_scores'.*summed"):
+        hook.on_validation_epoch_end()
+    assert calls == [[2, 2]]
+    assert hook.host_stats()["image"] == (-1.0, 5.0)
+
+    def bad_reducer(mins, maxs, counts):
+        return mins * np.nan, maxs, counts
+
+    hook.reducer = bad_reducer
+    with pytest.raises(ValueError, match="reducer output: 'image.min' is nan"):
+        hook.on_validation_epoch_end()

@@ -9,12 +9,10 @@ from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from jaxnorm._src import errors, ragged, validation
-from jaxnorm._src.minmax import MinMax, _update
-from jaxnorm._src.normalize import _device_pack, _normalize_packed
+from jaxnorm._src import batching, errors, hook_step, ragged, validation
+from jaxnorm._src.minmax import MinMax
 from jaxnorm._src.outputs import (
     IMAGE,
     NORMALIZED_KEYS,
@@ -29,12 +27,6 @@ NonFinitePolicy = Literal["raise", "omit"]
 # (mins, maxs, counts) -> the same, reduced over every participant: min, max and sum.
 # mins/maxs are float32 [image, pixel]; counts int64 [n_values, n_nonfinite].
 Reducer = Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
-
-
-@jax.jit
-def _fold_prefix(state: MinMax, padded: jax.Array, n: jax.Array):
-    """Folds ``padded[:n]``: the mask is built on device, so only len(padded) is static."""
-    return _update(state, padded, jnp.arange(padded.shape[0]) < n)
 
 
 class MinMaxNormalizationHook:
@@ -58,9 +50,13 @@ class MinMaxNormalizationHook:
       for batch in test_loader:
           outputs = hook.on_test_batch_end(eval_step(state, batch))   # scores in [0, 1]
 
-    The hook is plain Python and is never traced; the per-batch work runs in jitted
-    functions. To fold statistics inside your own jitted step instead, use
-    ``jaxnorm.update_stats`` there and hand the result over with ``hook.set_stats``.
+    The hook is plain Python and is never traced; the per-batch work is one jitted call per
+    batch, on state that stays on the device, and no per-batch hook reads anything back to
+    the host (``box_scores`` aside, which are concatenated and split there). Batch sizes
+    that vary are bucketed (see ``jaxnorm._src.batching``), so they compile O(log n) times.
+
+    To fold statistics inside your own jitted step instead, use ``jaxnorm.update_stats``
+    there and hand the result over with ``hook.set_stats``.
 
     Args:
       image_threshold: raw-score threshold for ``pred_scores`` (anomalib's
@@ -71,9 +67,12 @@ class MinMaxNormalizationHook:
         from maps or boxes, as anomalib >= 1.1.1).
       accumulate: keep the statistics across validation epochs, sanity check included, as
         anomalib 0.x did. The default resets them at each validation epoch start.
-      nonfinite: ``"raise"`` (default): a batch with NaN/inf scores raises
-        ``NonFiniteScoresError`` naming the key and the count, and is not folded in.
-        ``"omit"``: non-finite values are skipped (and counted in ``num_nonfinite``).
+      nonfinite: ``"raise"`` (default): a batch with NaN/inf scores is not folded in
+        (decided on the device, so the batch hook does not wait for the outputs), and
+        ``NonFiniteScoresError`` naming the key, the count and the batch is raised by
+        ``on_validation_epoch_end``, or earlier by the first call that reads the state on the
+        host (see ``on_validation_batch_end``). ``"omit"``: non-finite values are skipped
+        (and counted in ``num_nonfinite``).
       reducer: how ``on_validation_epoch_end`` combines the statistics of several processes.
         ``"auto"`` (default) all-reduces across JAX processes when ``jax.process_count() > 1``;
         ``None`` never reduces; a callable (see ``Reducer``) is used as given. With a reducer,
@@ -95,13 +94,43 @@ class MinMaxNormalizationHook:
         if nonfinite not in ("raise", "omit"):
             raise ValueError(f"nonfinite={nonfinite!r}: expected 'raise' or 'omit'.")
         self.stats_mode: StatsMode = check_stats_mode(stats)
-        self.accumulate = bool(accumulate)
+        self.accumulate = accumulate
         self.nonfinite: NonFinitePolicy = nonfinite
         self.reducer = reducer
         self._thresholds: dict[str, float] = {}
+        self._invalidate()
+        self._buckets = batching.Buckets()
         self.image_threshold = image_threshold
         self.pixel_threshold = pixel_threshold
         self.reset()
+
+    # -- options ---------------------------------------------------------------------------
+
+    @property
+    def accumulate(self) -> bool:
+        return self._accumulate
+
+    @accumulate.setter
+    def accumulate(self, value: bool) -> None:
+        if not isinstance(value, (bool, np.bool_)):
+            raise ValueError(
+                f"accumulate={value!r}: expected True or False (a {type(value).__name__} "
+                "is not read as a flag)."
+            )
+        self._accumulate = bool(value)
+
+    @property
+    def reducer(self) -> Reducer | Literal["auto"] | None:
+        return self._reducer
+
+    @reducer.setter
+    def reducer(self, value: Reducer | Literal["auto"] | None) -> None:
+        if not (value is None or value == "auto" or _is_function(value)):
+            raise ValueError(
+                f"reducer={value!r}: expected 'auto', None or a callable "
+                "(mins, maxs, counts) -> (mins, maxs, counts), see jaxnorm.Reducer."
+            )
+        self._reducer = value
 
     # -- thresholds ------------------------------------------------------------------------
 
@@ -122,32 +151,30 @@ class MinMaxNormalizationHook:
         self._set_threshold(PIXEL, value)
 
     def _set_threshold(self, which: str, value) -> None:
-        value = validation.host_scalar(f"{which}_threshold", value)
-        if not isinstance(value, float):
-            raise ValueError(f"{which}_threshold: pass a concrete number, not a traced value.")
-        self._thresholds[which] = value
+        self._thresholds[which] = _check_threshold(f"{which}_threshold", value)
+        self._invalidate()
 
     # -- statistics ------------------------------------------------------------------------
 
     def reset(self) -> None:
         """Forgets all statistics and counters."""
-        self._set(NormalizationStats.empty())
-        self.num_values = {IMAGE: 0, PIXEL: 0}
-        self._nonfinite_host = {IMAGE: 0, PIXEL: 0}
-        self._nonfinite_device: dict[str, list[jax.Array]] = {IMAGE: [], PIXEL: []}
-        self._pending: errors.NonFiniteScoresError | None = None
-        self._pending_count = 0
-        self._batches = 0
+        self._set_state(hook_step.HookState.initial())
+        self._host = _EMPTY_HOST
 
     @property
     def stats(self) -> NormalizationStats:
-        """The current statistics (a pytree: jit it, save it, reduce it)."""
-        return self._stats
+        """The current statistics (a pytree of device scalars: jit it, save it, reduce it).
+
+        Reading it does not wait for validation batches still in flight.
+        """
+        return self._state.stats
 
     def set_stats(self, stats: NormalizationStats | MinMax) -> None:
         """Replaces the statistics, e.g. with ones folded in your own jitted step or loaded.
 
-        A single ``MinMax`` sets both image and pixel statistics.
+        A single ``MinMax`` sets both image and pixel statistics. They are read on the host
+        and checked: a non-finite value (other than the empty pair ``+inf``/``-inf``), a
+        stacked state or ``max < min`` raises ``ValueError``.
         """
         if isinstance(stats, MinMax):
             stats = NormalizationStats(image=stats, pixel=stats)
@@ -155,122 +182,175 @@ class MinMaxNormalizationHook:
             raise ValueError(
                 f"stats: expected NormalizationStats or MinMax, got {type(stats).__name__}."
             )
-        self._set(stats)
+        self._install(_checked_stats("set_stats", _host_pairs(stats)))
 
-    def _set(self, stats: NormalizationStats) -> None:
-        self._stats = stats
+    def _install(self, host: Mapping[str, tuple[float, float]]) -> None:
+        """Puts checked host statistics on the device (one transfer) and caches them."""
+        leaves = jax.device_put([np.float32(v) for which in (IMAGE, PIXEL) for v in host[which]])
+        stats = NormalizationStats(
+            image=MinMax(min=leaves[0], max=leaves[1]), pixel=MinMax(min=leaves[2], max=leaves[3])
+        )
+        self._state = self._state.replace(stats=stats)
+        self._host = dict(host)
+        self._invalidate()
+
+    def _invalidate(self) -> None:
+        """The thresholds or statistics changed: their device copy and checks are stale."""
+        self._params: jax.Array | None = None
+        self._checked: set[str] = set()
+
+    def _set_state(self, state: hook_step.HookState) -> None:
+        self._state = state
         self._host: dict[str, tuple[float, float]] | None = None
+        self._unchecked = False  # batches folded under "raise" whose record was not read
+        self._invalidate()
 
-    def _device_params(self, which: str) -> jax.Array:
-        """``[threshold, min, max]`` on the device; cached by value, so made once per change."""
-        lo, hi = self.host_stats()[which]
-        return _device_pack(self._thresholds[which], lo, hi, bool(jax.config.jax_enable_x64))
+    @property
+    def num_values(self) -> dict[str, int]:
+        """Values folded into each statistic since the last reset (reads the device)."""
+        self._raise_pending()
+        return hook_step.Record(self._state.counters).num_values
 
     @property
     def num_nonfinite(self) -> dict[str, int]:
-        """Non-finite values seen (and skipped) since the last reset, per statistic."""
-        for which, pending in self._nonfinite_device.items():
-            self._nonfinite_host[which] += sum(int(c) for c in pending)
-            pending.clear()
-        return dict(self._nonfinite_host)
+        """Non-finite values skipped under ``nonfinite="omit"`` since the last reset."""
+        self._raise_pending()
+        return hook_step.Record(self._state.counters).num_nonfinite
 
     def host_stats(self) -> dict[str, tuple[float, float]]:
-        """``{"image": (min, max), "pixel": (min, max)}`` as Python floats (one host sync)."""
+        """``{"image": (min, max), "pixel": (min, max)}`` as Python floats (one host sync).
+
+        Raises:
+          NonFiniteScoresError: a validation batch since the last read held non-finite
+            scores under ``nonfinite="raise"`` (see ``on_validation_batch_end``).
+        """
+        self._raise_pending()
+        return self._read_stats()
+
+    def _read_stats(self) -> dict[str, tuple[float, float]]:
         if self._host is None:
-            lo_hi = jax.device_get(
-                (
-                    (self._stats.image.min, self._stats.image.max),
-                    (self._stats.pixel.min, self._stats.pixel.max),
-                )
-            )
-            self._host = {
-                IMAGE: (float(lo_hi[0][0]), float(lo_hi[0][1])),
-                PIXEL: (float(lo_hi[1][0]), float(lo_hi[1][1])),
-            }
+            s = self._state.stats
+            lo_hi = jax.device_get(((s.image.min, s.image.max), (s.pixel.min, s.pixel.max)))
+            (ilo, ihi), (plo, phi) = lo_hi
+            self._host = {IMAGE: (float(ilo), float(ihi)), PIXEL: (float(plo), float(phi))}
         return self._host
+
+    def _raise_pending(self) -> None:
+        """Reads the error record of the batches folded since the last read (one sync), and
+        raises ``NonFiniteScoresError`` for the first rejected one."""
+        if not self._unchecked:
+            return
+        self._unchecked = False
+        record = hook_step.Record(self._state.counters)
+        if record.bad_key is None:
+            return
+        self._state = self._state.with_counters(record.reported())
+        raise errors.NonFiniteScoresError(
+            record.bad_key,
+            record.bad_count,
+            f" (validation batch {record.bad_batch} of this epoch)",
+        )
 
     # -- validation ------------------------------------------------------------------------
 
     def on_validation_epoch_start(self) -> None:
-        """Resets the statistics, unless ``accumulate=True``."""
+        """Resets the statistics, unless ``accumulate=True``.
+
+        Raises:
+          NonFiniteScoresError: a batch of the previous epoch held non-finite scores under
+            ``nonfinite="raise"`` and was not reported yet (``on_validation_epoch_end`` was
+            not called).
+        """
+        self._raise_pending()
         if not self.accumulate:
             self.reset()
-        self._pending, self._pending_count, self._batches = None, 0, 0
+        else:
+            record = hook_step.Record(self._state.counters)
+            self._state = self._state.with_counters(record.new_epoch())
 
-    def on_validation_batch_end(self, outputs: Mapping) -> Mapping:
+    def on_validation_batch_end(
+        self, outputs: Mapping, *, valid_rows: int | None = None
+    ) -> Mapping:
         """Folds one batch of validation outputs into the statistics; returns them unchanged.
+
+        One jitted dispatch folds every statistic the batch feeds and counts its non-finite
+        values, and nothing is read back to the host: the call returns while the outputs
+        are still being computed. Under ``nonfinite="raise"`` a batch with any non-finite
+        value is not folded in (decided on the device), and ``NonFiniteScoresError`` (key,
+        count and batch index) is raised later: by ``on_validation_epoch_end`` at the latest,
+        or earlier by whatever reads the state on the host first (``host_stats``,
+        ``state_dict``, ``num_values``, ``on_test_start``, ``normalize_batch``, the next
+        ``on_validation_epoch_start``).
+
+        ``box_scores`` are concatenated on the host, so a batch with them waits for them.
+        A batch of a new leading size is padded as ``jaxnorm._src.batching`` describes.
+
+        Args:
+          outputs: a dict (or mapping) of model outputs.
+          valid_rows: when the caller has already padded ``pred_scores`` and
+            ``anomaly_maps`` along their leading axis (e.g. to ``batching.bucket(n)``),
+            the true number of rows ``n``: the rows beyond are ignored.
 
         Raises:
           ValueError: with anomalib's message when no known key is present, or naming the key
             whose value is not a numeric array.
-          NonFiniteScoresError: under ``nonfinite="raise"`` with no reducer.
         """
-        updates = {}
-        for which, key in stats_sources(outputs, self.stats_mode):
-            state = self._stats.get(which[0])
+        routes = tuple(stats_sources(outputs, self.stats_mode))
+        values, rows = {}, {}
+        for _, key in routes:
             if key == "box_scores":
                 padded, lengths = ragged.concat_padded(ragged.check_boxes(key, outputs[key]))
-                n = sum(lengths)
-                new, n_bad = _fold_prefix(state, padded, n)
-            else:
-                values = validation.as_array(key, outputs[key])
-                n = values.size
-                new, n_bad = _update(state, values, None)
-            updates[key] = (which, new, n_bad, n)
-
-        if self.nonfinite == "raise":
-            bad = {key: int(u[2]) for key, u in updates.items()}
-            bad = {key: c for key, c in bad.items() if c}
-            if bad:
-                key, count = next(iter(bad.items()))
-                error = errors.NonFiniteScoresError(
-                    key, count, f" (validation batch {self._batches} of this epoch)"
-                )
-                self._batches += 1
-                if self._active_reducer() is None:
-                    raise error
-                self._pending = self._pending or error
-                self._pending_count += sum(bad.values())
-                return outputs
-
-        image, pixel = self._stats.image, self._stats.pixel
-        for which, new, n_bad, n in updates.values():
-            for w in which:
-                image, pixel = (new, pixel) if w == IMAGE else (image, new)
-                self.num_values[w] += n
-                if self.nonfinite == "omit":
-                    self._nonfinite_device[w].append(n_bad)
-        self._set(NormalizationStats(image=image, pixel=pixel))
-        self._batches += 1
+                values[key], rows[key] = padded, np.int32(sum(lengths))
+                continue
+            x = validation.as_array(key, outputs[key])
+            if valid_rows is not None:
+                values[key], rows[key] = x, np.int32(_check_rows(key, x, valid_rows))
+                continue
+            values[key], n = self._buckets.pad(batching.VALIDATION, key, x)
+            if n is not None:
+                rows[key] = np.int32(n)
+        self._state = hook_step.fold(
+            self._state, values, rows, routes=routes, omit=self.nonfinite == "omit"
+        )
+        self._host = None
+        self._invalidate()
+        self._unchecked = self.nonfinite == "raise"
         return outputs
 
     def on_validation_epoch_end(self) -> None:
-        """Reduces the statistics across processes when a reducer is active.
+        """Reports non-finite scores, and reduces the statistics across processes when a
+        reducer is active.
+
+        Without a reducer, under ``nonfinite="omit"``, this reads nothing from the device.
 
         Raises:
-          NonFiniteScoresError: on every process, when any process saw non-finite scores
-            under ``nonfinite="raise"``.
+          NonFiniteScoresError: a batch of this epoch held non-finite scores under
+            ``nonfinite="raise"`` (and was not reported earlier). With a reducer, on every
+            process when any process saw them.
         """
         reducer = self._active_reducer()
         if reducer is None:
+            self._raise_pending()
             return
-        (ilo, ihi), (plo, phi) = self.host_stats()[IMAGE], self.host_stats()[PIXEL]
-        n_bad_local = self._pending_count
-        mins = np.array([ilo, plo], np.float32)
-        maxs = np.array([ihi, phi], np.float32)
-        counts = np.array([self.num_values[IMAGE], n_bad_local], np.int64)
-        mins, maxs, counts = reducer(mins, maxs, counts)
-        stats = NormalizationStats(
-            image=MinMax(min=jnp.float32(mins[0]), max=jnp.float32(maxs[0])),
-            pixel=MinMax(min=jnp.float32(mins[1]), max=jnp.float32(maxs[1])),
+        state = self._state
+        s = state.stats
+        mins, maxs, counters = jax.device_get(
+            ((s.image.min, s.pixel.min), (s.image.max, s.pixel.max), state.counters)
         )
-        self._set(stats)
+        record = hook_step.Record(counters)
+        counts = np.array([record.num_values[IMAGE], record.rejected], np.int64)
+        mins, maxs, counts = reducer(
+            np.asarray(mins, np.float32), np.asarray(maxs, np.float32), counts
+        )
+        self._unchecked = False
+        self._state = state.with_counters(record.new_epoch())
+        self._install(
+            _checked_stats("reducer output", {IMAGE: (mins[0], maxs[0]), PIXEL: (mins[1], maxs[1])})
+        )
         n_bad = int(counts[1])
         if n_bad:
-            key = self._pending.key if self._pending else "validation outputs"
-            where = " (summed over all processes)"
-            self._pending, self._pending_count = None, 0
-            raise errors.NonFiniteScoresError(key, n_bad, where)
+            key = record.bad_key or "validation outputs"
+            raise errors.NonFiniteScoresError(key, n_bad, " (summed over all processes)")
 
     def _active_reducer(self) -> Reducer | None:
         if self.reducer == "auto":
@@ -301,46 +381,89 @@ class MinMaxNormalizationHook:
         """Same as ``on_test_batch_end``: predictions come back normalized."""
         return self.normalize_batch(outputs)
 
-    def normalize_batch(self, outputs: Mapping, *, boxes_on_host: bool = False) -> dict:
+    def normalize_batch(
+        self,
+        outputs: Mapping,
+        *,
+        boxes_on_host: bool = False,
+        valid_rows: int | None = None,
+    ) -> dict:
         """Normalizes ``pred_scores`` with the image threshold and statistics, and
         ``anomaly_maps`` and each array of ``box_scores`` with the pixel ones.
+
+        Every present key is normalized in one jitted dispatch, with the thresholds and
+        statistics already on the device; nothing is read back to the host (after the first
+        batch, which reads the statistics once to check them), except ``box_scores``, which
+        are concatenated and split on the host.
 
         Args:
           outputs: a dict of model outputs.
           boxes_on_host: return ``box_scores`` as numpy arrays. They are split on the host
             anyway; this skips one device transfer per image (the Lightning shim wraps them
             as tensors directly).
+          valid_rows: when the caller has already padded ``pred_scores`` and
+            ``anomaly_maps`` along their leading axis (e.g. to ``batching.bucket(n)``), the
+            true number of rows. They then come back padded as given (rows beyond
+            ``valid_rows`` hold normalized padding): slice them, e.g. as torch views.
 
         Raises:
           ValueError: none of the three keys is present (anomalib's message), or a value is
             not numeric.
           StatisticsMissingError: no statistics were collected or loaded.
+          NonFiniteScoresError: a validation batch held non-finite scores under
+            ``nonfinite="raise"`` and was not reported yet.
         """
         present = [key for key in NORMALIZED_KEYS if key in outputs]
         if not present:
             raise ValueError(errors.NO_VALUES_MESSAGE)
         self._check_stats(present)
-        out = dict(outputs)
+        values, unpad, lengths = {}, {}, None
         for key in present:
-            # Thresholds were checked when set and statistics just above, so this per-batch
-            # path skips normalize's scalar checks, and its scalars stay on the device.
-            params = self._device_params(NORMALIZED_KEYS[key])
             if key == "box_scores":
                 boxes = ragged.check_boxes(key, outputs[key])
-                padded, lengths = ragged.concat_padded(boxes)
-                normalized = _normalize_packed(padded, params)
+                values[key], lengths = ragged.concat_padded(boxes)
+                continue
+            x = validation.as_array(key, outputs[key])
+            if valid_rows is not None:
+                _check_rows(key, x, valid_rows)
+                values[key] = x
+                continue
+            values[key], n = self._buckets.pad(batching.NORMALIZE, key, x)
+            if n is not None:
+                unpad[key] = n
+        normalized = hook_step.normalize_all(values, self._device_params())
+        out = dict(outputs)
+        for key in present:
+            y = normalized[key]
+            if key == "box_scores":
                 out[key] = (
-                    ragged.split_host(normalized, lengths)
+                    ragged.split_host(y, lengths)
                     if boxes_on_host
-                    else ragged.split(normalized, lengths, boxes)
+                    else ragged.split(y, lengths, outputs[key])
                 )
+            elif key in unpad:
+                out[key] = batching.unpad(y, unpad[key], outputs[key])
             else:
-                out[key] = _normalize_packed(validation.as_array(key, outputs[key]), params)
+                out[key] = y
         return out
 
+    def _device_params(self) -> jax.Array:
+        """``[[t, min, max] image, [t, min, max] pixel]`` on the device, made once per change."""
+        if self._params is None:
+            stats = self._read_stats()
+            dtype = np.float64 if jax.config.jax_enable_x64 else np.float32
+            self._params = jax.device_put(
+                np.array([[self._thresholds[w], *stats[w]] for w in (IMAGE, PIXEL)], dtype)
+            )
+        return self._params
+
     def _check_stats(self, keys) -> None:
-        stats = self.host_stats()
-        for which in dict.fromkeys(NORMALIZED_KEYS[k] for k in keys):
+        self._raise_pending()
+        needed = {NORMALIZED_KEYS[k] for k in keys}
+        if needed <= self._checked:
+            return
+        stats = self._read_stats()
+        for which in sorted(needed):
             lo, hi = stats[which]
             if lo > hi:
                 label = "" if self.stats_mode == "shared" else f"{which} "
@@ -356,34 +479,70 @@ class MinMaxNormalizationHook:
                     "load_json, set_stats) before test or predict; normalizing now would "
                     "turn every score into 0.5."
                 )
+            if not (math.isfinite(lo) and math.isfinite(hi)):
+                raise ValueError(
+                    f"{which} statistics ({lo}, {hi}) are not finite (scores beyond float32's "
+                    "range were folded in); rescale the scores and validate again."
+                )
+            self._checked.add(which)
 
     # -- saving and loading ----------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """The hook's state as a pytree of arrays (``flax.serialization``/orbax friendly)."""
+        """The hook's state as a pytree of arrays (``flax.serialization``/orbax friendly).
+
+        Thresholds are float64 (exact), the counters uint64, so that a resumed run goes on
+        as an uninterrupted one would.
+        """
+        counts = {"num_values": self.num_values, "num_nonfinite": self.num_nonfinite}
+        self._read_stats()
         return {
-            "stats": self._stats,
-            "image_threshold": np.float32(self.image_threshold),
-            "pixel_threshold": np.float32(self.pixel_threshold),
+            "stats": self._state.stats,
+            "image_threshold": np.float64(self.image_threshold),
+            "pixel_threshold": np.float64(self.pixel_threshold),
+            **{name: {w: np.uint64(c[w]) for w in (IMAGE, PIXEL)} for name, c in counts.items()},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restores ``state_dict()`` output, also as the plain dicts that msgpack returns."""
+        """Restores ``state_dict()`` output, also as the plain dicts that msgpack returns.
+
+        The statistics are checked like ``set_stats``'s; counters are optional (a state
+        saved without them restores zeros).
+        """
+        if not isinstance(state, Mapping):
+            raise ValueError(
+                f"state: expected the dict of MinMaxNormalizationHook.state_dict(), got "
+                f"{type(state).__name__}."
+            )
         try:
             stats = state["stats"]
-            if not isinstance(stats, NormalizationStats):
-                stats = NormalizationStats(
-                    image=MinMax(**_f32(stats["image"])), pixel=MinMax(**_f32(stats["pixel"]))
-                )
-            image_threshold = state["image_threshold"]
-            pixel_threshold = state["pixel_threshold"]
+            if isinstance(stats, NormalizationStats):
+                pairs = _host_pairs(stats)
+            else:
+                pairs = {w: (stats[w]["min"], stats[w]["max"]) for w in (IMAGE, PIXEL)}
+            thresholds = (state["image_threshold"], state["pixel_threshold"])
         except (KeyError, TypeError) as e:
             raise ValueError(
                 f"state: expected the layout of MinMaxNormalizationHook.state_dict(), missing {e}."
             ) from None
-        self.image_threshold = float(np.asarray(image_threshold))
-        self.pixel_threshold = float(np.asarray(pixel_threshold))
-        self.set_stats(stats)
+        counts = {}
+        for name in ("num_values", "num_nonfinite"):
+            c = state.get(name) or {}
+            counts[name] = {
+                w: _host_count(f"state['{name}']['{w}']", c.get(w, 0)) for w in (IMAGE, PIXEL)
+            }
+        image_threshold, pixel_threshold = (
+            _check_threshold(f"state['{w}_threshold']", t)
+            for w, t in zip((IMAGE, PIXEL), thresholds, strict=True)
+        )
+        host = _checked_stats(
+            "state", pairs, {w: (f"stats.{w}.min", f"stats.{w}.max") for w in pairs}
+        )
+        # Everything is checked: nothing below raises, so a bad state changes nothing.
+        self._set_state(hook_step.HookState.initial(None, **counts))
+        self._install(host)
+        self.image_threshold = image_threshold
+        self.pixel_threshold = pixel_threshold
 
     def metadata(self) -> dict[str, float | None]:
         """anomalib's deployment metadata: thresholds and statistics in raw-score units.
@@ -418,32 +577,49 @@ class MinMaxNormalizationHook:
 
         Args:
           source: a path to a JSON file, a JSON string, or an already parsed dict.
+
+        Raises:
+          ValueError: the JSON is not an object, has no statistics keys, or holds statistics
+            that are not finite numbers with ``min <= max`` (``null`` for both means none).
         """
         if isinstance(source, Mapping):
-            meta = dict(source)
-        elif isinstance(source, str) and source.lstrip().startswith("{"):
+            meta = source
+        elif isinstance(source, str) and source.lstrip()[:1] in ("{", "["):
             meta = json.loads(source)
         else:
             with open(source) as f:
                 meta = json.load(f)
+        if not isinstance(meta, Mapping):
+            raise ValueError(
+                f"metadata: expected a JSON object with 'min'/'max' (or 'pred_scores.min', "
+                f"'anomaly_maps.min') and thresholds, got {type(meta).__name__}; pass the "
+                "output of MinMaxNormalizationHook.to_json() or anomalib's metadata.json."
+            )
+        meta = dict(meta)
         if "min" in meta and "max" in meta:
-            image = pixel = _minmax_from(meta, "min", "max")
+            keys = {IMAGE: ("min", "max"), PIXEL: ("min", "max")}
             mode: StatsMode = "shared"
         elif "pred_scores.min" in meta or "anomaly_maps.min" in meta:
-            image = _minmax_from(meta, "pred_scores.min", "pred_scores.max")
-            pixel = _minmax_from(meta, "anomaly_maps.min", "anomaly_maps.max")
+            keys = {
+                IMAGE: ("pred_scores.min", "pred_scores.max"),
+                PIXEL: ("anomaly_maps.min", "anomaly_maps.max"),
+            }
             mode = "separate"
         else:
             raise ValueError(
                 f"metadata: no 'min'/'max' (or 'pred_scores.min', 'anomaly_maps.min') keys "
                 f"among {sorted(meta)}; export it with MinMaxNormalizationHook.to_json()."
             )
-        if "image_threshold" in meta:
-            self.image_threshold = meta["image_threshold"]
-        if "pixel_threshold" in meta:
-            self.pixel_threshold = meta["pixel_threshold"]
+        thresholds = {
+            w: _check_threshold(f"metadata '{w}_threshold'", meta[f"{w}_threshold"])
+            for w in (IMAGE, PIXEL)
+            if f"{w}_threshold" in meta
+        }
+        pairs = {w: _pair_from(meta, *k) for w, k in keys.items()}
+        self._install(_checked_stats("metadata", pairs, keys))
+        for w, t in thresholds.items():
+            self._set_threshold(w, t)
         self.stats_mode = mode
-        self.set_stats(NormalizationStats(image=image, pixel=pixel))
 
     @classmethod
     def from_json(cls, source: str | os.PathLike | Mapping, **kwargs) -> MinMaxNormalizationHook:
@@ -465,16 +641,88 @@ def _finite(v: float) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def _f32(d: Mapping) -> dict[str, jax.Array]:
-    return {k: jnp.asarray(d[k], jnp.float32) for k in ("min", "max")}
+_F32_MAX = float(np.finfo(np.float32).max)
+_EMPTY_HOST = {IMAGE: (math.inf, -math.inf), PIXEL: (math.inf, -math.inf)}
 
 
-def _minmax_from(meta: Mapping, lo_key: str, hi_key: str) -> MinMax:
+def _check_threshold(name: str, value) -> float:
+    value = validation.host_scalar(name, value)
+    if not isinstance(value, float):
+        raise ValueError(f"{name}: pass a concrete number, not a traced value.")
+    if abs(value) > _F32_MAX:
+        raise ValueError(
+            f"{name} is {value}, beyond float32's range (+-{_F32_MAX:.4g}), where the "
+            "statistics live; pass a threshold in raw-score units."
+        )
+    return value
+
+
+def _checked_stats(
+    source: str,
+    pairs: Mapping[str, tuple[object, object]],
+    keys: Mapping[str, tuple[str, str]] | None = None,
+) -> dict[str, tuple[float, float]]:
+    """Checks ``{"image": (lo, hi), "pixel": (lo, hi)}`` that come from outside.
+
+    ``keys`` names each pair's values in ``source`` (default ``"image.min"``, ...).
+    """
+    host = {}
+    for which, (lo, hi) in pairs.items():
+        lo_key, hi_key = (keys or {}).get(which, (f"{which}.min", f"{which}.max"))
+        host[which] = validation.loaded_stats(source, lo_key, lo, hi_key, hi)
+    return host
+
+
+def _host_pairs(stats: NormalizationStats) -> dict[str, tuple[object, object]]:
+    """The statistics' leaves on the host (one transfer), still unchecked."""
+    leaves = [stats.image.min, stats.image.max, stats.pixel.min, stats.pixel.max]
+    if any(validation.is_tracer(v) for v in leaves):
+        raise ValueError(
+            "stats: got traced values; call set_stats outside jit, with the statistics "
+            "your jitted step returned."
+        )
+    host = [_fetch(v) for v in leaves]
+    return {IMAGE: (host[0], host[1]), PIXEL: (host[2], host[3])}
+
+
+def _fetch(v):
+    if isinstance(v, jax.Array):
+        if not v.is_fully_addressable and v.is_fully_replicated:
+            v = v.addressable_data(0)
+        return np.asarray(jax.device_get(v))
+    return v
+
+
+def _is_function(value) -> bool:
+    return callable(value) and not isinstance(value, str)
+
+
+def _host_count(name: str, value) -> int:
+    value = np.asarray(value)
+    if value.ndim or value.dtype.kind not in "iu" or int(value) < 0:
+        raise ValueError(f"{name} is {value!r}; expected a count (an integer >= 0).")
+    return int(value)
+
+
+def _check_rows(key: str, x, valid_rows: int) -> int:
+    if isinstance(valid_rows, bool) or not isinstance(valid_rows, (int, np.integer)):
+        raise ValueError(f"valid_rows={valid_rows!r}: expected an int.")
+    if np.ndim(x) == 0 or not 0 <= valid_rows <= x.shape[0]:
+        raise ValueError(
+            f"{key}: valid_rows={valid_rows} does not fit its shape {tuple(np.shape(x))}; "
+            "pass the number of real rows of the padded leading axis."
+        )
+    return int(valid_rows)
+
+
+def _pair_from(meta: Mapping, lo_key: str, hi_key: str) -> tuple[object, object]:
     lo, hi = meta.get(lo_key), meta.get(hi_key)
+    if lo is None and hi is None:
+        return math.inf, -math.inf
     if lo is None or hi is None:
-        return MinMax.empty()
-    lo = validation.host_scalar(lo_key, lo)
-    hi = validation.host_scalar(hi_key, hi)
-    if hi < lo:
-        raise ValueError(f"metadata: {hi_key} ({hi}) is smaller than {lo_key} ({lo}).")
-    return MinMax(min=jnp.float32(lo), max=jnp.float32(hi))
+        missing = lo_key if lo is None else hi_key
+        raise ValueError(
+            f"metadata: '{missing}' is missing or null while its pair is set; export the "
+            "statistics together with MinMaxNormalizationHook.to_json()."
+        )
+    return lo, hi

@@ -108,6 +108,11 @@ class MinMax:
 
     def merge(self, other: MinMax) -> MinMax:
         """The state that has seen what ``self`` and ``other`` saw."""
+        if not isinstance(other, MinMax):
+            raise TypeError(
+                f"MinMax.merge: expected a MinMax, got {type(other).__name__}; fold raw "
+                "scores in with .update(values) instead."
+            )
         return MinMax(min=jnp.minimum(self.min, other.min), max=jnp.maximum(self.max, other.max))
 
     def reduce(self, axis_name: Hashable | None = None) -> MinMax:
@@ -120,6 +125,13 @@ class MinMax:
             axis, e.g. per-device states gathered by ``pmap`` or ``jax.vmap``.
         """
         if axis_name is None:
+            if jnp.ndim(self.min) == 0:
+                raise ValueError(
+                    "MinMax.reduce(): this state is not stacked (its fields are scalars), so "
+                    "there is no leading axis to merge over. Inside shard_map/pmap pass the "
+                    "mapped axis name, reduce(axis_name='data'); otherwise stack per-device "
+                    "states first (jax.tree.map(jnp.stack, ...)), or use merge."
+                )
             return MinMax(min=jnp.min(self.min, axis=0), max=jnp.max(self.max, axis=0))
         return MinMax(min=lax.pmin(self.min, axis_name), max=lax.pmax(self.max, axis_name))
 

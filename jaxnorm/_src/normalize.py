@@ -29,11 +29,20 @@ def _math(targets, threshold, min_val, max_val):
     compute = jnp.promote_types(out_dtype, jnp.float32)
     x = targets.astype(compute)
     threshold = jnp.asarray(threshold, compute)
-    scale = 1 / (jnp.asarray(max_val, compute) - jnp.asarray(min_val, compute))
+    # (x - t) / (max - min), kept finite for any finite statistics: the range is halved
+    # before subtracting (max - min overflows near +-3e38), and a huge range is scaled by a
+    # power of two first, so that its reciprocal is never subnormal (flushed to 0 by XLA,
+    # which would turn every score into 0.5). Both scalings are exact.
+    half_range = 0.5 * jnp.asarray(max_val, compute) - 0.5 * jnp.asarray(min_val, compute)
+    big = half_range >= 2.0**62
+    pre = jnp.where(big, jnp.asarray(2.0**-64, compute), jnp.asarray(1, compute))
+    scale = 0.5 / (half_range * pre)
     d = x - threshold
+    # x - t overflows to +-inf only where the result clips anyway: |x - t| is then beyond
+    # float's max, which is at least half the range.
     # A degenerate range gives scale = inf: d * inf is -inf/+inf (clipped to 0/1) away from
     # the threshold and NaN at it, so the threshold itself is pinned to 0.5 explicitly.
-    y = jnp.where(d == 0, 0.5, d * scale + 0.5)
+    y = jnp.where(d == 0, 0.5, (d * pre) * scale + 0.5)
     return jnp.clip(y, 0, 1).astype(out_dtype)
 
 
@@ -53,11 +62,50 @@ def pack(threshold: float, min_val: float, max_val: float) -> np.ndarray:
     return np.array([threshold, min_val, max_val], dtype)
 
 
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+def check_scalars(threshold: float, min_val: float, max_val: float, wide: bool) -> None:
+    """Checks finite host scalars for one call: order, and the range of the compute dtype.
+
+    Args:
+      wide: the math runs in float64 (x64 on and float64 targets); else float32, where a
+        larger value would become inf.
+    """
+    if max_val < min_val:
+        raise ValueError(
+            f"max_val ({max_val}) is smaller than min_val ({min_val}); pass statistics from a "
+            "MinMax that has seen data."
+        )
+    if not wide:
+        for name, value in (("threshold", threshold), ("min_val", min_val), ("max_val", max_val)):
+            if abs(value) > _F32_MAX:
+                raise ValueError(
+                    f"{name} is {value}, beyond float32's range (+-{_F32_MAX:.4g}); the math "
+                    "runs in float32 (float64 only for float64 targets under jax_enable_x64)."
+                )
+
+
 @functools.lru_cache(maxsize=16)
 def _device_pack(threshold: float, min_val: float, max_val: float, x64: bool) -> jax.Array:
     # Successive batches share their threshold and statistics: transfer them once.
     del x64  # part of the cache key: pack's dtype depends on it
     return jax.device_put(pack(threshold, min_val, max_val))
+
+
+@functools.lru_cache(maxsize=16)
+def _checked_pack(
+    threshold: float, min_val: float, max_val: float, x64: bool, wide: bool
+) -> jax.Array:
+    # The checks of a value are cached with its transfer (exceptions are not cached).
+    for name, value in (("threshold", threshold), ("min_val", min_val), ("max_val", max_val)):
+        validation.host_scalar(name, value, _FINITE_HINT if name == "threshold" else _EMPTY_HINT)
+    check_scalars(threshold, min_val, max_val, wide)
+    return _device_pack(threshold, min_val, max_val, x64)
+
+
+def _is_wide(dtype: np.dtype) -> bool:
+    return dtype == np.float64 and bool(jax.config.jax_enable_x64)
 
 
 def normalize(
@@ -94,21 +142,26 @@ def normalize(
     Raises:
       ValueError: ``targets`` is not numeric, a scalar is not finite, or
         ``max_val < min_val`` (empty statistics are ``+inf``/``-inf``: run validation or load
-        statistics first). Scalars given as tracers, inside the caller's ``jit``, are not
-        checked.
+        statistics first), or a scalar is beyond float32's range while the math runs in
+        float32. Scalars given as tracers, inside the caller's ``jit``, are not checked.
     """
     targets = validation.as_array("targets", targets)
+    x64 = bool(jax.config.jax_enable_x64)
+    if type(threshold) is float and type(min_val) is float and type(max_val) is float:
+        # The common per-batch call: host floats, checked and transferred once per value.
+        params = _checked_pack(threshold, min_val, max_val, x64, _is_wide(targets.dtype))
+        return _normalize_packed(targets, params)
     threshold, min_val, max_val = validation.host_scalars(
         ("threshold", threshold, _FINITE_HINT),
         ("min_val", min_val, _EMPTY_HINT),
         ("max_val", max_val, _EMPTY_HINT),
     )
+    if isinstance(threshold, float) and isinstance(min_val, float) and isinstance(max_val, float):
+        params = _checked_pack(threshold, min_val, max_val, x64, _is_wide(targets.dtype))
+        return _normalize_packed(targets, params)
     if isinstance(min_val, float) and isinstance(max_val, float) and max_val < min_val:
         raise ValueError(
             f"max_val ({max_val}) is smaller than min_val ({min_val}); pass statistics from a "
             "MinMax that has seen data."
         )
-    if isinstance(threshold, float) and isinstance(min_val, float) and isinstance(max_val, float):
-        params = _device_pack(threshold, min_val, max_val, bool(jax.config.jax_enable_x64))
-        return _normalize_packed(targets, params)
     return _normalize(targets, threshold, min_val, max_val)

@@ -55,7 +55,7 @@ def concat_padded(boxes: Sequence) -> tuple[np.ndarray, list[int]]:
     padded = np.zeros(bucket(sum(lengths)), dtype)
     if host:
         np.concatenate(host, out=padded[: sum(lengths)])
-    return padded, lengths
+    return validation.host_ints_ok(padded), lengths
 
 
 def split_host(padded: jax.Array, lengths: Sequence[int]) -> list[np.ndarray]:

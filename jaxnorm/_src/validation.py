@@ -21,26 +21,55 @@ def is_tracer(x: Any) -> bool:
     return isinstance(x, jax.core.Tracer)
 
 
+# dtype -> True when it is a real number type (bool and complex are not). Checked once each.
+_REAL_DTYPES: dict[np.dtype, bool] = {}
+
+
+def _is_real(dtype: np.dtype) -> bool:
+    ok = _REAL_DTYPES.get(dtype)
+    if ok is None:
+        ok = dtype != np.bool_ and bool(
+            jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)
+        )
+        _REAL_DTYPES[dtype] = ok
+    return ok
+
+
 def as_array(name: str, values: ArrayLike) -> jax.Array | np.ndarray:
     """Returns ``values`` as a jax or numpy array with a real numeric dtype.
+
+    Integers wider than 32 bits (numpy int64/uint64, Python ints beyond int32) become float32
+    on the host when x64 is off: jax would wrap them around to int32 silently. Large
+    integers then round to the nearest float32, as any score does.
 
     Raises:
       ValueError: ``values`` is not an array or number, or its dtype is not a real number.
     """
     if isinstance(values, (jax.Array, np.ndarray)):
         arr = values
-    elif isinstance(values, (bool, int, float, np.generic)):
+    elif isinstance(values, (bool, float, np.generic)):
         arr = np.asarray(values)
+    elif isinstance(values, int):
+        # beyond int64, numpy makes an object array: a float is the only faithful number
+        arr = np.asarray(values if -(2**63) <= values < 2**63 else float(values))
     else:
         raise ValueError(f"{name}: expected an array, got {type(values).__name__}; {_HINT}.")
-    dtype = np.dtype(arr.dtype)
-    if dtype == np.bool_ or not (
-        jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)
-    ):
+    dtype = arr.dtype
+    if not _is_real(dtype):
         raise ValueError(
             f"{name}: dtype {dtype} (shape {tuple(arr.shape)}) is not a real number type; "
             "cast it to a floating dtype such as float32 first."
         )
+    if dtype.itemsize == 8 and dtype.kind in "iu" and isinstance(arr, np.ndarray):
+        if not jax.config.jax_enable_x64:
+            arr = arr.astype(np.float32)
+    return arr
+
+
+def host_ints_ok(arr: np.ndarray) -> np.ndarray:
+    """``arr`` with 64-bit integers as float32 when x64 is off (see ``as_array``)."""
+    if arr.dtype.itemsize == 8 and arr.dtype.kind in "iu" and not jax.config.jax_enable_x64:
+        return arr.astype(np.float32)
     return arr
 
 
@@ -68,7 +97,10 @@ def host_scalar(
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name}: expected a number, got {type(value).__name__}.")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # a Python int beyond float64
+        raise ValueError(f"{name} is {value}, beyond float64's range; {hint}.") from None
     if not math.isfinite(value):
         raise ValueError(f"{name} is {value}; {hint}.")
     return value
