@@ -43,6 +43,11 @@ _KDL_CPU = 1  # DLDeviceType.kDLCPU
 _FAST_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16, torch.int32, torch.bool})
 
 
+# Integer dtypes jax keeps only with x64 (it casts them to 32 bits, wrapping, without it).
+_WIDE_INTS = frozenset(
+    dt for dt in (torch.int64, getattr(torch, "uint64", None)) if dt is not None
+)
+
 _BFLOAT16 = np.dtype(jax.numpy.bfloat16)
 
 
@@ -103,12 +108,30 @@ def _warn_host_copy(device: torch.device) -> None:
     )
 
 
-def to_jax(tensor: torch.Tensor) -> jax.Array:
+def to_jax(tensor: torch.Tensor, *, name: str = "tensor") -> jax.Array:
     """A jax array over ``tensor``'s memory (zero-copy when possible, see the module doc).
 
-    The tensor is detached first: the result carries no autograd history.
+    The tensor is detached first: the result carries no autograd history. Without
+    ``jax_enable_x64``, 64-bit integers become float32 here (jax would wrap them to int32).
+
+    Args:
+      tensor: any strided tensor.
+      name: what to call the tensor in error messages (e.g. ``"outputs['anomaly_maps']"``).
+
+    Raises:
+      ValueError: the tensor is on the ``meta`` device (it has no values).
     """
     t = tensor.detach()
+    if t.device.type == "meta":
+        raise ValueError(
+            f"{name}: a tensor on the 'meta' device (shape {tuple(t.shape)}, {t.dtype}) has no "
+            "values; materialize it first (e.g. `module.to_empty(device=...)` then load the "
+            "weights, or `.to('cpu')` after filling it)."
+        )
+    if t.dtype in _WIDE_INTS and not jax.config.jax_enable_x64:
+        # jax would cast them to int32 and wrap values beyond 2**31; float32 rounds instead,
+        # as the float64 path narrows (scores are compared in float32 anyway).
+        t = t.float()
     if not jax_reads_device(t.device):
         _warn_host_copy(t.device)
         t = t.cpu()
