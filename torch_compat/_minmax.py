@@ -9,6 +9,7 @@ on the module whenever a state dict has ``normalization_metrics.max``. Any objec
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,6 +34,22 @@ def _missing_keys_message(prefix: str, missing: list[str]) -> str:
         "False` with Lightning >= 2.2), then run `trainer.validate(model, ...)` with the "
         "callback to compute the statistics before testing or predicting."
     )
+
+
+def _strict_load() -> bool:
+    """Whether the ``nn.Module.load_state_dict`` running now was called with ``strict=True``.
+
+    torch passes ``strict=True`` to every ``_load_from_state_dict`` and applies the caller's
+    strictness afterwards, to the missing and unexpected keys only; error messages always
+    raise. So a message of ours must know the caller's choice: it is read from its frame.
+    """
+    code = torch.nn.Module.load_state_dict.__code__
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is code:
+            return bool(frame.f_locals.get("strict", True))
+        frame = frame.f_back
+    return True
 
 
 def write_in_place(tensor: torch.Tensor, value: float | torch.Tensor) -> None:
@@ -181,6 +198,7 @@ class MinMax(torchmetrics.Metric):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+        strict = _strict_load()
         if stray and strict:
             error_msgs.append(
                 f"{prefix}pixel_min/pixel_max: this checkpoint holds separate image and pixel "
@@ -241,7 +259,8 @@ def _fold(lo: torch.Tensor, hi: torch.Tensor, values: Any) -> tuple[torch.Tensor
 
 
 def _is_stat(value: Any) -> bool:
-    return isinstance(value, torch.Tensor) and value.numel() == 1
+    # Tensors of other shapes pass here: reading them names the key and shape.
+    return isinstance(value, torch.Tensor)
 
 
 def stat_tensors(
@@ -253,7 +272,7 @@ def stat_tensors(
     both, as it does for a shared checkpoint.
 
     Raises:
-      AttributeError: ``metrics`` holds no one-element ``min`` and ``max`` tensors.
+      AttributeError: ``metrics`` holds no ``min`` and ``max`` tensors.
     """
     lo, hi = getattr(metrics, "min", None), getattr(metrics, "max", None)
     if not (_is_stat(lo) and _is_stat(hi)):
@@ -266,7 +285,7 @@ def stat_tensors(
         )
         raise AttributeError(
             f"pl_module.{ATTRIBUTE} is a {type(metrics).__module__}.{type(metrics).__qualname__} "
-            f"without one-element tensors 'min' and 'max' ({found}); MinMaxNormalizationCallback "
+            f"without tensors 'min' and 'max' ({found}); MinMaxNormalizationCallback "
             f"keeps its statistics there. Delete the attribute (the callback then attaches a "
             f"torch_compat.MinMax), or set `pl_module.{ATTRIBUTE} = torch_compat.MinMax()`."
         )
