@@ -155,3 +155,40 @@ def test_pinned_cpu_tensor():
     a = to_jax(t)
     assert next(iter(a.devices())).platform == "cpu"
     np.testing.assert_array_equal(np.asarray(a), t.numpy())
+
+
+def test_fast_path_finds_the_jaxlib_signature_then_falls_back_to_the_public_one(monkeypatch):
+    real = _dlpack._fast_from_dlpack
+    if real is None:
+        pytest.skip("this jaxlib has no dlpack_managed_tensor_to_buffer")
+    calls = []
+
+    def three_args_only(*args):
+        calls.append(len(args))
+        if len(args) != 3:
+            raise TypeError("incompatible function arguments")
+        return real(*args)
+
+    monkeypatch.setattr(_dlpack, "_fast_from_dlpack", three_args_only)
+    monkeypatch.setattr(_dlpack, "_fast_arities", [5, 4, 3])
+    t = torch.arange(4.0)
+    np.testing.assert_array_equal(np.asarray(to_jax(t)), t.numpy())
+    assert calls == [5, 4, 3] and _dlpack._fast_arities == [3]
+    to_jax(t)
+    assert calls == [5, 4, 3, 3]  # the arity found is kept
+
+    def never(*args):
+        calls.append(len(args))
+        raise TypeError("incompatible function arguments")
+
+    calls.clear()
+    monkeypatch.setattr(_dlpack, "_fast_from_dlpack", never)
+    monkeypatch.setattr(_dlpack, "_fast_arities", [5, 4, 3])
+    public = []
+    real_public = jax.dlpack.from_dlpack
+    monkeypatch.setattr(jax.dlpack, "from_dlpack", lambda x: public.append(1) or real_public(x))
+    np.testing.assert_array_equal(np.asarray(to_jax(t)), t.numpy())
+    assert calls == [5, 4, 3] and public == [1]
+    assert _dlpack._fast_from_dlpack is None  # for good: no more tries
+    to_jax(t)
+    assert calls == [5, 4, 3] and public == [1, 1]

@@ -215,11 +215,14 @@ class MinMaxNormalizationHooks:
         source = (
             "checkpoint" if getattr(metrics, "loaded_from_checkpoint", False) else ATTRIBUTE
         )
-        stats = {}
-        for which, ((lo_key, lo), (hi_key, hi)) in pairs.items():
-            _check_not_meta(source, lo_key, lo)
-            _check_not_meta(source, hi_key, hi)
-            stats[which] = loaded_stats(source, lo_key, lo, hi_key, hi)
+        stats, read = {}, {}
+        for which, pair in pairs.items():
+            if id(pair) not in read:  # shared statistics: one pair, read once
+                (lo_key, lo), (hi_key, hi) = pair
+                _check_not_meta(source, lo_key, lo)
+                _check_not_meta(source, hi_key, hi)
+                read[id(pair)] = loaded_stats(source, lo_key, lo, hi_key, hi)
+            stats[which] = read[id(pair)]
         self.hook.set_stats(_stats_from_host(stats))
         self._stats_source.remember(tensors, versions)
 
