@@ -9,7 +9,8 @@ reproduce what anomalib 0.7.0 does on the paths a checkpoint takes, written from
   dict holds ``normalization_metrics.max``, then loads (models/components/base/anomaly_module.py);
 - ``AnomalibCallback``: anomalib's ``MinMaxNormalizationCallback``, which rejects any other
   ``normalization_metrics`` type (utils/callbacks/min_max_normalization.py);
-- ``LoadModelCallback``: loads a checkpoint's state dict in ``setup`` (utils/callbacks/model_loader.py).
+- ``LoadModelCallback``: loads a checkpoint's state dict in ``setup``
+  (utils/callbacks/model_loader.py).
 
 Expected values come from the numpy reference of SPEC section 1 applied to the raw outputs.
 """
@@ -69,7 +70,7 @@ class AnomalibModule(ns.Module):
         if "normalization_metrics.max" in state_dict.keys():
             self.normalization_metrics = AnomalibMinMax()
         else:
-            warnings.warn("No known normalization found in model weights.")
+            warnings.warn("No known normalization found in model weights.", stacklevel=2)
         return super().load_state_dict(state_dict, strict=strict)
 
 
@@ -109,9 +110,7 @@ class AnomalibCallback(pl.Callback):
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         self._normalize_batch(outputs, pl_module)
 
-    def on_predict_batch_end(
-        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
-    ):
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         self._normalize_batch(outputs, pl_module)
 
     @staticmethod
@@ -330,7 +329,10 @@ def test_meta_device_statistics_and_outputs_get_clear_errors():
         cb.on_test_start(None, module)
 
 
-@pytest.mark.parametrize("dtype", [torch.int64] + ([torch.uint64] if hasattr(torch, "uint64") else []))
+WIDE = [torch.int64] + ([torch.uint64] if hasattr(torch, "uint64") else [])
+
+
+@pytest.mark.parametrize("dtype", WIDE)
 def test_wide_integer_scores_do_not_wrap(dtype):
     big = 2**40
     values = torch.tensor([big, big + 2**20, big + 2**30], dtype=dtype)

@@ -212,9 +212,7 @@ class MinMaxNormalizationHooks:
         versions = _versions(tensors)
         if self._stats_source.unchanged(tensors, versions):
             return
-        source = (
-            "checkpoint" if getattr(metrics, "loaded_from_checkpoint", False) else ATTRIBUTE
-        )
+        source = "checkpoint" if getattr(metrics, "loaded_from_checkpoint", False) else ATTRIBUTE
         stats, read = {}, {}
         for which, pair in pairs.items():
             if id(pair) not in read:  # shared statistics: one pair, read once

@@ -48,9 +48,7 @@ _FAST_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16, torch.in
 
 
 # Integer dtypes jax keeps only with x64 (it casts them to 32 bits, wrapping, without it).
-_WIDE_INTS = frozenset(
-    dt for dt in (torch.int64, getattr(torch, "uint64", None)) if dt is not None
-)
+_WIDE_INTS = frozenset(dt for dt in (torch.int64, getattr(torch, "uint64", None)) if dt is not None)
 
 _BFLOAT16 = np.dtype(jax.numpy.bfloat16)
 

@@ -191,7 +191,9 @@ class MinMax(torchmetrics.Metric):
         # Ours, not torchmetrics': that one replaces the states with the checkpoint's tensors
         # (device and dtype as loaded) and reports no missing keys at all.
         names = list(self._defaults)
-        found = {name: state_dict.pop(prefix + name) for name in names if prefix + name in state_dict}
+        found = {
+            name: state_dict.pop(prefix + name) for name in names if prefix + name in state_dict
+        }
         stray = [prefix + name for name in _PIXEL_STATES if prefix + name in state_dict]
         for key in stray:
             state_dict.pop(key)
@@ -240,7 +242,9 @@ class MinMax(torchmetrics.Metric):
             return "meta"
         parts = [f"min={float(self.min):g}, max={float(self.max):g}"]
         if self.stats_mode == "separate":
-            parts.append(f"pixel_min={float(self.pixel_min):g}, pixel_max={float(self.pixel_max):g}")
+            parts.append(
+                f"pixel_min={float(self.pixel_min):g}, pixel_max={float(self.pixel_max):g}"
+            )
         return ", ".join(parts)
 
 
@@ -298,7 +302,9 @@ def stat_tensors(
     return {IMAGE: image, PIXEL: pixel}
 
 
-def write_stats(metrics: Any, stats_mode: StatsMode, stats: Mapping[str, tuple[float, float]]) -> None:
+def write_stats(
+    metrics: Any, stats_mode: StatsMode, stats: Mapping[str, tuple[float, float]]
+) -> None:
     """Writes ``{"image": (min, max), "pixel": (min, max)}`` into ``metrics``' tensors in place.
 
     Raises:
