@@ -146,10 +146,13 @@ class MinMaxNormalizationHooks:
     all the work is done by one ``jaxnorm.MinMaxNormalizationHook``, ``self.hook``; results
     come back as tensors with the input's dtype, shape and device.
 
-    The statistics live in ``pl_module.normalization_metrics`` (a ``torch_compat.MinMax``):
-    written at each validation epoch end and read back before test and predict, so they
-    travel in checkpoints under anomalib's keys and ``trainer.test(model, ckpt_path=...)``
-    normalizes with them. Under DDP (any torch.distributed process group) every rank ends
+    The statistics live in ``pl_module.normalization_metrics`` (a ``torch_compat.MinMax``,
+    attached when missing; any object whose ``min`` and ``max`` are tensors is kept, such as
+    the ``anomalib.utils.metrics.MinMax`` that anomalib's ``load_state_dict`` puts there):
+    written in place at each validation epoch end and read back before test and predict, so
+    they travel in checkpoints under anomalib's keys and ``trainer.test(model, ckpt_path=...)``
+    normalizes with them. Statistics read back are checked first (finite or empty, one
+    number each, ``max >= min``); unchanged tensors are not read again. Under DDP (any torch.distributed process group) every rank ends
     each validation epoch with the global statistics.
 
     The hooks use nothing of ``trainer``: they can be driven by hand with ``trainer=None``.
