@@ -152,8 +152,9 @@ class MinMaxNormalizationHooks:
     written in place at each validation epoch end and read back before test and predict, so
     they travel in checkpoints under anomalib's keys and ``trainer.test(model, ckpt_path=...)``
     normalizes with them. Statistics read back are checked first (finite or empty, one
-    number each, ``max >= min``); unchanged tensors are not read again. Under DDP (any torch.distributed process group) every rank ends
-    each validation epoch with the global statistics.
+    number each, ``max >= min``); unchanged tensors are not read again. Under DDP (any
+    torch.distributed process group) every rank ends each validation epoch with the global
+    statistics.
 
     The hooks use nothing of ``trainer``: they can be driven by hand with ``trainer=None``.
     This class holds the hooks; ``torch_compat.MinMaxNormalizationCallback`` and
