@@ -24,7 +24,11 @@ with warnings.catch_warnings(record=True) as caught:
     import torch_compat
 print(json.dumps({{
     "value": os.environ.get("{var}"),
-    "warnings": [type(w.message).__name__ + ": " + str(w.message) for w in caught],
+    "warnings": [
+        type(w.message).__name__ + ": " + str(w.message)
+        for w in caught
+        if issubclass(w.category, torch_compat.PreallocationWarning)
+    ],
 }}))
 """
 
