@@ -150,6 +150,24 @@ def test_cuda_outputs_through_the_callback():
 
 
 @requires_cuda
+def test_cuda_import_takes_the_fast_path_and_waits_for_torchs_stream(monkeypatch):
+    if not _dlpack.jax_reads_device(torch.device("cuda")):
+        pytest.skip("jax has no GPU backend here")
+    real, calls = _dlpack._fast_from_dlpack, []
+    monkeypatch.setattr(
+        _dlpack, "_fast_from_dlpack", lambda *args: calls.append(args[2]) or real(*args)
+    )
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        t = torch.zeros(1 << 20, device="cuda")
+        torch.cuda._sleep(500_000_000)  # the write below lands well after to_jax returns
+        t.fill_(1.0)
+        a = to_jax(t)  # no host sync: jax's stream must wait for `side`
+    assert len(calls) == 1 and calls[0] is not None  # the direct call, with jax's stream
+    assert float(jnp.sum(a)) == t.numel()
+
+
+@requires_cuda
 def test_pinned_cpu_tensor():
     t = torch.randn(16).pin_memory()
     a = to_jax(t)

@@ -78,9 +78,15 @@ def _local_cpu() -> jax.Device:
 
 
 @functools.cache
-def _jax_gpu(index: int) -> tuple[jax.Device, int | None]:
-    """The jax device of CUDA ordinal ``index``, and the stream jax reads external data on."""
-    device = next(d for d in jax.local_devices(backend="gpu") if d.local_hardware_id == index)
+def _jax_gpu(index: int) -> tuple[jax.Device | None, int | None]:
+    """The jax device of CUDA ordinal ``index``, and the stream jax reads external data on.
+
+    ``(None, None)`` when jax does not see that GPU: the public function then explains.
+    """
+    matches = [d for d in jax.local_devices(backend="gpu") if d.local_hardware_id == index]
+    if not matches:
+        return None, None
+    device = matches[0]
     try:
         # Fixed per device (PJRT's external-ready-event stream); jax.dlpack.from_dlpack asks
         # for it at every call.
@@ -112,7 +118,8 @@ def _from_dlpack(t: torch.Tensor) -> jax.Array:
             out = _fast_call(t, _local_cpu(), None, _KDL_CPU)
         elif t.device.type == "cuda":
             device, stream = _jax_gpu(t.device.index if t.device.index is not None else 0)
-            out = _fast_call(t, device, stream, _KDL_CUDA)
+            if device is not None:
+                out = _fast_call(t, device, stream, _KDL_CUDA)
         if out is not None:
             return out
     return jax.dlpack.from_dlpack(t)
