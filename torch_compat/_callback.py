@@ -6,6 +6,7 @@ This module imports no Lightning namespace: ``torch_compat.pytorch_lightning`` a
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -17,9 +18,9 @@ from jaxnorm import MinMaxNormalizationHook, NormalizationStats
 from jaxnorm._src.hook import NonFinitePolicy
 from jaxnorm._src.outputs import NORMALIZED_KEYS, PIXEL, StatsMode
 from jaxnorm._src.validation import loaded_stats
-from torch_compat._allreduce import allreduce_stats, ddp_active
+from torch_compat._allreduce import allreduce_stats, broadcast_from_rank0, ddp_active
 from torch_compat._dlpack import host_to_torch, to_jax, to_torch
-from torch_compat._minmax import ATTRIBUTE, MinMax, stat_tensors, write_stats
+from torch_compat._minmax import ATTRIBUTE, MinMax, stat_tensors, write_in_place, write_stats
 
 _ATTRIBUTE_HINT = (
     "MinMaxNormalizationCallback reads anomalib's AnomalyModule attributes: give the module "
@@ -228,6 +229,26 @@ class MinMaxNormalizationHooks:
         self.hook.set_stats(_stats_from_host(stats))
         self._stats_source.remember(tensors, versions)
 
+    def _share_rank0_stats(self, pl_module: Any) -> None:
+        """Under DDP, every rank takes rank 0's statistics before they are used.
+
+        After restoring a checkpoint, Lightning 1.x resets every torchmetrics ``Metric`` on the
+        ranks other than 0 (their states are taken to be accumulated on rank 0), ours and
+        anomalib's included; rank 0's are the checkpoint's. Every rank calls this at the same
+        hooks (a collective); the values are checked afterwards, on every rank alike.
+        """
+        if not ddp_active():
+            return
+        pairs = stat_tensors(self._metrics(pl_module), self.hook.stats_mode)
+        tensors = list({id(t): t for pair in pairs.values() for _, t in pair}.values())
+        usable = [t.numel() == 1 and t.device.type != "meta" for t in tensors]
+        local = [
+            float(t.reshape(())) if ok else math.nan for t, ok in zip(tensors, usable, strict=True)
+        ]
+        for t, ok, value in zip(tensors, usable, broadcast_from_rank0(local), strict=True):
+            if ok:
+                write_in_place(t, value)
+
     def _load_thresholds(self, pl_module: Any) -> None:
         for name, watched in self._thresholds.items():
             try:
@@ -281,6 +302,7 @@ class MinMaxNormalizationHooks:
                 "stats='shared'."
             )
         if self.hook.accumulate:
+            self._share_rank0_stats(pl_module)
             self._load_stats(pl_module)
         self.hook.on_validation_epoch_start()
 
@@ -316,12 +338,14 @@ class MinMaxNormalizationHooks:
         ):
             if metrics is not None:
                 metrics.set_threshold(0.5)
+        self._share_rank0_stats(pl_module)
         self._load_stats(pl_module)
         self.hook.on_test_start()
 
     def on_predict_start(self, trainer: Any, pl_module: Any) -> None:
         """Loads the statistics (e.g. restored from a checkpoint)."""
         del trainer
+        self._share_rank0_stats(pl_module)
         self._load_stats(pl_module)
 
     def on_test_batch_end(
