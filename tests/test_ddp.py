@@ -78,6 +78,9 @@ def run_ranks(tmp_path, val, test, **config):
                     LOCAL_RANK=str(rank),
                     NODE_RANK="0",
                     OMP_NUM_THREADS="1",
+                    # Lightning < 2.4 (anomalib 0.x's) loads checkpoints without weights_only,
+                    # which torch >= 2.6 makes True and refuses Lightning's own checkpoints.
+                    TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1",
                 ),
             )
             for rank in range(WORLD_SIZE)

@@ -150,8 +150,63 @@ def test_cuda_outputs_through_the_callback():
 
 
 @requires_cuda
+def test_cuda_import_takes_the_fast_path_and_waits_for_torchs_stream(monkeypatch):
+    if not _dlpack.jax_reads_device(torch.device("cuda")):
+        pytest.skip("jax has no GPU backend here")
+    real, calls = _dlpack._fast_from_dlpack, []
+    monkeypatch.setattr(
+        _dlpack, "_fast_from_dlpack", lambda *args: calls.append(args[2]) or real(*args)
+    )
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        t = torch.zeros(1 << 20, device="cuda")
+        torch.cuda._sleep(500_000_000)  # the write below lands well after to_jax returns
+        t.fill_(1.0)
+        a = to_jax(t)  # no host sync: jax's stream must wait for `side`
+    assert len(calls) == 1 and calls[0] is not None  # the direct call, with jax's stream
+    assert float(jnp.sum(a)) == t.numel()
+
+
+@requires_cuda
 def test_pinned_cpu_tensor():
     t = torch.randn(16).pin_memory()
     a = to_jax(t)
     assert next(iter(a.devices())).platform == "cpu"
     np.testing.assert_array_equal(np.asarray(a), t.numpy())
+
+
+def test_fast_path_finds_the_jaxlib_signature_then_falls_back_to_the_public_one(monkeypatch):
+    real = _dlpack._fast_from_dlpack
+    if real is None:
+        pytest.skip("this jaxlib has no dlpack_managed_tensor_to_buffer")
+    calls = []
+
+    def three_args_only(*args):
+        calls.append(len(args))
+        if len(args) != 3:
+            raise TypeError("incompatible function arguments")
+        return real(*args)
+
+    monkeypatch.setattr(_dlpack, "_fast_from_dlpack", three_args_only)
+    monkeypatch.setattr(_dlpack, "_fast_arities", [5, 4, 3])
+    t = torch.arange(4.0)
+    np.testing.assert_array_equal(np.asarray(to_jax(t)), t.numpy())
+    assert calls == [5, 4, 3] and _dlpack._fast_arities == [3]
+    to_jax(t)
+    assert calls == [5, 4, 3, 3]  # the arity found is kept
+
+    def never(*args):
+        calls.append(len(args))
+        raise TypeError("incompatible function arguments")
+
+    calls.clear()
+    monkeypatch.setattr(_dlpack, "_fast_from_dlpack", never)
+    monkeypatch.setattr(_dlpack, "_fast_arities", [5, 4, 3])
+    public = []
+    real_public = jax.dlpack.from_dlpack
+    monkeypatch.setattr(jax.dlpack, "from_dlpack", lambda x: public.append(1) or real_public(x))
+    np.testing.assert_array_equal(np.asarray(to_jax(t)), t.numpy())
+    assert calls == [5, 4, 3] and public == [1]
+    assert _dlpack._fast_from_dlpack is None  # for good: no more tries
+    to_jax(t)
+    assert calls == [5, 4, 3] and public == [1, 1]

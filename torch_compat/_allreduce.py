@@ -43,3 +43,10 @@ def allreduce_stats(
         dist.all_reduce(t, op=op)
         reduced.append(t.cpu().numpy())
     return reduced[0], reduced[1], reduced[2]
+
+
+def broadcast_from_rank0(values: list[float]) -> list[float]:
+    """Rank 0's ``values`` on every rank of the default process group (float64)."""
+    t = torch.tensor(values, dtype=torch.float64, device=_collective_device())
+    dist.broadcast(t, src=0)
+    return t.cpu().tolist()

@@ -6,6 +6,7 @@ This module imports no Lightning namespace: ``torch_compat.pytorch_lightning`` a
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -15,10 +16,11 @@ import torch
 from jaxnorm import MinMax as JaxMinMax
 from jaxnorm import MinMaxNormalizationHook, NormalizationStats
 from jaxnorm._src.hook import NonFinitePolicy
-from jaxnorm._src.outputs import NORMALIZED_KEYS, StatsMode
-from torch_compat._allreduce import allreduce_stats, ddp_active
+from jaxnorm._src.outputs import NORMALIZED_KEYS, PIXEL, StatsMode
+from jaxnorm._src.validation import loaded_stats
+from torch_compat._allreduce import allreduce_stats, broadcast_from_rank0, ddp_active
 from torch_compat._dlpack import host_to_torch, to_jax, to_torch
-from torch_compat._minmax import MinMax
+from torch_compat._minmax import ATTRIBUTE, MinMax, stat_tensors, write_in_place, write_stats
 
 _ATTRIBUTE_HINT = (
     "MinMaxNormalizationCallback reads anomalib's AnomalyModule attributes: give the module "
@@ -58,11 +60,12 @@ class _JaxView(Mapping):
             value = self._outputs[key]
             if key == "box_scores" and isinstance(value, (list, tuple)):
                 self._cache[key] = [
-                    to_jax(_check_tensor(f"{key}[{i}]", b)) for i, b in enumerate(value)
+                    to_jax(_check_tensor(f"{key}[{i}]", b), name=f"outputs['{key}'][{i}]")
+                    for i, b in enumerate(value)
                 ]
             else:
                 # Anything else goes to the hook, which names what is wrong with it.
-                self._cache[key] = to_jax(_check_tensor(key, value))
+                self._cache[key] = to_jax(_check_tensor(key, value), name=f"outputs['{key}']")
         return self._cache[key]
 
     def __contains__(self, key: object) -> bool:
@@ -76,25 +79,57 @@ class _JaxView(Mapping):
 
 
 class _Watched:
-    """Remembers which tensor (and which in-place version of it) a host value came from."""
+    """Remembers which tensors (and which in-place versions of them) host values came from.
 
-    __slots__ = ("source", "version")
+    Reading a CUDA tensor's value on the host waits for the GPU; comparing identities and
+    version counters does not, so unchanged thresholds and statistics are never read again.
+    """
+
+    __slots__ = ("tensors", "versions")
 
     def __init__(self) -> None:
-        self.source: Any = None
-        self.version: Any = None
+        self.tensors: tuple = ()
+        self.versions: tuple | None = None
 
-    def unchanged(self, source: Any, version: Any) -> bool:
-        return version is not None and source is self.source and version == self.version
+    def unchanged(self, tensors: tuple, versions: tuple | None) -> bool:
+        return (
+            versions is not None
+            and versions == self.versions
+            and len(tensors) == len(self.tensors)
+            and all(a is b for a, b in zip(tensors, self.tensors, strict=True))
+        )
 
-    def remember(self, source: Any, version: Any) -> None:
-        self.source, self.version = source, version
+    def remember(self, tensors: tuple, versions: tuple | None) -> None:
+        self.tensors, self.versions = tensors, versions
+
+    def forget(self) -> None:
+        self.remember((), None)
 
 
-def _tensor_version(value: Any) -> int | None:
-    if isinstance(value, torch.Tensor) and not value.is_inference():
-        return value._version
-    return None
+def _version(value: Any) -> Any:
+    """What tells an in-place write of ``value`` apart; ``None``: unknown, read it again."""
+    if not isinstance(value, torch.Tensor):
+        return None
+    if value.is_inference():
+        # Inference tensors keep no version counter. On the CPU a read costs nothing; on an
+        # accelerator it would wait for the device at every batch, so there the tensor's
+        # identity decides (anomalib replaces its thresholds and states, not writes them).
+        return None if value.device.type == "cpu" else "inference"
+    return value._version
+
+
+def _versions(tensors: tuple) -> tuple | None:
+    versions = tuple(_version(t) for t in tensors)
+    return None if None in versions else versions
+
+
+def _check_not_meta(source: str, key: str, value: Any) -> None:
+    if isinstance(value, torch.Tensor) and value.device.type == "meta":
+        raise ValueError(
+            f"{source}: '{key}' is a tensor on the 'meta' device, which has no value; load the "
+            "weights into the module (e.g. `module.to_empty(device='cpu')` then "
+            "`load_state_dict`) before testing or predicting."
+        )
 
 
 class MinMaxNormalizationHooks:
@@ -112,11 +147,15 @@ class MinMaxNormalizationHooks:
     all the work is done by one ``jaxnorm.MinMaxNormalizationHook``, ``self.hook``; results
     come back as tensors with the input's dtype, shape and device.
 
-    The statistics live in ``pl_module.normalization_metrics`` (a ``torch_compat.MinMax``):
-    written at each validation epoch end and read back before test and predict, so they
-    travel in checkpoints under anomalib's keys and ``trainer.test(model, ckpt_path=...)``
-    normalizes with them. Under DDP (any torch.distributed process group) every rank ends
-    each validation epoch with the global statistics.
+    The statistics live in ``pl_module.normalization_metrics`` (a ``torch_compat.MinMax``,
+    attached when missing; any object whose ``min`` and ``max`` are tensors is kept, such as
+    the ``anomalib.utils.metrics.MinMax`` that anomalib's ``load_state_dict`` puts there):
+    written in place at each validation epoch end and read back before test and predict, so
+    they travel in checkpoints under anomalib's keys and ``trainer.test(model, ckpt_path=...)``
+    normalizes with them. Statistics read back are checked first (finite or empty, one
+    number each, ``max >= min``); unchanged tensors are not read again. Under DDP (any
+    torch.distributed process group) every rank ends each validation epoch with the global
+    statistics.
 
     The hooks use nothing of ``trainer``: they can be driven by hand with ``trainer=None``.
     This class holds the hooks; ``torch_compat.MinMaxNormalizationCallback`` and
@@ -152,25 +191,63 @@ class MinMaxNormalizationHooks:
 
     # -- the statistics' home: pl_module.normalization_metrics -----------------------------
 
-    def _metrics(self, pl_module: Any) -> MinMax:
-        if not hasattr(pl_module, "normalization_metrics"):
-            pl_module.normalization_metrics = MinMax(self.hook.stats_mode)
-        elif not isinstance(pl_module.normalization_metrics, MinMax):
-            raise AttributeError(
-                "Expected normalization_metrics to be of type MinMax, got "
-                f"{type(pl_module.normalization_metrics)}"
-            )
-        return pl_module.normalization_metrics
+    def _metrics(self, pl_module: Any) -> Any:
+        """``pl_module.normalization_metrics``: attached if missing, checked otherwise.
+
+        Any object whose ``min`` and ``max`` are one-element tensors will do: ours, or the
+        ``anomalib.utils.metrics.MinMax`` that anomalib's ``load_state_dict`` puts there.
+        """
+        metrics = getattr(pl_module, ATTRIBUTE, None)
+        if metrics is None:
+            metrics = MinMax(self.hook.stats_mode)
+            setattr(pl_module, ATTRIBUTE, metrics)
+        stat_tensors(metrics, self.hook.stats_mode)  # raises, naming what is there
+        return metrics
 
     def _load_stats(self, pl_module: Any) -> None:
-        """Reads the buffers into the hook when they changed (restored, written, replaced)."""
+        """Reads the statistics into the hook when they changed (restored, written, replaced).
+
+        Raises:
+          ValueError: naming the source, key and value, for statistics that are not finite
+            (other than the empty pair), not one number each, or with ``max < min``.
+        """
         metrics = self._metrics(pl_module)
-        version = metrics.version()
-        if self._stats_source.unchanged(metrics, version):
+        pairs = stat_tensors(metrics, self.hook.stats_mode)
+        tensors = tuple(t for pair in pairs.values() for _, t in pair)
+        versions = _versions(tensors)
+        if self._stats_source.unchanged(tensors, versions):
             return
-        stats = metrics.read()
+        source = "checkpoint" if getattr(metrics, "loaded_from_checkpoint", False) else ATTRIBUTE
+        stats, read = {}, {}
+        for which, pair in pairs.items():
+            if id(pair) not in read:  # shared statistics: one pair, read once
+                (lo_key, lo), (hi_key, hi) = pair
+                _check_not_meta(source, lo_key, lo)
+                _check_not_meta(source, hi_key, hi)
+                read[id(pair)] = loaded_stats(source, lo_key, lo, hi_key, hi)
+            stats[which] = read[id(pair)]
         self.hook.set_stats(_stats_from_host(stats))
-        self._stats_source.remember(metrics, version)
+        self._stats_source.remember(tensors, versions)
+
+    def _share_rank0_stats(self, pl_module: Any) -> None:
+        """Under DDP, every rank takes rank 0's statistics before they are used.
+
+        After restoring a checkpoint, Lightning 1.x resets every torchmetrics ``Metric`` on the
+        ranks other than 0 (their states are taken to be accumulated on rank 0), ours and
+        anomalib's included; rank 0's are the checkpoint's. Every rank calls this at the same
+        hooks (a collective); the values are checked afterwards, on every rank alike.
+        """
+        if not ddp_active():
+            return
+        pairs = stat_tensors(self._metrics(pl_module), self.hook.stats_mode)
+        tensors = list({id(t): t for pair in pairs.values() for _, t in pair}.values())
+        usable = [t.numel() == 1 and t.device.type != "meta" for t in tensors]
+        local = [
+            float(t.reshape(())) if ok else math.nan for t, ok in zip(tensors, usable, strict=True)
+        ]
+        for t, ok, value in zip(tensors, usable, broadcast_from_rank0(local), strict=True):
+            if ok:
+                write_in_place(t, value)
 
     def _load_thresholds(self, pl_module: Any) -> None:
         for name, watched in self._thresholds.items():
@@ -180,8 +257,8 @@ class MinMaxNormalizationHooks:
                 raise AttributeError(
                     f"pl_module.{name}.value is missing; {_ATTRIBUTE_HINT}"
                 ) from None
-            version = _tensor_version(value)
-            if watched.unchanged(value, version):
+            versions = _versions((value,))
+            if watched.unchanged((value,), versions):
                 continue
             if isinstance(value, torch.Tensor):
                 if value.numel() != 1:
@@ -189,19 +266,22 @@ class MinMaxNormalizationHooks:
                         f"pl_module.{name}.value: expected one number, got shape "
                         f"{tuple(value.shape)}."
                     )
+                _check_not_meta(f"pl_module.{name}", "value", value)
                 number = value.item()
             else:
                 number = value
             setattr(self.hook, name, number)
-            watched.remember(value, version)
+            watched.remember((value,), versions)
 
     # -- Lightning hooks -------------------------------------------------------------------
 
     def setup(self, trainer: Any, pl_module: Any, stage: str | None = None) -> None:
         """Attaches ``normalization_metrics`` (keeping a compatible one, e.g. restored)."""
         del trainer, stage
-        self._metrics(pl_module).configure(self.hook.stats_mode)
-        self._stats_source.remember(None, None)
+        metrics = self._metrics(pl_module)
+        if isinstance(metrics, MinMax):
+            metrics.configure(self.hook.stats_mode)
+        self._stats_source.forget()
 
     def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         """Resets the statistics, unless ``accumulate=True``.
@@ -211,7 +291,18 @@ class MinMaxNormalizationHooks:
         """
         del trainer
         self.hook.reducer = allreduce_stats if ddp_active() else None
+        metrics = self._metrics(pl_module)
+        pairs = stat_tensors(metrics, self.hook.stats_mode)
+        if self.hook.stats_mode == "separate" and pairs[PIXEL] is pairs["image"]:
+            raise ValueError(
+                f"pl_module.{ATTRIBUTE} is a {type(metrics).__qualname__}, which holds one "
+                "min/max pair, but the callback collects separate image and pixel statistics "
+                f"(stats='separate'); set `pl_module.{ATTRIBUTE} = "
+                "torch_compat.MinMax(stats='separate')` before validating, or use "
+                "stats='shared'."
+            )
         if self.hook.accumulate:
+            self._share_rank0_stats(pl_module)
             self._load_stats(pl_module)
         self.hook.on_validation_epoch_start()
 
@@ -233,8 +324,10 @@ class MinMaxNormalizationHooks:
         del trainer
         self.hook.on_validation_epoch_end()
         metrics = self._metrics(pl_module)
-        metrics.write(self.hook.host_stats())
-        self._stats_source.remember(metrics, metrics.version())
+        write_stats(metrics, self.hook.stats_mode, self.hook.host_stats())
+        pairs = stat_tensors(metrics, self.hook.stats_mode)
+        tensors = tuple(t for pair in pairs.values() for _, t in pair)
+        self._stats_source.remember(tensors, _versions(tensors))
 
     def on_test_start(self, trainer: Any, pl_module: Any) -> None:
         """Sets the metrics' thresholds to 0.5 and loads the statistics (e.g. restored)."""
@@ -245,12 +338,14 @@ class MinMaxNormalizationHooks:
         ):
             if metrics is not None:
                 metrics.set_threshold(0.5)
+        self._share_rank0_stats(pl_module)
         self._load_stats(pl_module)
         self.hook.on_test_start()
 
     def on_predict_start(self, trainer: Any, pl_module: Any) -> None:
         """Loads the statistics (e.g. restored from a checkpoint)."""
         del trainer
+        self._share_rank0_stats(pl_module)
         self._load_stats(pl_module)
 
     def on_test_batch_end(

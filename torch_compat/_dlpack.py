@@ -29,19 +29,26 @@ import torch
 try:
     # What jax.dlpack.from_dlpack calls once it has found the device and stream. On CPU that
     # search costs ~70 us a call (it raises and catches an error for the missing stream), more
-    # than the whole normalization of a batch of image scores; so CPU tensors of the dtypes
-    # jax keeps as they are take this call directly. Any mismatch with a future jaxlib falls
-    # back to the public function for good.
+    # than the whole normalization of a batch of image scores; on CUDA the public function
+    # costs ~60 us. So tensors of the dtypes jax keeps as they are take this call directly.
+    # Its signature changed across jaxlibs: (capsule, device, stream) in jax 0.7, then
+    # (..., copy) and (..., copy, dl_device_type); the arities are tried newest first, and
+    # when none fits, the public function is used for good.
     from jax._src.lib import _jax as _jaxlib
 
     _fast_from_dlpack = _jaxlib.dlpack_managed_tensor_to_buffer
 except (ImportError, AttributeError):  # pragma: no cover - depends on the jaxlib
     _fast_from_dlpack = None
+_fast_arities = [5, 4, 3]
 
 _KDL_CPU = 1  # DLDeviceType.kDLCPU
+_KDL_CUDA = 2  # DLDeviceType.kDLCUDA
 # Canonical in jax with or without x64, so the public function would not convert them.
 _FAST_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16, torch.int32, torch.bool})
 
+
+# Integer dtypes jax keeps only with x64 (it casts them to 32 bits, wrapping, without it).
+_WIDE_INTS = frozenset(dt for dt in (torch.int64, getattr(torch, "uint64", None)) if dt is not None)
 
 _BFLOAT16 = np.dtype(jax.numpy.bfloat16)
 
@@ -70,13 +77,51 @@ def _local_cpu() -> jax.Device:
     return jax.local_devices(backend="cpu")[0]
 
 
-def _from_dlpack(t: torch.Tensor) -> jax.Array:
+@functools.cache
+def _jax_gpu(index: int) -> tuple[jax.Device | None, int | None]:
+    """The jax device of CUDA ordinal ``index``, and the stream jax reads external data on.
+
+    ``(None, None)`` when jax does not see that GPU: the public function then explains.
+    """
+    matches = [d for d in jax.local_devices(backend="gpu") if d.local_hardware_id == index]
+    if not matches:
+        return None, None
+    device = matches[0]
+    try:
+        # Fixed per device (PJRT's external-ready-event stream); jax.dlpack.from_dlpack asks
+        # for it at every call.
+        stream = device.get_stream_for_external_ready_events()
+    except Exception:  # noqa: BLE001  UNIMPLEMENTED on some backends: no stream, as jax does
+        stream = None
+    return device, stream
+
+
+def _fast_call(t: torch.Tensor, device: jax.Device, stream: int | None, dl_type: int):
     global _fast_from_dlpack
-    if _fast_from_dlpack is not None and t.device.type == "cpu" and t.dtype in _FAST_DTYPES:
+    while _fast_arities:
+        # The stream makes torch order it after its current stream (an event, no host wait);
+        # jax then reads the memory on that stream: never before torch has produced it.
+        capsule = t.__dlpack__() if stream is None else t.__dlpack__(stream=stream)
+        args = (capsule, device, stream, None, dl_type)[: _fast_arities[0]]
         try:
-            return _fast_from_dlpack(t.__dlpack__(), _local_cpu(), None, None, _KDL_CPU)
-        except TypeError:  # pragma: no cover - a jaxlib with another signature
-            _fast_from_dlpack = None
+            return _fast_from_dlpack(*args)
+        except TypeError:  # another jaxlib's signature: try the next arity
+            _fast_arities.pop(0)
+    _fast_from_dlpack = None
+    return None
+
+
+def _from_dlpack(t: torch.Tensor) -> jax.Array:
+    if _fast_from_dlpack is not None and t.dtype in _FAST_DTYPES:
+        out = None
+        if t.device.type == "cpu":
+            out = _fast_call(t, _local_cpu(), None, _KDL_CPU)
+        elif t.device.type == "cuda":
+            device, stream = _jax_gpu(t.device.index if t.device.index is not None else 0)
+            if device is not None:
+                out = _fast_call(t, device, stream, _KDL_CUDA)
+        if out is not None:
+            return out
     return jax.dlpack.from_dlpack(t)
 
 
@@ -103,12 +148,30 @@ def _warn_host_copy(device: torch.device) -> None:
     )
 
 
-def to_jax(tensor: torch.Tensor) -> jax.Array:
+def to_jax(tensor: torch.Tensor, *, name: str = "tensor") -> jax.Array:
     """A jax array over ``tensor``'s memory (zero-copy when possible, see the module doc).
 
-    The tensor is detached first: the result carries no autograd history.
+    The tensor is detached first: the result carries no autograd history. Without
+    ``jax_enable_x64``, 64-bit integers become float32 here (jax would wrap them to int32).
+
+    Args:
+      tensor: any strided tensor.
+      name: what to call the tensor in error messages (e.g. ``"outputs['anomaly_maps']"``).
+
+    Raises:
+      ValueError: the tensor is on the ``meta`` device (it has no values).
     """
     t = tensor.detach()
+    if t.device.type == "meta":
+        raise ValueError(
+            f"{name}: a tensor on the 'meta' device (shape {tuple(t.shape)}, {t.dtype}) has no "
+            "values; materialize it first (e.g. `module.to_empty(device=...)` then load the "
+            "weights, or `.to('cpu')` after filling it)."
+        )
+    if t.dtype in _WIDE_INTS and not jax.config.jax_enable_x64:
+        # jax would cast them to int32 and wrap values beyond 2**31; float32 rounds instead,
+        # as the float64 path narrows (scores are compared in float32 anyway).
+        t = t.float()
     if not jax_reads_device(t.device):
         _warn_host_copy(t.device)
         t = t.cpu()
