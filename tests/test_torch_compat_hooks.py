@@ -302,17 +302,19 @@ def test_separate_stats_in_buffers_and_outputs():
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 def test_nonfinite_raises_with_key_and_count(bad):
     good = make_outputs(0)
-    module, cb = fitted([good])
-    before = module.normalization_metrics.read()
+    module, cb = fitted([make_outputs(2, scale=7.0)])  # last epoch's statistics differ
     poisoned = make_outputs(1, scale=100.0)
     poisoned["anomaly_maps"][0, 0, :2, 0] = bad
     cb.on_validation_epoch_start(None, module)
     cb.on_validation_batch_end(None, module, good, None, 0)
+    cb.on_validation_batch_end(None, module, poisoned, None, 1)  # no per-batch host read
     with pytest.raises(jaxnorm.NonFiniteScoresError, match="2 non-finite.*'anomaly_maps'") as e:
-        cb.on_validation_batch_end(None, module, poisoned, None, 1)
+        cb.on_validation_epoch_end(None, module)
     assert (e.value.key, e.value.count) == ("anomaly_maps", 2)
-    cb.on_validation_epoch_end(None, module)  # the poisoned batch was not folded in
-    assert module.normalization_metrics.read() == before
+    assert "validation batch 1" in str(e.value)
+    # The poisoned batch was not folded in, and the clean batch's statistics were stored.
+    clean = reference.min_max(to_numpy(good)["anomaly_maps"])
+    assert module.normalization_metrics.read()["image"] == clean
 
 
 def test_nonfinite_omit_skips_them():

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import torch
 
 from jaxnorm import MinMax as JaxMinMax
-from jaxnorm import MinMaxNormalizationHook, NormalizationStats
+from jaxnorm import MinMaxNormalizationHook, NonFiniteScoresError, NormalizationStats
 from jaxnorm._src.hook import NonFinitePolicy
 from jaxnorm._src.outputs import NORMALIZED_KEYS, PIXEL, StatsMode
 from jaxnorm._src.validation import loaded_stats
@@ -320,14 +320,27 @@ class MinMaxNormalizationHooks:
         self.hook.on_validation_batch_end(_JaxView(outputs))
 
     def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        """All-reduces the statistics under DDP and stores them in ``normalization_metrics``."""
+        """All-reduces the statistics under DDP and stores them in ``normalization_metrics``.
+
+        Raises:
+          NonFiniteScoresError: a batch of this epoch held NaN/inf under
+            ``nonfinite="raise"`` (the hooks never read the device per batch, so this is where
+            it surfaces). The statistics of the clean batches are stored first: nothing
+            collected is lost.
+        """
         del trainer
-        self.hook.on_validation_epoch_end()
+        error = None
+        try:
+            self.hook.on_validation_epoch_end()
+        except NonFiniteScoresError as e:
+            error = e
         metrics = self._metrics(pl_module)
         write_stats(metrics, self.hook.stats_mode, self.hook.host_stats())
         pairs = stat_tensors(metrics, self.hook.stats_mode)
         tensors = tuple(t for pair in pairs.values() for _, t in pair)
         self._stats_source.remember(tensors, _versions(tensors))
+        if error is not None:
+            raise error
 
     def on_test_start(self, trainer: Any, pl_module: Any) -> None:
         """Sets the metrics' thresholds to 0.5 and loads the statistics (e.g. restored)."""
