@@ -242,3 +242,20 @@ def test_reduce_under_pmap(devices, data):
 def test_unpacks_as_min_max():
     lo, hi = jaxnorm.MinMax.empty().update(np.array([2.0, -1.0]))
     assert (float(lo), float(hi)) == (-1.0, 2.0)
+
+
+@pytest.mark.parametrize("platform", ["cuda", "rocm", "tpu"])
+def test_accelerators_fold_without_a_conditional(platform):
+    """On accelerators a conditional reads its predicate back to the host (XLA:GPU), which
+    would stall every batch: they lower only the branch-free exact pass, three fused sibling
+    reductions (min, max, count), while CPU keeps its conditional fast path (six: plain min,
+    max and sum, then the exact pass)."""
+    x = jax.ShapeDtypeStruct((32, 1, 64, 64), jnp.float32)
+    fold = jax.jit(lambda s, v: s.update_and_count(v))
+
+    def reductions(target):
+        exported = jax.export.export(fold, platforms=[target])(jaxnorm.MinMax.empty(), x)
+        return exported.mlir_module().count("stablehlo.reduce")
+
+    assert reductions(platform) == 3
+    assert reductions("cpu") == 6  # the negative control: the conditional fast path

@@ -30,19 +30,26 @@ def _finite_min_max_count(values, mask):
             jnp.sum(nonfinite, dtype=jnp.uint32),
         )
 
-    if valid is not None:
-        lo, hi, n_bad = exact(x)
-    else:
-        # Fast path: plain min and max, trusted when every value is finite; otherwise the
-        # exact masked pass runs. The finiteness check is its own reduction: XLA:CPU's
-        # vectorised min/max (YNNPACK) drop NaN on large inputs, so they cannot tell. A sum
-        # is NaN or inf whenever a value is (and, rarely, when finite values overflow it:
-        # then the exact pass runs for nothing, and still counts 0).
+    def checked(x):
+        # CPU: plain min and max, trusted when every value is finite; otherwise the exact
+        # masked pass runs. The finiteness check is its own reduction: XLA:CPU's vectorised
+        # min/max (YNNPACK) drop NaN on large inputs, so they cannot tell, and XLA:CPU does
+        # not fuse the masked reductions into one pass. A sum is NaN or inf whenever a value
+        # is (and, rarely, when finite values overflow it: then the exact pass runs for
+        # nothing, and still counts 0).
         lo, hi = jnp.min(x, initial=jnp.inf), jnp.max(x, initial=-jnp.inf)
         clean = jnp.isfinite(jnp.sum(x))
         # (lo != lo) is 0 on this branch; deriving it from lo keeps it varying under shard_map.
         zero = (lo != lo).astype(jnp.uint32)
-        lo, hi, n_bad = lax.cond(clean, lambda x: (lo, hi, zero), exact, x)
+        return lax.cond(clean, lambda x: (lo, hi, zero), exact, x)
+
+    if valid is not None:
+        lo, hi, n_bad = exact(x)
+    else:
+        # Accelerators take the branch-free exact pass: their compilers fuse the three
+        # sibling reductions into one read, and a conditional there reads its predicate back
+        # to the host (XLA:GPU's ConditionalThunk), which would stall every batch.
+        lo, hi, n_bad = lax.platform_dependent(x, cpu=checked, default=exact)
     return lo.astype(jnp.float32), hi.astype(jnp.float32), n_bad
 
 
