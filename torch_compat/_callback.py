@@ -15,6 +15,7 @@ import torch
 
 from jaxnorm import MinMax as JaxMinMax
 from jaxnorm import MinMaxNormalizationHook, NonFiniteScoresError, NormalizationStats
+from jaxnorm._src import batching
 from jaxnorm._src.hook import NonFinitePolicy
 from jaxnorm._src.outputs import NORMALIZED_KEYS, PIXEL, StatsMode
 from jaxnorm._src.validation import loaded_stats
@@ -76,6 +77,39 @@ class _JaxView(Mapping):
 
     def __len__(self) -> int:
         return len(self._keys)
+
+
+# The keys whose leading axis is the batch axis (box_scores are bucketed by the hook itself).
+_ROW_KEYS = ("pred_scores", "anomaly_maps")
+_ROWS = "rows"  # the shim's one bucket key: both keys share their batch size
+
+
+def _pad_rows(outputs: Any, buckets: batching.Buckets, phase: str) -> tuple[Any, int | None]:
+    """Pads the batch axis in torch when a batch has a new, odd size, so jax compiles per
+    bucket and not per size; slicing back is a torch view. Returns ``(outputs, n)``, with
+    ``outputs`` a padded shallow copy and ``n`` the true size, or ``(outputs, None)``.
+
+    torch pads and slices without compiling anything, on every device; the hook's own
+    padding would compile a pad per size for CUDA arrays, and on the CPU wait for the slice.
+    """
+    if not isinstance(outputs, Mapping):
+        return outputs, None  # _JaxView names the problem
+    present = [outputs[key] for key in _ROW_KEYS if key in outputs]
+    if not present or not all(isinstance(t, torch.Tensor) and t.ndim > 0 for t in present):
+        return outputs, None
+    sizes = {t.shape[0] for t in present}
+    if len(sizes) != 1 or any(t.device.type == "meta" for t in present):
+        return outputs, None  # the hook buckets each key itself, or names the problem
+    n = sizes.pop()
+    rows = buckets.rows(phase, _ROWS, n)
+    if rows == n:
+        return outputs, None
+    padded = dict(outputs)
+    for key in _ROW_KEYS:
+        if key in outputs:
+            t = outputs[key].detach()
+            padded[key] = torch.cat([t, t.new_zeros((rows - n, *t.shape[1:]))])
+    return padded, n
 
 
 class _Watched:
@@ -317,7 +351,8 @@ class MinMaxNormalizationHooks:
     ) -> None:
         """Folds the batch's maps, else box scores, else image scores into the statistics."""
         del trainer, pl_module, batch, batch_idx, dataloader_idx
-        self.hook.on_validation_batch_end(_JaxView(outputs))
+        padded, n = _pad_rows(outputs, self.hook._buckets, batching.VALIDATION)
+        self.hook.on_validation_batch_end(_JaxView(padded), valid_rows=n)
 
     def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         """All-reduces the statistics under DDP and stores them in ``normalization_metrics``.
@@ -390,8 +425,9 @@ class MinMaxNormalizationHooks:
     def _normalize_batch(self, outputs: Any, pl_module: Any) -> None:
         self._load_stats(pl_module)
         self._load_thresholds(pl_module)
-        view = _JaxView(outputs)
-        normalized = self.hook.normalize_batch(view, boxes_on_host=True)
+        padded, rows = _pad_rows(outputs, self.hook._buckets, batching.NORMALIZE)
+        view = _JaxView(padded)
+        normalized = self.hook.normalize_batch(view, boxes_on_host=True, valid_rows=rows)
         for key in view:
             like = outputs[key]
             if key == "box_scores" and isinstance(like, (list, tuple)):
@@ -399,7 +435,8 @@ class MinMaxNormalizationHooks:
                     host_to_torch(n, b) for n, b in zip(normalized[key], like, strict=True)
                 ]
             else:
-                outputs[key] = to_torch(normalized[key], like)
+                out = to_torch(normalized[key], like)
+                outputs[key] = out if rows is None else out[:rows]
 
     def __repr__(self) -> str:
         return (
