@@ -5,7 +5,16 @@ BIN := $(VENV)/bin
 # The CPU build that lies on this project's machines; an unpinned torch pulls a CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup test demo bench bench-quick lint clean
+# The floor environment (`make test-floor`): the lowest declared versions on Python 3.10, the
+# anomalib 0.x user's stack. torch for Python 3.10 comes from PyPI (a CUDA build, ~2.7 GB).
+FLOOR_PYTHON ?= $(firstword $(wildcard /root/.pyenv/versions/3.10.*/bin/python3.10) python3.10)
+FLOOR_VENV ?= .venv-floor
+# The integration test with real anomalib 0.7.0 (`make test-anomalib`), on Python 3.11.
+ANOMALIB_PYTHON ?= $(firstword $(wildcard /root/.pyenv/versions/3.11.*/bin/python3.11) python3.11)
+ANOMALIB_VENV ?= .venv-anomalib
+
+.PHONY: setup test demo bench bench-quick lint clean setup-floor test-floor setup-anomalib \
+	test-anomalib ci
 
 setup: $(VENV)/.installed
 
@@ -18,6 +27,38 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+setup-floor: $(FLOOR_VENV)/.installed
+
+$(FLOOR_VENV)/.installed: pyproject.toml Makefile ci/floor-constraints.txt
+	rm -rf $(FLOOR_VENV)
+	$(FLOOR_PYTHON) -m venv $(FLOOR_VENV)
+	$(FLOOR_VENV)/bin/pip install --quiet --upgrade pip
+	$(FLOOR_VENV)/bin/pip install --quiet -c ci/floor-constraints.txt -e ".[torch,test]"
+	$(FLOOR_VENV)/bin/python ci/check_versions.py ci/floor-constraints.txt
+	touch $@
+
+# The whole suite on the floors; tests that need something the floor lacks skip, saying why.
+test-floor: setup-floor
+	$(FLOOR_VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+setup-anomalib: $(ANOMALIB_VENV)/.installed
+
+$(ANOMALIB_VENV)/.installed: pyproject.toml Makefile ci/anomalib-requirements.txt \
+		ci/anomalib-constraints.txt
+	rm -rf $(ANOMALIB_VENV)
+	$(ANOMALIB_PYTHON) -m venv $(ANOMALIB_VENV)
+	$(ANOMALIB_VENV)/bin/pip install --quiet --upgrade pip
+	$(ANOMALIB_VENV)/bin/pip install --quiet -c ci/anomalib-constraints.txt -r ci/anomalib-requirements.txt
+	$(ANOMALIB_VENV)/bin/pip install --quiet --no-deps anomalib==0.7.0
+	$(ANOMALIB_VENV)/bin/pip install --quiet -c ci/anomalib-constraints.txt -e ".[torch,test]"
+	$(ANOMALIB_VENV)/bin/python ci/check_versions.py ci/anomalib-constraints.txt
+	touch $@
+
+# Real anomalib 0.7.0 models with anomalib's callback and with ours (tests_anomalib/).
+test-anomalib: setup-anomalib
+	TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 $(ANOMALIB_VENV)/bin/python -m pytest tests_anomalib \
+		$(PYTEST_ARGS)
 
 demo: setup
 	$(BIN)/python -m jaxnorm.demo $(DEMO_ARGS)
@@ -33,4 +74,4 @@ lint: setup
 	$(BIN)/ruff format --check jaxnorm torch_compat tests benchmarks
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) $(FLOOR_VENV) $(ANOMALIB_VENV) .pytest_cache .hypothesis
