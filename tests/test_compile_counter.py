@@ -99,3 +99,10 @@ def test_block_closes_on_error():
         raise RuntimeError
     _fresh_jit()(np.ones(9, np.float32)).block_until_ready()
     assert log.count == 0, log.names
+
+
+def test_sums_compile_seconds():
+    with count_compiles() as log:
+        _fresh_jit()(np.ones(10, np.float32)).block_until_ready()
+    assert log.count == 1 and len(log.durations) == 1, log
+    assert log.seconds == sum(log.durations) > 0

@@ -20,7 +20,7 @@ import torch.distributed as dist
 import jaxnorm
 import torch_compat
 import torch_compat._callback
-from tests import reference
+from tests import compat, reference
 from torch_compat.pytorch_lightning import MinMaxNormalizationCallback
 
 IMAGE_T, PIXEL_T = 1.3, 0.7
@@ -528,6 +528,7 @@ def test_reducer_combines_ranks_with_min_max_sum(monkeypatch):
     assert module.normalization_metrics.read()["image"] == (-7.0, 9.0)
 
 
+@compat.needs_lightning
 def test_namespaces_share_one_implementation():
     import lightning.pytorch
     import pytorch_lightning

@@ -5,9 +5,9 @@ through anomalib's own config, datamodule, model and ``get_callbacks``: once as 
 builds it, once with ``torch_compat.MinMaxNormalizationCallback`` in place of anomalib's
 ``MinMaxNormalizationCallback`` (the one-line swap of the README). Everything a user gets must
 be the same: ``trainer.test`` metrics, every normalized test and predict output, the
-checkpoint's keys and statistics, and the checkpoint reloads (``trainer.test(ckpt_path=...)``
-and anomalib's ``LoadModelCallback``, as anomalib's ``tools/train.py`` does) with either
-callback and either run's checkpoint.
+checkpoint's keys and statistics, and the checkpoint reloads (``trainer.test(ckpt_path=...)``,
+anomalib's ``LoadModelCallback`` as its ``tools/train.py`` does, and ``load_from_checkpoint``)
+with either callback and either run's checkpoint.
 
 Run it with ``make test-anomalib`` (its own venv, ci/anomalib-constraints.txt).
 """
@@ -99,6 +99,7 @@ def make_config(model_name: str, dataset_root: Path, project: Path):
         path=str(dataset_root),
         category=CATEGORY,
         image_size=IMAGE_SIZE,
+        center_crop=None,
         train_batch_size=4,
         eval_batch_size=4,
         num_workers=0,
@@ -151,9 +152,7 @@ class Recorder(Callback):
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         self.test.append(clone(outputs))
 
-    def on_predict_batch_end(
-        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
-    ):
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         self.predict.append(clone(outputs))
 
 
@@ -171,7 +170,8 @@ class Run:
         self.datamodule = get_datamodule(self.config)
         self.model = get_model(self.config)
         self.recorder = Recorder()
-        self.trainer = trainer_for(self.config, [*callbacks_with(self.config, which), self.recorder])
+        callbacks = [*callbacks_with(self.config, which), self.recorder]
+        self.trainer = trainer_for(self.config, callbacks)
         self.trainer.fit(model=self.model, datamodule=self.datamodule)
         self.ckpt_path = self.trainer.checkpoint_callback.best_model_path
         assert Path(self.ckpt_path).is_file(), self.ckpt_path
@@ -194,7 +194,7 @@ def runs(request, dataset_root, tmp_path_factory) -> dict[str, Run]:
 
 def assert_same_outputs(got: list[dict], want: list[dict], what: str) -> None:
     assert len(got) == len(want), what
-    for b, (g, w) in enumerate(zip(got, want)):
+    for b, (g, w) in enumerate(zip(got, want, strict=True)):
         assert sorted(g) == sorted(w), f"{what}, batch {b}: keys differ"
         for key in w:
             _assert_same(g[key], w[key], f"{what}, batch {b}, {key!r}")
@@ -207,7 +207,7 @@ def _assert_same(got, want, where: str) -> None:
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6, equal_nan=True, msg=where)
     elif isinstance(want, (list, tuple)):
         assert len(got) == len(want), where
-        for i, (g, w) in enumerate(zip(got, want)):
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
             _assert_same(g, w, f"{where}[{i}]")
     else:
         assert got == want, where
@@ -292,14 +292,18 @@ def _reload(runs, ckpt_from: str, callback: str, how: str, tmp_path: Path):
         # anomalib's tools/train.py: the best checkpoint is loaded before testing.
         callbacks.insert(0, LoadModelCallback(weights_path=source.ckpt_path))
         metrics = trainer_for(config, callbacks).test(model=model, datamodule=datamodule)
+    elif how == "load_from_checkpoint":
+        model = type(model).load_from_checkpoint(source.ckpt_path)
+        metrics = trainer_for(config, callbacks).test(model=model, datamodule=datamodule)
     else:
+        assert how == "ckpt_path", how
         metrics = trainer_for(config, callbacks).test(
             model=model, datamodule=datamodule, ckpt_path=source.ckpt_path
         )
     return metrics, recorder.test
 
 
-@pytest.mark.parametrize("how", ["ckpt_path", "LoadModelCallback"])
+@pytest.mark.parametrize("how", ["ckpt_path", "LoadModelCallback", "load_from_checkpoint"])
 @pytest.mark.parametrize(("ckpt_from", "callback"), RELOADS, ids=RELOAD_IDS)
 def test_reload(runs, ckpt_from, callback, how, tmp_path):
     metrics, outputs = _reload(runs, ckpt_from, callback, how, tmp_path)

@@ -20,10 +20,16 @@ class CompileLog:
     """The functions compiled while a ``count_compiles`` block ran, in order."""
 
     names: list[str] = dataclasses.field(default_factory=list)
+    durations: list[float] = dataclasses.field(default_factory=list)
 
     @property
     def count(self) -> int:
         return len(self.names)
+
+    @property
+    def seconds(self) -> float:
+        """The time spent compiling, in seconds."""
+        return sum(self.durations)
 
 
 # One listener for the whole process, registered once and never removed: jax before 0.7.2
@@ -35,7 +41,6 @@ _probe_seen = threading.local()
 
 
 def _listener(event: str, duration: float, **kwargs) -> None:
-    del duration
     if event == _PROBE_EVENT:
         _probe_seen.value = True
         return
@@ -45,6 +50,7 @@ def _listener(event: str, duration: float, **kwargs) -> None:
         logs = list(_open.get(threading.get_ident(), ()))
     for log in logs:
         log.names.append(str(kwargs.get("fun_name", "?")))
+        log.durations.append(float(duration))
 
 
 def _ensure_listening() -> None:
