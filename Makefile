@@ -9,6 +9,7 @@ TORCH ?= torch==2.13.0
 # anomalib 0.x user's stack. torch for Python 3.10 comes from PyPI (a CUDA build, ~2.7 GB).
 FLOOR_PYTHON ?= $(firstword $(wildcard /root/.pyenv/versions/3.10.*/bin/python3.10) python3.10)
 FLOOR_VENV ?= .venv-floor
+FLOOR_CONSTRAINTS ?= ci/floor-constraints.txt
 # The integration test with real anomalib 0.7.0 (`make test-anomalib`), on Python 3.11.
 ANOMALIB_PYTHON ?= $(firstword $(wildcard /root/.pyenv/versions/3.11.*/bin/python3.11) python3.11)
 ANOMALIB_VENV ?= .venv-anomalib
@@ -30,12 +31,12 @@ test: setup
 
 setup-floor: $(FLOOR_VENV)/.installed
 
-$(FLOOR_VENV)/.installed: pyproject.toml Makefile ci/floor-constraints.txt
+$(FLOOR_VENV)/.installed: pyproject.toml Makefile $(FLOOR_CONSTRAINTS)
 	rm -rf $(FLOOR_VENV)
 	$(FLOOR_PYTHON) -m venv $(FLOOR_VENV)
 	$(FLOOR_VENV)/bin/pip install --quiet --upgrade pip
-	$(FLOOR_VENV)/bin/pip install --quiet -c ci/floor-constraints.txt -e ".[torch,demo,test]"
-	$(FLOOR_VENV)/bin/python ci/check_versions.py ci/floor-constraints.txt
+	$(FLOOR_VENV)/bin/pip install --quiet -c $(FLOOR_CONSTRAINTS) -e ".[torch,demo,test]"
+	$(FLOOR_VENV)/bin/python ci/check_versions.py $(FLOOR_CONSTRAINTS)
 	touch $@
 
 # The whole suite on the floors. Tests that need a newer release skip and say why (the
