@@ -79,8 +79,8 @@ bench-quick: setup
 	$(BIN)/python -m benchmarks --quick $(BENCH_ARGS)
 
 lint: setup
-	$(BIN)/ruff check jaxnorm torch_compat tests benchmarks
-	$(BIN)/ruff format --check jaxnorm torch_compat tests benchmarks
+	$(BIN)/ruff check jaxnorm torch_compat tests benchmarks tests_anomalib ci
+	$(BIN)/ruff format --check jaxnorm torch_compat tests benchmarks tests_anomalib ci
 
 clean:
 	rm -rf $(VENV) $(FLOOR_VENV) $(ANOMALIB_VENV) .pytest_cache .hypothesis
