@@ -25,11 +25,6 @@ from torch.utils.data import DataLoader, Dataset
 import jaxnorm
 from torch_compat import MinMaxNormalizationCallback
 
-# Lightning < 2.0 names it replace_sampler_ddp.
-_NO_SAMPLER_ARG = (
-    "use_distributed_sampler" if int(pl.__version__.split(".")[0]) >= 2 else "replace_sampler_ddp"
-)
-
 warnings.filterwarnings("ignore", module="pytorch_lightning|lightning_fabric")
 
 
@@ -161,7 +156,7 @@ def main(workdir: Path) -> None:
         max_epochs=1,
         limit_train_batches=2,
         num_sanity_val_steps=1,
-        **{_NO_SAMPLER_ARG: False},
+        use_distributed_sampler=False,
         callbacks=[norm, recorder, checkpoint],
         default_root_dir=workdir,
         logger=False,
