@@ -9,6 +9,7 @@ import inspect
 from pathlib import Path
 
 import jax
+import jax.export  # noqa: F401 - `import jax` imports it only from jax 0.7 on
 import pytest
 from flax import nnx
 
