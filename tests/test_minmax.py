@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 import jaxnorm
 from jaxnorm.testing import count_compiles
-from tests import reference
+from tests import compat, reference
 
 batches_st = st.lists(
     hnp.arrays(
@@ -208,7 +208,7 @@ def test_reduce_inside_shard_map_equals_single_device(devices, data, n_devices):
     mesh = jax.make_mesh((n_devices,), ("data",), devices=devices[:n_devices])
 
     @jax.jit
-    @functools.partial(jax.shard_map, mesh=mesh, in_specs=P("data"), out_specs=P())
+    @functools.partial(compat.shard_map, mesh=mesh, in_specs=P("data"), out_specs=P())
     def global_stats(x):
         local = jaxnorm.MinMax.empty().update(x)
         return local.reduce("data")
@@ -219,7 +219,7 @@ def test_reduce_inside_shard_map_equals_single_device(devices, data, n_devices):
 
 def test_per_device_states_stacked_reduce_equals_collective(devices, data, mesh):
     @jax.jit
-    @functools.partial(jax.shard_map, mesh=mesh, in_specs=P("data"), out_specs=P("data"))
+    @functools.partial(compat.shard_map, mesh=mesh, in_specs=P("data"), out_specs=P("data"))
     def local_states(x):
         s = jaxnorm.MinMax.empty().update(x)
         return jax.tree.map(lambda a: a[None], s)

@@ -11,7 +11,7 @@ from jax.sharding import PartitionSpec as P
 import jaxnorm
 from jaxnorm.nnx import MinMaxMetric
 from jaxnorm.testing import count_compiles
-from tests import reference
+from tests import compat, reference
 
 
 def batches(n=5, seed=0, shape=(4, 1, 8, 8)):
@@ -129,6 +129,7 @@ def test_inside_multimetric_beside_average_in_nnx_jit():
     assert as_tuple(metrics.compute()["scores"]) == (np.inf, -np.inf)
 
 
+@compat.needs_multimetric_mask_routing
 def test_multimetric_mask_per_metric():
     """MultiMetric forwards ``mask``: a dict routes a pixel mask to this metric only."""
     data = batches()

@@ -12,7 +12,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxnorm
-from tests import reference
+from tests import compat, reference
 
 IMAGE_THRESHOLD, PIXEL_THRESHOLD = 0.25, 0.75
 BATCH = 16
@@ -179,7 +179,7 @@ def test_shard_map_eval_step_with_reduce(devices, batches, test_batch, mesh_shap
     specs = {"anomaly_maps": spec, "pred_scores": P("data")}
 
     @jax.jit
-    @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P(), specs), out_specs=(P(), P()))
+    @functools.partial(compat.shard_map, mesh=mesh, in_specs=(P(), specs), out_specs=(P(), P()))
     def val_step(stats, outputs):
         local = jaxnorm.update_stats(stats, outputs, mode="separate")
         # Every device gets the global state; merge is idempotent, so reducing the carried
@@ -187,7 +187,7 @@ def test_shard_map_eval_step_with_reduce(devices, batches, test_batch, mesh_shap
         return local.reduce(axes), local.pixel.reduce(axes)
 
     @jax.jit
-    @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P(), specs), out_specs=specs)
+    @functools.partial(compat.shard_map, mesh=mesh, in_specs=(P(), specs), out_specs=specs)
     def test_step(stats, outputs):
         return jaxnorm.normalize_outputs(outputs, stats, IMAGE_THRESHOLD, PIXEL_THRESHOLD)
 

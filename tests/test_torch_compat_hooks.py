@@ -21,7 +21,7 @@ import jaxnorm
 import jaxnorm.testing
 import torch_compat
 import torch_compat._callback
-from tests import reference
+from tests import compat, reference
 from torch_compat.pytorch_lightning import MinMaxNormalizationCallback
 
 IMAGE_T, PIXEL_T = 1.3, 0.7
@@ -531,6 +531,7 @@ def test_reducer_combines_ranks_with_min_max_sum(monkeypatch):
     assert module.normalization_metrics.read()["image"] == (-7.0, 9.0)
 
 
+@compat.needs_lightning
 def test_namespaces_share_one_implementation():
     lightning = pytest.importorskip("lightning")  # not in anomalib 0.x's stack
     import pytorch_lightning

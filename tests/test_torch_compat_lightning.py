@@ -22,11 +22,11 @@ import torch
 from torch.utils.data import DataLoader
 
 import jaxnorm
-from tests import reference
+from tests import compat, reference
 from tests import test_torch_compat_hooks as h
 
 REPO = Path(__file__).resolve().parents[1]
-NAMESPACES = ["pytorch_lightning", "lightning.pytorch"]
+NAMESPACES = compat.LIGHTNING_NAMESPACES
 TRAINER = dict(
     accelerator="cpu",
     devices=1,
@@ -188,7 +188,7 @@ def test_accumulate_spans_the_sanity_check_and_every_epoch(accumulate):
 
 
 def test_separate_stats_through_validate_and_predict():
-    ns = namespace("lightning.pytorch")
+    ns = namespace(compat.ANY_NAMESPACE)
     model = ns.Module()
     trainer = ns.Trainer(**TRAINER, callbacks=[ns.Callback(stats="separate")])
     trainer.validate(model)
@@ -234,7 +234,7 @@ def test_nonfinite_validation_outputs_through_the_trainer(nonfinite):
 
 
 def test_test_without_validation_or_checkpoint_is_a_clear_error():
-    ns = namespace("lightning.pytorch")
+    ns = namespace(compat.ANY_NAMESPACE)
     trainer = ns.Trainer(**TRAINER, callbacks=[ns.Callback()])
     with pytest.raises(jaxnorm.StatisticsMissingError, match="run validation"):
         trainer.test(ns.Module())

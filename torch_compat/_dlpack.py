@@ -199,7 +199,7 @@ def to_torch(array: jax.Array, like: torch.Tensor) -> torch.Tensor:
 def host_to_torch(array: np.ndarray, like: torch.Tensor) -> torch.Tensor:
     """``to_torch`` for a writable numpy array on the host (zero-copy on a CPU ``like``)."""
     if array.dtype == _BFLOAT16:  # numpy knows it only through ml_dtypes; torch reads the bits
-        return _match(torch.from_numpy(array.view(np.uint16)).view(torch.bfloat16), like)
+        return _match(torch.from_numpy(array.view(np.int16)).view(torch.bfloat16), like)
     return _match(torch.from_numpy(array), like)
 
 

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxnorm._src.compat import nnx_list
 from jaxnorm.demo.data import crop
 
 
@@ -33,8 +34,8 @@ class ConvAutoencoder(nnx.Module):
             return nnx.Conv(i, o, (3, 3), strides=stride, padding="SAME", rngs=rngs)
 
         w1, w2, w0 = width, 2 * width, max(width // 2, 1)
-        self.encoder = nnx.List([conv(1, w1, 2), conv(w1, w2, 2), conv(w2, latent, 2)])
-        self.decoder = nnx.List([conv(latent, w2), conv(w2, w1), conv(w1, w0)])
+        self.encoder = nnx_list([conv(1, w1, 2), conv(w1, w2, 2), conv(w2, latent, 2)])
+        self.decoder = nnx_list([conv(latent, w2), conv(w2, w1), conv(w1, w0)])
         self.head = conv(w0, 1)
 
     def __call__(self, images: jax.Array) -> jax.Array:

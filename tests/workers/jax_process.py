@@ -7,6 +7,7 @@ Reads ``WORKDIR/inputs.pkl`` (written by the test), validates this process's sha
 ``WORKDIR/result{PROCESS_ID}.json`` and ``WORKDIR/outputs{PROCESS_ID}.npz``.
 """
 
+import inspect
 import json
 import pickle
 import sys
@@ -18,13 +19,14 @@ jax.config.update("jax_cpu_collectives_implementation", "gloo")
 
 
 def main(port: int, num_processes: int, process_id: int, workdir: Path) -> None:
+    timeouts = {"heartbeat_timeout_seconds": 30, "shutdown_timeout_seconds": 30}
+    known = inspect.signature(jax.distributed.initialize).parameters  # jax < 0.6.1 has neither
     jax.distributed.initialize(
         f"127.0.0.1:{port}",
         num_processes=num_processes,
         process_id=process_id,
         initialization_timeout=60,
-        heartbeat_timeout_seconds=30,
-        shutdown_timeout_seconds=30,
+        **{k: v for k, v in timeouts.items() if k in known},
     )
     import numpy as np
     from jax.sharding import NamedSharding

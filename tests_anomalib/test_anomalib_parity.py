@@ -1,0 +1,313 @@
+"""torch_compat's callback in place of anomalib 0.7.0's, in a real anomalib installation.
+
+Each model is trained twice on a small synthetic MVTec-layout dataset that this test writes,
+through anomalib's own config, datamodule, model and ``get_callbacks``: once as anomalib
+builds it, once with ``torch_compat.MinMaxNormalizationCallback`` in place of anomalib's
+``MinMaxNormalizationCallback`` (the one-line swap of the README). Everything a user gets must
+be the same: ``trainer.test`` metrics, every normalized test and predict output, the
+checkpoint's keys and statistics, and the checkpoint reloads (``trainer.test(ckpt_path=...)``,
+anomalib's ``LoadModelCallback`` as its ``tools/train.py`` does, and ``load_from_checkpoint``)
+with either callback and either run's checkpoint.
+
+Run it with ``make test-anomalib`` (its own venv, ci/anomalib-constraints.txt).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import anomalib
+import numpy as np
+import pytest
+import torch
+from anomalib.config import get_configurable_parameters
+from anomalib.data import get_datamodule
+from anomalib.models import get_model
+from anomalib.utils.callbacks import LoadModelCallback, get_callbacks
+from anomalib.utils.callbacks import MinMaxNormalizationCallback as AnomalibCallback
+from omegaconf import OmegaConf
+from PIL import Image
+from pytorch_lightning import Callback, Trainer, seed_everything
+
+import torch_compat
+
+CATEGORY = "synthetic"
+IMAGE_SIZE = 64
+DEFECT = "scratch"
+N_TRAIN, N_GOOD, N_DEFECT = 8, 3, 3
+# Fast versions of anomalib's own model configs: small images, a small backbone, no weights
+# to download (pre_trained=False: none can be downloaded here).
+MODEL_OVERRIDES = {
+    "padim": {"backbone": "resnet18", "layers": ["layer1", "layer2"]},
+    "patchcore": {"backbone": "resnet18", "layers": ["layer2", "layer3"]},
+}
+CALLBACKS = ("anomalib", "torch_compat")
+
+
+# --- the dataset ------------------------------------------------------------------------
+
+
+def _texture(rng: np.random.Generator) -> np.ndarray:
+    """A brushed-metal-like RGB image: smooth stripes plus noise."""
+    x = np.linspace(0, 6 * np.pi, IMAGE_SIZE)
+    stripes = 0.5 + 0.2 * np.sin(x[None, :] + rng.uniform(0, np.pi))
+    img = stripes + 0.05 * rng.standard_normal((IMAGE_SIZE, IMAGE_SIZE))
+    return np.repeat(img[..., None], 3, axis=-1)
+
+
+def _save(path: Path, img: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.clip(img * 255, 0, 255).astype(np.uint8)).save(path)
+
+
+def write_mvtec(root: Path, seed: int = 0) -> None:
+    """train/good, test/good, test/<defect> and ground_truth/<defect>/*_mask.png."""
+    rng = np.random.default_rng(seed)
+    base = root / CATEGORY
+    for i in range(N_TRAIN):
+        _save(base / "train" / "good" / f"{i:03d}.png", _texture(rng))
+    for i in range(N_GOOD):
+        _save(base / "test" / "good" / f"{i:03d}.png", _texture(rng))
+    for i in range(N_DEFECT):
+        img = _texture(rng)
+        mask = np.zeros((IMAGE_SIZE, IMAGE_SIZE), bool)
+        r, c = rng.integers(8, IMAGE_SIZE - 24, size=2)
+        mask[r : r + 4 + 2 * i, c : c + 16] = True
+        img[mask] = rng.uniform(0.0, 0.15)
+        _save(base / "test" / DEFECT / f"{i:03d}.png", img)
+        mask_path = base / "ground_truth" / DEFECT / f"{i:03d}_mask.png"
+        mask_path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(mask.astype(np.uint8) * 255).save(mask_path)
+
+
+@pytest.fixture(scope="session")
+def dataset_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("mvtec")
+    write_mvtec(root)
+    return root
+
+
+# --- anomalib's flow ----------------------------------------------------------------------
+
+
+def make_config(model_name: str, dataset_root: Path, project: Path):
+    """anomalib's own config for ``model_name``, made small, through get_configurable_parameters."""
+    shipped = Path(anomalib.__file__).parent / "models" / model_name / "config.yaml"
+    config = OmegaConf.load(shipped)
+    config.dataset.update(
+        path=str(dataset_root),
+        category=CATEGORY,
+        image_size=IMAGE_SIZE,
+        center_crop=None,
+        train_batch_size=4,
+        eval_batch_size=4,
+        num_workers=0,
+    )
+    config.model.update(pre_trained=False, **MODEL_OVERRIDES[model_name])
+    config.project.path = str(project)
+    config.visualization.update(show_images=False, save_images=False, log_images=False)
+    config.trainer.update(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    path = project / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(config, path)
+    return get_configurable_parameters(model_name=model_name, config_path=path)
+
+
+def callbacks_with(config, which: str) -> list[Callback]:
+    """anomalib's ``get_callbacks``, with its MinMaxNormalizationCallback or ours in its place."""
+    callbacks = get_callbacks(config)
+    at = [i for i, c in enumerate(callbacks) if isinstance(c, AnomalibCallback)]
+    assert len(at) == 1, callbacks
+    if which == "torch_compat":
+        callbacks[at[0]] = torch_compat.MinMaxNormalizationCallback()
+    else:
+        assert which == "anomalib", which
+    return callbacks
+
+
+def clone(x):
+    """A deep copy of an output dict, tensors detached and cloned."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().clone()
+    if isinstance(x, dict):
+        return {k: clone(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(clone(v) for v in x)
+    return copy.deepcopy(x)
+
+
+class Recorder(Callback):
+    """Last in the list: keeps every test and predict output as the callbacks left it."""
+
+    def __init__(self):
+        self.test, self.predict = [], []
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self.test.append(clone(outputs))
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self.predict.append(clone(outputs))
+
+
+def trainer_for(config, callbacks: list[Callback]) -> Trainer:
+    return Trainer(**config.trainer, logger=False, callbacks=callbacks)
+
+
+class Run:
+    """One training run as anomalib's tools/train.py does it, then test and predict."""
+
+    def __init__(self, model_name: str, which: str, dataset_root: Path, workdir: Path):
+        self.model_name, self.which = model_name, which
+        self.config = make_config(model_name, dataset_root, workdir / f"{model_name}-{which}")
+        seed_everything(self.config.project.seed)
+        self.datamodule = get_datamodule(self.config)
+        self.model = get_model(self.config)
+        self.recorder = Recorder()
+        callbacks = [*callbacks_with(self.config, which), self.recorder]
+        self.trainer = trainer_for(self.config, callbacks)
+        self.trainer.fit(model=self.model, datamodule=self.datamodule)
+        self.ckpt_path = self.trainer.checkpoint_callback.best_model_path
+        assert Path(self.ckpt_path).is_file(), self.ckpt_path
+        self.metrics = self.trainer.test(model=self.model, datamodule=self.datamodule)
+        self.predicted = self.trainer.predict(
+            model=self.model, dataloaders=self.datamodule.test_dataloader()
+        )
+        self.ckpt = torch.load(self.ckpt_path, map_location="cpu")
+
+
+@pytest.fixture(scope="module", params=sorted(MODEL_OVERRIDES))
+def runs(request, dataset_root, tmp_path_factory) -> dict[str, Run]:
+    """Both runs of one model: anomalib's callback, then ours, each from the same seed."""
+    workdir = tmp_path_factory.mktemp(request.param)
+    return {which: Run(request.param, which, dataset_root, workdir) for which in CALLBACKS}
+
+
+# --- comparisons ------------------------------------------------------------------------
+
+
+def assert_same_outputs(got: list[dict], want: list[dict], what: str) -> None:
+    assert len(got) == len(want), what
+    for b, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert sorted(g) == sorted(w), f"{what}, batch {b}: keys differ"
+        for key in w:
+            _assert_same(g[key], w[key], f"{what}, batch {b}, {key!r}")
+
+
+def _assert_same(got, want, where: str) -> None:
+    if isinstance(want, torch.Tensor):
+        assert isinstance(got, torch.Tensor), f"{where}: {type(got)}"
+        assert got.dtype == want.dtype and got.shape == want.shape, where
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6, equal_nan=True, msg=where)
+    elif isinstance(want, (list, tuple)):
+        assert len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            _assert_same(g, w, f"{where}[{i}]")
+    else:
+        assert got == want, where
+
+
+def assert_same_metrics(got: list[dict], want: list[dict], what: str) -> None:
+    assert len(got) == len(want) == 1, (got, want)
+    assert sorted(got[0]) == sorted(want[0]), what
+    for name, value in want[0].items():
+        assert got[0][name] == pytest.approx(value, abs=1e-6), f"{what}: {name}"
+
+
+def test_the_dataset_is_what_anomalib_reads(runs):
+    data = runs["anomalib"].datamodule
+    assert len(data.train_data) == N_TRAIN
+    assert len(data.test_data) == N_GOOD + N_DEFECT
+    labels = torch.cat([batch["label"] for batch in runs["anomalib"].recorder.test])
+    assert sorted(labels.tolist()) == [0] * N_GOOD + [1] * N_DEFECT
+
+
+def test_the_swap_is_real(runs):
+    assert isinstance(runs["anomalib"].model.normalization_metrics, anomalib.utils.metrics.MinMax)
+    callbacks = runs["torch_compat"].trainer.callbacks
+    assert sum(isinstance(c, torch_compat.MinMaxNormalizationCallback) for c in callbacks) == 1
+    assert not any(isinstance(c, AnomalibCallback) for c in callbacks)
+
+
+def test_statistics_and_thresholds_match(runs):
+    a, ours = runs["anomalib"].model, runs["torch_compat"].model
+    for name in ("min", "max"):
+        got = getattr(ours.normalization_metrics, name)
+        want = getattr(a.normalization_metrics, name)
+        torch.testing.assert_close(got.cpu(), want.cpu(), rtol=0, atol=0, msg=name)
+    for name in ("image_threshold", "pixel_threshold"):
+        got, want = getattr(ours, name).value, getattr(a, name).value
+        torch.testing.assert_close(got.cpu(), want.cpu(), rtol=0, atol=0, msg=name)
+
+
+def test_test_metrics_match(runs):
+    assert_same_metrics(runs["torch_compat"].metrics, runs["anomalib"].metrics, "trainer.test")
+
+
+def test_normalized_test_outputs_match(runs):
+    got, want = runs["torch_compat"].recorder.test, runs["anomalib"].recorder.test
+    assert_same_outputs(got, want, "test outputs")
+    # Normalized: the scores lie in [0, 1] and are not the raw ones.
+    scores = torch.cat([b["pred_scores"] for b in want])
+    assert float(scores.min()) >= 0.0 and float(scores.max()) <= 1.0
+
+
+def test_normalized_predict_outputs_match(runs):
+    got, want = runs["torch_compat"].predicted, runs["anomalib"].predicted
+    assert_same_outputs(got, want, "trainer.predict")
+    assert_same_outputs(runs["torch_compat"].recorder.predict, got, "on_predict_batch_end")
+    assert any("box_scores" in b for b in want)
+
+
+def test_checkpoint_keys_match(runs):
+    got, want = runs["torch_compat"].ckpt, runs["anomalib"].ckpt
+    assert sorted(got["state_dict"]) == sorted(want["state_dict"])
+    for key in ("normalization_metrics.min", "normalization_metrics.max"):
+        assert key in want["state_dict"], sorted(want["state_dict"])
+        torch.testing.assert_close(got["state_dict"][key], want["state_dict"][key], msg=key)
+    assert sorted(k for k in got if k != "callbacks") == sorted(k for k in want if k != "callbacks")
+
+
+# --- reloads: every checkpoint with every callback ------------------------------------------
+
+RELOADS = [(ckpt, cb) for ckpt in CALLBACKS for cb in CALLBACKS]
+RELOAD_IDS = [f"{ckpt}-checkpoint-with-{cb}-callback" for ckpt, cb in RELOADS]
+
+
+def _reload(runs, ckpt_from: str, callback: str, how: str, tmp_path: Path):
+    source = runs[ckpt_from]
+    config = make_config(source.model_name, Path(source.config.dataset.path), tmp_path)
+    seed_everything(config.project.seed)
+    datamodule = get_datamodule(config)
+    model = get_model(config)
+    recorder = Recorder()
+    callbacks = [*callbacks_with(config, callback), recorder]
+    if how == "LoadModelCallback":
+        # anomalib's tools/train.py: the best checkpoint is loaded before testing.
+        callbacks.insert(0, LoadModelCallback(weights_path=source.ckpt_path))
+        metrics = trainer_for(config, callbacks).test(model=model, datamodule=datamodule)
+    elif how == "load_from_checkpoint":
+        model = type(model).load_from_checkpoint(source.ckpt_path)
+        metrics = trainer_for(config, callbacks).test(model=model, datamodule=datamodule)
+    else:
+        assert how == "ckpt_path", how
+        metrics = trainer_for(config, callbacks).test(
+            model=model, datamodule=datamodule, ckpt_path=source.ckpt_path
+        )
+    return metrics, recorder.test
+
+
+@pytest.mark.parametrize("how", ["ckpt_path", "LoadModelCallback", "load_from_checkpoint"])
+@pytest.mark.parametrize(("ckpt_from", "callback"), RELOADS, ids=RELOAD_IDS)
+def test_reload(runs, ckpt_from, callback, how, tmp_path):
+    metrics, outputs = _reload(runs, ckpt_from, callback, how, tmp_path)
+    want = runs["anomalib"]
+    what = f"{ckpt_from} checkpoint tested with the {callback} callback through {how}"
+    assert_same_metrics(metrics, want.metrics, what)
+    assert_same_outputs(outputs, want.recorder.test, what)
