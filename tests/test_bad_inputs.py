@@ -11,11 +11,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import jaxnorm
-from tests import reference
+from tests import compat, reference
 
 F32_MAX = float(np.finfo(np.float32).max)
 
@@ -149,16 +149,20 @@ def test_statistics_beyond_float32_raise():
         jaxnorm.normalize(np.ones(2, np.float32), 0.0, 0.0, 1e39)
     with pytest.raises(ValueError, match="image_threshold is 1e.39, beyond float32's range"):
         jaxnorm.MinMaxNormalizationHook(image_threshold=1e39)
-    with jax.enable_x64(True):  # float64 targets compute in float64: fine there
+    with compat.enable_x64(True):  # float64 targets compute in float64: fine there
         got = jaxnorm.normalize(np.array([1e39, 3e39]), 2e39, 1e39, 3e39)
         np.testing.assert_allclose(got, [0.0, 1.0], atol=1e-12)
 
 
+F32_TINY = float(np.finfo(np.float32).tiny)
 finite32 = st.floats(-F32_MAX, F32_MAX, width=32, allow_subnormal=False)
 
 
 @settings(max_examples=200, deadline=None)
 @given(a=finite32, b=finite32, t=finite32, xs=st.lists(finite32, min_size=1, max_size=8))
+# Equal statistics whose halves flush to signed zeros: the step must not flip.
+@example(a=-F32_TINY, b=-F32_TINY, t=0.0, xs=[1.0, 0.0, -1.0])
+@example(a=F32_TINY, b=F32_TINY, t=0.0, xs=[1.0, 0.0, -1.0])
 def test_any_finite_inputs_give_scores_in_unit_interval(a, b, t, xs):
     lo, hi = min(a, b), max(a, b)
     got = np.asarray(jaxnorm.normalize(np.array(xs, np.float32), t, lo, hi))

@@ -244,6 +244,11 @@ def test_unpacks_as_min_max():
     assert (float(lo), float(hi)) == (-1.0, 2.0)
 
 
+@pytest.mark.skipif(
+    jax.__version_info__ < (0, 7),
+    reason="jax < 0.7 exports every lax.platform_dependent branch behind a constant platform "
+    "index (XLA drops the others when it compiles), so the export cannot show the choice",
+)
 @pytest.mark.parametrize("platform", ["cuda", "rocm", "tpu"])
 def test_accelerators_fold_without_a_conditional(platform):
     """On accelerators a conditional reads its predicate back to the host (XLA:GPU), which

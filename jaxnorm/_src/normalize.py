@@ -34,6 +34,9 @@ def _math(targets, threshold, min_val, max_val):
     # power of two first, so that its reciprocal is never subnormal (flushed to 0 by XLA,
     # which would turn every score into 0.5). Both scalings are exact.
     half_range = 0.5 * jnp.asarray(max_val, compute) - 0.5 * jnp.asarray(min_val, compute)
+    # Halves of equal tiny statistics flush to zero and may differ in sign (-0 - +0 = -0):
+    # a range that is not positive is exactly +0, so a degenerate range scales by +inf.
+    half_range = jnp.where(half_range > 0, half_range, jnp.zeros((), compute))
     big = half_range >= 2.0**62
     pre = jnp.where(big, jnp.asarray(2.0**-64, compute), jnp.asarray(1, compute))
     scale = 0.5 / (half_range * pre)
