@@ -6,7 +6,6 @@ rows time those exchanges alone, so the shim's overhead can be read off the tabl
 
 from __future__ import annotations
 
-import types
 from typing import Any
 
 import jax
@@ -14,7 +13,7 @@ import jax.dlpack
 import torch
 
 from benchmarks import anomalib_ref, environment, timing
-from benchmarks.cases import base
+from benchmarks.cases import base, loops
 from benchmarks.records import CaseResult, timed_rows
 
 KEY = "shim"
@@ -27,19 +26,7 @@ TO_TORCH = "jax -> torch: torch.from_dlpack(a)"
 SHIM_TO_JAX = "torch -> jax: torch_compat.to_jax(t)"
 SHIM_TO_TORCH = "jax -> torch: torch_compat.to_torch(a, like=t)"
 
-IMAGE_THRESHOLD, PIXEL_THRESHOLD = 1.2, 0.9
 VAL_BATCHES = 3
-
-
-def _pl_module() -> types.SimpleNamespace:
-    """The attributes of an anomalib module that the callbacks read."""
-    dev = environment.torch_device()
-    return types.SimpleNamespace(
-        image_threshold=types.SimpleNamespace(value=torch.tensor(IMAGE_THRESHOLD, device=dev)),
-        pixel_threshold=types.SimpleNamespace(value=torch.tensor(PIXEL_THRESHOLD, device=dev)),
-        image_metrics=None,
-        pixel_metrics=None,
-    )
 
 
 def _batch(seed: int, with_maps: bool) -> dict[str, torch.Tensor]:
@@ -51,7 +38,7 @@ def _batch(seed: int, with_maps: bool) -> dict[str, torch.Tensor]:
 
 def _fit_shim(callback_cls: type, val: list[dict[str, torch.Tensor]]) -> tuple[Any, Any]:
     """A shim callback and module whose statistics come from ``val``, ready to test."""
-    cb, pm = callback_cls(), _pl_module()
+    cb, pm = callback_cls(), loops.pl_module()
     cb.setup(None, pm, stage="fit")
     cb.on_validation_epoch_start(None, pm)
     for i, outputs in enumerate(val):
@@ -62,7 +49,7 @@ def _fit_shim(callback_cls: type, val: list[dict[str, torch.Tensor]]) -> tuple[A
 
 
 def _fit_anomalib(val: list[dict[str, torch.Tensor]]) -> tuple[Any, Any]:
-    cb, pm = anomalib_ref.MinMaxNormalizationCallback(), _pl_module()
+    cb, pm = anomalib_ref.MinMaxNormalizationCallback(), loops.pl_module()
     pm.normalization_metrics = anomalib_ref.MinMax().to(environment.torch_device())
     for i, outputs in enumerate(val):
         cb.on_validation_batch_end(None, pm, dict(outputs), None, i, 0)
