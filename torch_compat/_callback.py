@@ -245,8 +245,10 @@ class MinMaxNormalizationHooks:
           ValueError: naming the source, key and value, for statistics that are not finite
             (other than the empty pair), not one number each, or with ``max < min``.
         """
-        metrics = self._metrics(pl_module)
-        pairs = stat_tensors(metrics, self.hook.stats_mode)
+        metrics = getattr(pl_module, ATTRIBUTE, None)
+        if metrics is None:
+            metrics = self._metrics(pl_module)
+        pairs = stat_tensors(metrics, self.hook.stats_mode)  # raises, naming what is there
         tensors = tuple(t for pair in pairs.values() for _, t in pair)
         versions = _versions(tensors)
         if self._stats_source.unchanged(tensors, versions):
