@@ -5,15 +5,11 @@ during validation, then map every test or predict score to [0, 1] with the decis
 at 0.5.
 """
 
-import random as _random
+from jaxnorm._src.random_state import global_random_state_kept as _kept
 
-import numpy as _np
-
-# Importing jax draws from numpy's global random state (a module-level np.random call in
-# jax's cluster detection). A user who seeds numpy, then imports us, must get the numbers
-# they would get without us: both global states are put back as they were.
-_np_state, _py_state = _np.random.get_state(), _random.getstate()
-try:
+# Importing jax draws from numpy's global random state: the imports below leave it, and
+# Python's, as they were.
+with _kept():
     from jaxnorm import nnx as nnx
     from jaxnorm._src.errors import NO_VALUES_MESSAGE as NO_VALUES_MESSAGE
     from jaxnorm._src.errors import NonFiniteScoresError as NonFiniteScoresError
@@ -25,9 +21,5 @@ try:
     from jaxnorm._src.outputs import NormalizationStats as NormalizationStats
     from jaxnorm._src.outputs import normalize_outputs as normalize_outputs
     from jaxnorm._src.outputs import update_stats as update_stats
-finally:
-    _np.random.set_state(_np_state)
-    _random.setstate(_py_state)
-    del _np_state, _py_state
 
 __version__ = "0.1.0"

@@ -15,10 +15,7 @@ run the same code.
 from __future__ import annotations
 
 import importlib.util
-import random as _random
 from typing import TYPE_CHECKING, Any
-
-import numpy as _np
 
 from torch_compat._memory import PreallocationWarning as PreallocationWarning
 from torch_compat._memory import disable_preallocation as _disable_preallocation
@@ -29,18 +26,14 @@ _user_set_preallocate = _disable_preallocation()
 
 # Importing jax (through jaxnorm), torch or torchmetrics must not move the user's seeded
 # random numbers: numpy's and Python's global states are put back as they were.
-_np_state, _py_state = _np.random.get_state(), _random.getstate()
-try:
-    import jaxnorm as _jaxnorm  # noqa: F401  isort: skip
+from jaxnorm._src.random_state import global_random_state_kept as _kept  # noqa: E402  isort: skip
+
+with _kept():
     from torch_compat._allreduce import allreduce_stats as allreduce_stats
     from torch_compat._dlpack import HostCopyWarning as HostCopyWarning
     from torch_compat._dlpack import to_jax as to_jax
     from torch_compat._dlpack import to_torch as to_torch
     from torch_compat._minmax import MinMax as MinMax
-finally:
-    _np.random.set_state(_np_state)
-    _random.setstate(_py_state)
-    del _np_state, _py_state
 
 _warn_if_preallocated(_user_set_preallocate)
 
