@@ -354,6 +354,31 @@ def test_wide_integer_scores_do_not_wrap(dtype):
     assert (lo, hi) == (float(np.float32(big)), float(np.float32(big + 2**30)))
 
 
+def test_checkpoint_keys_load_both_ways_with_anomalib():
+    module, _ = h.fitted([h.make_outputs(0)])
+    ours = module.state_dict()
+    theirs_module = h.Module()
+    theirs_module.normalization_metrics = AnomalibMinMax()
+    assert sorted(theirs_module.state_dict()) == sorted(ours)
+    theirs_module.load_state_dict(ours)  # strict
+    assert (
+        float(theirs_module.normalization_metrics.min),
+        float(theirs_module.normalization_metrics.max),
+    ) == module.normalization_metrics.read()["image"]
+
+    # an anomalib checkpoint into ours: a fresh process has a fresh callback and module
+    theirs_module.normalization_metrics.reset()
+    theirs_module.normalization_metrics.update(torch.tensor([-3.0, 0.25, 4.5]))
+    fresh, cb = h.Module(), h.MinMaxNormalizationCallback()
+    cb.setup(None, fresh, "test")
+    fresh.load_state_dict(theirs_module.state_dict())  # strict
+    cb.on_test_start(None, fresh)
+    outputs = {"pred_scores": torch.tensor([-3.0, 1.3, 4.5])}
+    cb.on_test_batch_end(None, fresh, outputs, None, 0)
+    want = reference.normalize([-3.0, 1.3, 4.5], h.IMAGE_T, -3.0, 4.5)
+    np.testing.assert_allclose(outputs["pred_scores"].numpy(), want, atol=1e-6)
+
+
 # -- torch_compat.MinMax as a torchmetrics Metric (issue 9, point 5) ------------------------
 
 

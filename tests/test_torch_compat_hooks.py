@@ -373,58 +373,6 @@ def test_thresholds_are_read_from_the_module_at_every_batch():
         cb.on_test_batch_end(None, module, {"pred_scores": torch.zeros(2)}, None, 0)
 
 
-class AnomalibMinMax:
-    """anomalib 0.3.6-0.7's MinMax metric (a torchmetrics Metric), built on first use."""
-
-    @staticmethod
-    def make():
-        torchmetrics = pytest.importorskip("torchmetrics")
-
-        class MinMax(torchmetrics.Metric):
-            full_state_update = True
-
-            def __init__(self, **kwargs):
-                super().__init__(**kwargs)
-                self.add_state("min", torch.tensor(float("inf")), persistent=True)
-                self.add_state("max", torch.tensor(float("-inf")), persistent=True)
-                self.min = torch.tensor(float("inf"))
-                self.max = torch.tensor(float("-inf"))
-
-            def update(self, predictions):
-                self.max = torch.max(self.max, torch.max(predictions))
-                self.min = torch.min(self.min, torch.min(predictions))
-
-            def compute(self):
-                return self.min, self.max
-
-        return MinMax()
-
-
-def test_checkpoint_keys_load_both_ways_with_anomalib():
-    module, _ = fitted([make_outputs(0)])
-    ours = module.state_dict()
-    theirs_module = Module()
-    theirs_module.normalization_metrics = AnomalibMinMax.make()
-    assert sorted(theirs_module.state_dict()) == sorted(ours)
-    theirs_module.load_state_dict(ours)  # strict
-    assert (
-        float(theirs_module.normalization_metrics.min),
-        float(theirs_module.normalization_metrics.max),
-    ) == module.normalization_metrics.read()["image"]
-
-    # an anomalib checkpoint into ours: a fresh process has a fresh callback and module
-    theirs_module.normalization_metrics.reset()
-    theirs_module.normalization_metrics.update(torch.tensor([-3.0, 0.25, 4.5]))
-    fresh, cb = Module(), MinMaxNormalizationCallback()
-    cb.setup(None, fresh, "test")
-    fresh.load_state_dict(theirs_module.state_dict())  # strict
-    cb.on_test_start(None, fresh)
-    outputs = {"pred_scores": torch.tensor([-3.0, 1.3, 4.5])}
-    cb.on_test_batch_end(None, fresh, outputs, None, 0)
-    want = reference.normalize([-3.0, 1.3, 4.5], IMAGE_T, -3.0, 4.5)
-    np.testing.assert_allclose(outputs["pred_scores"].numpy(), want, atol=1e-6)
-
-
 def test_shared_checkpoint_loads_into_separate_stats_and_not_the_reverse():
     shared, _ = fitted([make_outputs(0)])
     module, cb = Module(), MinMaxNormalizationCallback(stats="separate")
