@@ -148,6 +148,16 @@ def validation_stats(name: str, obj: Any) -> tuple[float, float]:
     return float(obj[0]), float(obj[1])
 
 
+def stats_agree(label: str, stats: dict[str, tuple[float, float]]) -> str:
+    """``agree`` for validation loops: every ``(min, max)`` must equal the hook's exactly."""
+    ref = stats[HOOK]
+    return agree(
+        f"{label}, (min, max) against the hook's {ref}",
+        {k: max(abs(a - b) for a, b in zip(v, ref, strict=True)) for k, v in stats.items()},
+        tol=0.0,
+    )
+
+
 # -- test: normalization ------------------------------------------------------------------
 
 

@@ -106,14 +106,7 @@ def _validation(res: CaseResult, cfg: base.RunConfig, n: int) -> str:
         loops.SHIM: loops.validation_stats(loops.SHIM, fns[loops.SHIM]()),
         FLOOR_VAL: loops.validation_stats(loops.HOOK, fns[FLOOR_VAL]()),
     }
-    ref = got[loops.HOOK]
-    res.notes.append(
-        loops.agree(
-            f"{group}, (min, max) against the hook's",
-            {k: max(abs(a - b) for a, b in zip(v, ref, strict=True)) for k, v in got.items()},
-            tol=0.0,
-        )
-    )
+    res.notes.append(loops.stats_agree(group, got))
     contenders = [
         timing.Contender(loops.HOOK, fns[loops.HOOK], role="jaxnorm"),
         timing.Contender(loops.SHIM, fns[loops.SHIM], sync=timing.sync_all, role="jaxnorm"),

@@ -82,14 +82,7 @@ def _validation_group(res: CaseResult, cfg: base.RunConfig, maps: tuple[int, ...
         loops.ANOMALIB: loops.anomalib_validation(ref, ref_pm, val.torch, n),
     }
     stats = {name: loops.validation_stats(name, fn()) for name, fn in fns.items()}
-    first = stats[loops.HOOK]
-    res.notes.append(
-        loops.agree(
-            f"{group}, (min, max) against the hook's {first}",
-            {k: max(abs(a - b) for a, b in zip(v, first, strict=True)) for k, v in stats.items()},
-            tol=0.0,
-        )
-    )
+    res.notes.append(loops.stats_agree(group, stats))
     contenders = [
         timing.Contender(loops.HOOK, fns[loops.HOOK], role="jaxnorm"),
         timing.Contender(loops.SHIM, fns[loops.SHIM], sync=timing.sync_all, role="jaxnorm"),
