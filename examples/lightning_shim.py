@@ -83,7 +83,8 @@ class AnomalyModule(pl.LightningModule):
 
     def predict_step(self, batch, batch_idx, dataloader_idx=0):
         images, labels = batch
-        return {**self(images), "label": labels, "raw_scores": self(images)["pred_scores"]}
+        outputs = self(images)  # the callback normalizes these; the copies stay raw
+        return {**outputs, "label": labels, "raw_scores": outputs["pred_scores"].clone()}
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=0.05)
@@ -93,27 +94,24 @@ def loader(n: int, anomalous: float, shuffle: bool = False) -> DataLoader:
     return DataLoader(make_images(n, anomalous), batch_size=32, shuffle=shuffle)
 
 
+# A quiet run: no progress bar, logger, checkpoint files or model summary.
+QUIET = dict(
+    enable_progress_bar=False, logger=False, enable_checkpointing=False, enable_model_summary=False
+)
+
 model = AnomalyModule()
 trainer = pl.Trainer(
     accelerator="cpu",
-    devices=1,
     max_epochs=3,
-    log_every_n_steps=1,
-    num_sanity_val_steps=0,
     callbacks=[MinMaxNormalizationCallback()],
-    # a quiet run: no progress bar, logger, checkpoint files or model summary
-    enable_progress_bar=False,
-    logger=False,
-    enable_checkpointing=False,
-    enable_model_summary=False,
+    **QUIET,
 )
 trainer.fit(model, loader(2048, 0.0, shuffle=True), loader(128, 0.5))
+predictions = trainer.predict(model, loader(128, 0.5))  # normalized by the callback
 
 stats = model.normalization_metrics  # anomalib's keys: normalization_metrics.min / .max
 print(f"statistics: min {float(stats.min):.4f}, max {float(stats.max):.4f}")
 print(f"image threshold (raw): {float(model.image_threshold.value):.4f}")
-
-predictions = trainer.predict(model, loader(128, 0.5))  # normalized by the callback
 agree = hits = total = 0
 for batch in predictions:
     scores, raw, labels = batch["pred_scores"], batch["raw_scores"], batch["label"]
