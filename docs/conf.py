@@ -39,7 +39,12 @@ myst_enable_extensions = ["colon_fence", "deflist"]
 myst_heading_anchors = 3
 
 autodoc_member_order = "bysource"
-autodoc_typehints = "signature"
+autodoc_typehints = "description"
+autodoc_typehints_description_target = "documented"
+# Types go with each parameter's description, where long ones read better than in the
+# signature. These aliases keep their names (an alias used in a union would not: Sphinx 9
+# prints it as a TypeAliasForwardRef).
+autodoc_type_aliases = {"StatsMode": "StatsMode", "NonFinitePolicy": "NonFinitePolicy"}
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_rtype = False
