@@ -14,7 +14,7 @@ FLOOR_CONSTRAINTS ?= ci/floor-constraints.txt
 ANOMALIB_PYTHON ?= $(firstword $(wildcard /root/.pyenv/versions/3.11.*/bin/python3.11) python3.11)
 ANOMALIB_VENV ?= .venv-anomalib
 
-.PHONY: setup test demo bench bench-quick lint clean setup-floor test-floor setup-anomalib \
+.PHONY: setup test docs demo bench bench-quick lint clean setup-floor test-floor setup-anomalib \
 	test-anomalib ci
 
 setup: $(VENV)/.installed
@@ -28,6 +28,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The documentation site (docs/), warnings as errors; open docs/_build/html/index.html.
+docs: setup
+	$(BIN)/sphinx-build -W --keep-going -b html docs docs/_build/html
 
 setup-floor: $(FLOOR_VENV)/.installed
 
@@ -83,4 +87,4 @@ lint: setup
 	$(BIN)/ruff format --check jaxnorm torch_compat tests benchmarks tests_anomalib ci
 
 clean:
-	rm -rf $(VENV) $(FLOOR_VENV) $(ANOMALIB_VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) $(FLOOR_VENV) $(ANOMALIB_VENV) .pytest_cache .hypothesis docs/_build

@@ -15,8 +15,10 @@ run the same code.
 from __future__ import annotations
 
 import importlib.util
+import os as _os
 from typing import TYPE_CHECKING, Any
 
+from torch_compat._memory import PREALLOCATE as _PREALLOCATE
 from torch_compat._memory import PreallocationWarning as PreallocationWarning
 from torch_compat._memory import disable_preallocation as _disable_preallocation
 from torch_compat._memory import warn_if_preallocated as _warn_if_preallocated
@@ -28,12 +30,27 @@ _user_set_preallocate = _disable_preallocation()
 # random numbers: numpy's and Python's global states are put back as they were.
 from jaxnorm._src.random_state import global_random_state_kept as _kept  # noqa: E402  isort: skip
 
+# The modules of the `torch` extra (`pip install "jaxnorm[torch]"`); jaxnorm needs none.
+_TORCH_EXTRA = ("torch", "torchmetrics")
+
 with _kept():
-    from torch_compat._allreduce import allreduce_stats as allreduce_stats
-    from torch_compat._dlpack import HostCopyWarning as HostCopyWarning
-    from torch_compat._dlpack import to_jax as to_jax
-    from torch_compat._dlpack import to_torch as to_torch
-    from torch_compat._minmax import MinMax as MinMax
+    try:
+        from torch_compat._allreduce import allreduce_stats as allreduce_stats
+        from torch_compat._dlpack import HostCopyWarning as HostCopyWarning
+        from torch_compat._dlpack import to_jax as to_jax
+        from torch_compat._dlpack import to_torch as to_torch
+        from torch_compat._minmax import MinMax as MinMax
+    except ModuleNotFoundError as error:
+        if error.name not in _TORCH_EXTRA:
+            raise
+        if not _user_set_preallocate:  # a failed import leaves the environment as it was
+            _os.environ.pop(_PREALLOCATE, None)
+        raise ImportError(
+            f"torch_compat needs PyTorch ({error.name!r} is not installed): install jaxnorm "
+            'with its torch extra, `pip install "jaxnorm[torch]"` (from a checkout: '
+            '`pip install -e ".[torch]"`), which brings torch, pytorch-lightning and '
+            "torchmetrics. jaxnorm itself works without them."
+        ) from error
 
 _warn_if_preallocated(_user_set_preallocate)
 
@@ -63,7 +80,8 @@ def __getattr__(name: str) -> Any:
         else:
             raise ImportError(
                 "torch_compat.MinMaxNormalizationCallback needs PyTorch Lightning: "
-                "`pip install pytorch-lightning` (or `pip install lightning`)."
+                '`pip install "jaxnorm[torch]"` brings pytorch-lightning (or '
+                "`pip install lightning` for the `lightning.pytorch` namespace)."
             )
         globals()[name] = MinMaxNormalizationCallback
         return MinMaxNormalizationCallback

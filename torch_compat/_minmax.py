@@ -42,6 +42,10 @@ def _strict_load() -> bool:
     torch passes ``strict=True`` to every ``_load_from_state_dict`` and applies the caller's
     strictness afterwards, to the missing and unexpected keys only; error messages always
     raise. So a message of ours must know the caller's choice: it is read from its frame.
+    No public hook sees it: load-state-dict pre hooks get the same ``strict=True``, and post
+    hooks (``register_load_state_dict_post_hook``) get only the keys. Reporting the keys in
+    ``missing_keys`` under strict loading gives torch's bare "Missing key(s)" instead of
+    what to do.
     """
     code = torch.nn.Module.load_state_dict.__code__
     frame = sys._getframe(1)

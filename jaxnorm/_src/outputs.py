@@ -68,16 +68,23 @@ def stats_sources(outputs: Mapping, stats: StatsMode) -> list[tuple[tuple[str, .
 
 @flax.struct.dataclass
 class NormalizationStats:
-    """Image and pixel statistics. With shared statistics both fields hold the same values."""
+    """Image and pixel statistics. With shared statistics both fields hold the same values.
+
+    Attributes:
+      image: the ``MinMax`` that ``pred_scores`` are normalized with.
+      pixel: the ``MinMax`` that ``anomaly_maps`` and ``box_scores`` are normalized with.
+    """
 
     image: MinMax
     pixel: MinMax
 
     @classmethod
     def empty(cls) -> NormalizationStats:
+        """Both statistics empty: what ``update_stats`` starts from."""
         return cls(image=MinMax.empty(), pixel=MinMax.empty())
 
     def merge(self, other: NormalizationStats) -> NormalizationStats:
+        """The statistics that have seen what ``self`` and ``other`` saw."""
         return NormalizationStats(self.image.merge(other.image), self.pixel.merge(other.pixel))
 
     def reduce(self, axis_name=None) -> NormalizationStats:
@@ -85,6 +92,7 @@ class NormalizationStats:
         return NormalizationStats(self.image.reduce(axis_name), self.pixel.reduce(axis_name))
 
     def get(self, which: str) -> MinMax:
+        """The ``MinMax`` of ``which``: ``"image"`` or ``"pixel"``."""
         return self.image if which == IMAGE else self.pixel
 
 
