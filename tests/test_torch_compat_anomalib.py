@@ -18,6 +18,7 @@ Expected values come from the numpy reference of SPEC section 1 applied to the r
 from __future__ import annotations
 
 import math
+import pickle
 import warnings
 from pathlib import Path
 
@@ -316,15 +317,37 @@ def test_checkpoint_without_the_keys_says_what_to_do(tmp_path):
     bare = _edited_checkpoint(tmp_path, ckpt, min=None, max=None)
     trainer = ns.Trainer(**tl.TRAINER, callbacks=[ns.Callback()])
     model = ns.Module()
+    # Torch's strict-loading error names both keys, and the explanation says what to do.
     with pytest.raises(RuntimeError, match="holds no normalization statistics") as info:
         trainer.test(model, ckpt_path=bare)
-    assert "Missing key" not in str(info.value)
-    assert "trainer.validate" in str(info.value)
-    # non-strict loading leaves the statistics empty: test says to validate
+    message = str(info.value)
+    assert '"normalization_metrics.min"' in message and "normalization_metrics.max" in message
+    assert message.count("holds no normalization statistics") == 1
+    assert "trainer.validate" in message
+    # non-strict loading reports the plain keys and leaves the statistics empty: test says
+    # to validate
     model = ns.Module()
     model.normalization_metrics = torch_compat.MinMax()
     result = model.load_state_dict(torch.load(bare, weights_only=False)["state_dict"], strict=False)
-    assert set(result.missing_keys) == {"normalization_metrics.min", "normalization_metrics.max"}
+    assert sorted(result.missing_keys) == ["normalization_metrics.max", "normalization_metrics.min"]
+    assert all(repr(k) == repr(str(k)) for k in result.missing_keys)
+    assert pickle.loads(pickle.dumps(result.missing_keys)) == result.missing_keys
+
+
+def test_separate_checkpoint_into_shared_metric_says_what_to_do():
+    separate = torch_compat.MinMax(stats="separate")
+    separate.update(torch.tensor([1.0, 3.0]))
+    state = {f"normalization_metrics.{k}": v for k, v in separate.state_dict().items()}
+    module = torch.nn.Module()
+    module.normalization_metrics = torch_compat.MinMax()
+    with pytest.raises(RuntimeError, match=r"stats='separate'\) to load it"):
+        module.load_state_dict(dict(state), strict=True)
+    result = module.load_state_dict(dict(state), strict=False)
+    assert sorted(result.unexpected_keys) == [
+        "normalization_metrics.pixel_max",
+        "normalization_metrics.pixel_min",
+    ]
+    assert result.missing_keys == []
 
 
 def test_meta_device_statistics_and_outputs_get_clear_errors():

@@ -9,7 +9,6 @@ on the module whenever a state dict has ``normalization_metrics.max``. Any objec
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,35 +24,40 @@ _PIXEL_STATES = ("pixel_min", "pixel_max")
 ATTRIBUTE = "normalization_metrics"
 
 
-def _missing_keys_message(prefix: str, missing: list[str]) -> str:
-    keys = ", ".join(f"'{prefix}{name}'" for name in missing)
-    return (
-        f"{keys}: this checkpoint holds no normalization statistics; it was saved without "
-        "MinMaxNormalizationCallback (or before any validation). Load its weights without "
-        "them (`model.load_state_dict(state_dict, strict=False)`, or `model.strict_loading = "
-        "False` with Lightning >= 2.2), then run `trainer.validate(model, ...)` with the "
-        "callback to compute the statistics before testing or predicting."
-    )
+class ExplainedKey(str):
+    """A state-dict key that prints with what to do about it.
 
-
-def _strict_load() -> bool:
-    """Whether the ``nn.Module.load_state_dict`` running now was called with ``strict=True``.
-
-    torch passes ``strict=True`` to every ``_load_from_state_dict`` and applies the caller's
-    strictness afterwards, to the missing and unexpected keys only; error messages always
-    raise. So a message of ours must know the caller's choice: it is read from its frame.
-    No public hook sees it: load-state-dict pre hooks get the same ``strict=True``, and post
-    hooks (``register_load_state_dict_post_hook``) get only the keys. Reporting the keys in
-    ``missing_keys`` under strict loading gives torch's bare "Missing key(s)" instead of
-    what to do.
+    Torch applies the caller's ``strict`` to ``missing_keys``/``unexpected_keys`` after every
+    module has loaded, and words its error with ``f'"{key}"'``. Reporting our keys as
+    ``ExplainedKey`` keeps them plain keys for code (equal to, and hashed as, the key) and puts
+    the explanation in torch's own strict-loading error.
     """
-    code = torch.nn.Module.load_state_dict.__code__
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code is code:
-            return bool(frame.f_locals.get("strict", True))
-        frame = frame.f_back
-    return True
+
+    def __new__(cls, key: str, explanation: str) -> ExplainedKey:
+        self = super().__new__(cls, key)
+        self.explanation = explanation
+        return self
+
+    def __format__(self, spec: str) -> str:
+        return format(f"{str(self)} ({self.explanation})", spec)
+
+    def __reduce__(self):
+        return (str, (str(self),))  # pickles (and deep-copies) as the plain key
+
+
+_MISSING_EXPLANATION = (
+    "this checkpoint holds no normalization statistics; it was saved without "
+    "MinMaxNormalizationCallback (or before any validation). Load its weights without "
+    "them (`model.load_state_dict(state_dict, strict=False)`, or `model.strict_loading = "
+    "False` with Lightning >= 2.2), then run `trainer.validate(model, ...)` with the "
+    "callback to compute the statistics before testing or predicting"
+)
+
+
+_SEPARATE_EXPLANATION = (
+    "this checkpoint holds separate image and pixel normalization statistics; create "
+    "MinMaxNormalizationCallback(stats='separate') to load it"
+)
 
 
 def write_in_place(tensor: torch.Tensor, value: float | torch.Tensor) -> None:
@@ -204,19 +208,12 @@ class MinMax(torchmetrics.Metric):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
-        strict = _strict_load()
-        if stray and strict:
-            error_msgs.append(
-                f"{prefix}pixel_min/pixel_max: this checkpoint holds separate image and pixel "
-                "normalization statistics; create MinMaxNormalizationCallback(stats='separate') "
-                "to load it."
-            )
-        missing = [name for name in _SHARED_STATES if name not in found]
+        # Torch raises on these under strict loading, with the explanation (said once).
+        if stray:
+            unexpected_keys.extend([*stray[:-1], ExplainedKey(stray[-1], _SEPARATE_EXPLANATION)])
+        missing = [prefix + name for name in _SHARED_STATES if name not in found]
         if missing:
-            if strict:
-                error_msgs.append(_missing_keys_message(prefix, missing))
-            else:
-                missing_keys.extend(prefix + name for name in missing)
+            missing_keys.extend([*missing[:-1], ExplainedKey(missing[-1], _MISSING_EXPLANATION)])
         if self.stats_mode == "separate" and not any(name in found for name in _PIXEL_STATES):
             # A shared checkpoint (anomalib's): its one statistic applies to pixels too.
             for name, shared in zip(_PIXEL_STATES, _SHARED_STATES, strict=True):
