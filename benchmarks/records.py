@@ -133,18 +133,9 @@ class CaseResult:
         A goal set for one ``platform`` (``"cpu"``, ``"gpu"``) is judged only on a run whose
         jax device is of it; other runs list it as pending, so that every goal shows.
         """
-        here = environment.jax_device().platform
-        if platform is not None and platform != here:
-            target = Target(
-                label,
-                float("nan"),
-                op,
-                bound,
-                pending=f"{platform.upper()} runs only (this run: {here.upper()})",
-            )
-            self.targets.append(target)
-            return target
-        target = Target(
+        if not _judged_here(platform):
+            return self.add_target(label, float("nan"), op, bound, platform=platform)
+        return self.add_target(
             label,
             self.ratio(group, num, den, "best"),
             op,
@@ -152,8 +143,42 @@ class CaseResult:
             median=self.ratio(group, num, den, "median"),
             note=note,
         )
+
+    def add_target(
+        self,
+        label: str,
+        value: float,
+        op: str,
+        bound: float,
+        *,
+        median: float | None = None,
+        unit: str = "x",
+        note: str = "",
+        platform: str | None = None,
+    ) -> Target:
+        """Adds the goal ``value op bound`` for a quantity the case computed itself.
+
+        As in ``add_ratio_target``, a goal of another ``platform`` is listed as pending, and
+        ``value`` and ``median`` are then left out.
+        """
+        if not _judged_here(platform):
+            here = environment.jax_device().platform
+            target = Target(
+                label,
+                float("nan"),
+                op,
+                bound,
+                unit=unit,
+                pending=f"{platform.upper()} runs only (this run: {here.upper()})",
+            )
+        else:
+            target = Target(label, value, op, bound, median=median, unit=unit, note=note)
         self.targets.append(target)
         return target
+
+
+def _judged_here(platform: str | None) -> bool:
+    return platform is None or platform == environment.jax_device().platform
 
 
 def timed_rows(
