@@ -181,6 +181,45 @@ def _judged_here(platform: str | None) -> bool:
     return platform is None or platform == environment.jax_device().platform
 
 
+def case_from_json(d: Mapping[str, Any]) -> CaseResult:
+    """A ``CaseResult`` back from its stored JSON (``report.write``), to report it again.
+
+    Results written before a field existed still load: it takes its default.
+    """
+
+    def timing_of(t: Mapping[str, Any] | None) -> Timing | None:
+        if t is None:
+            return None
+        return Timing(
+            number=t["number"],
+            samples=tuple(t["samples"]),
+            faults_per_call=t.get("faults_per_call"),
+        )
+
+    def compile_of(c: Mapping[str, Any] | None) -> CompileTime | None:
+        if c is None:
+            return None
+        return CompileTime(**{f.name: c[f.name] for f in dataclasses.fields(CompileTime)})
+
+    def fields_of(cls: type, x: Mapping[str, Any]) -> dict[str, Any]:
+        return {f.name: x[f.name] for f in dataclasses.fields(cls) if f.name in x}
+
+    rows = [
+        Row(
+            **{
+                **fields_of(Row, r),
+                "timing": timing_of(r.get("timing")),
+                "compile": compile_of(r.get("compile")),
+            }
+        )
+        for r in d.get("rows", [])
+    ]
+    targets = [Target(**fields_of(Target, t)) for t in d.get("targets", [])]
+    return CaseResult(
+        **{**fields_of(CaseResult, d), "rows": rows, "targets": targets},
+    )
+
+
 def timed_rows(
     group: str,
     contenders: Sequence[Any],

@@ -94,7 +94,7 @@ def sizes(cfg: base.RunConfig) -> Sizes:
             batch=32, side=256, width=64, n1=5 if cfg.quick else 15, rounds=2 if cfg.quick else 5
         )
     return Sizes(
-        batch=32, side=8, width=16, n1=POOL if cfg.quick else 25, rounds=2 if cfg.quick else 7
+        batch=32, side=8, width=16, n1=POOL if cfg.quick else 25, rounds=2 if cfg.quick else 9
     )
 
 
