@@ -199,6 +199,7 @@ def _readme(tmp_path: Path) -> Path:
 
 
 def test_replot_rebuilds_docs_and_readme_from_stored_results(tmp_path):
+    pytest.importorskip("matplotlib", reason="the plot needs matplotlib (the demo extra)")
     results, docs = _results_copy(tmp_path), tmp_path / "docs" / "_generated"
     readme = _readme(tmp_path)
     stored = sorted(p.name for p in results.iterdir())
@@ -251,6 +252,7 @@ def _stored_case(key: str, seconds: dict[str, float]) -> dict:
 
 
 def test_replot_adds_cases_of_a_partial_run_of_the_same_machine(tmp_path):
+    pytest.importorskip("matplotlib", reason="the plot needs matplotlib (the demo extra)")
     # A case that runs only where its library is installed (anomalib 2's post-processor) is
     # published from its own run, beside the machine's full run.
     results = _results_copy(tmp_path)
