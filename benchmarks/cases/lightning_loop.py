@@ -310,6 +310,7 @@ def _make_runs(ns: types.SimpleNamespace, sz: Sizes) -> dict[str, Run]:
     mid = float((maps.min() + maps.max()) / 2)
     model.image_threshold.value.fill_(mid)
     model.pixel_threshold.value.fill_(mid)
+    model.images = {}  # each copy below gets the same pool, not a copy of it
     accelerator = "gpu" if dev == "cuda" else "cpu"
     runs = {}
     for name in CALLBACKS:
@@ -324,7 +325,9 @@ def _make_runs(ns: types.SimpleNamespace, sz: Sizes) -> dict[str, Run]:
             enable_checkpointing=False,
             callbacks=[c for c in (callback, last) if c is not None],
         )
-        runs[name] = Run(trainer=trainer, model=copy.deepcopy(model), last=last)
+        copied = copy.deepcopy(model)
+        copied.images = images
+        runs[name] = Run(trainer=trainer, model=copied, last=last)
     return runs
 
 
