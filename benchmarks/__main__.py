@@ -1,10 +1,13 @@
 """``python -m benchmarks``: runs every case side by side and publishes the results.
 
-Writes ``<out>/<machine>.json`` and ``<out>/<machine>.md`` and rewrites the README's block
-between ``<!-- bench:start -->`` and ``<!-- bench:end -->`` with the same markdown, so that
-published figures always come from this command. ``--quick`` runs fewer shapes and rounds for
+Writes ``<out>/<machine>.json`` and ``<out>/<machine>.md``. A full run of every case then
+publishes what the JSON files in ``<out>`` hold (``benchmarks.publish``): the full tables of
+each machine in ``docs/_generated/benchmarks.md``, the plot of the speed ratios against
+anomalib in ``docs/_generated/benchmark-ratios.png``, and a short headline between the
+README's ``<!-- bench:start -->`` and ``<!-- bench:end -->`` markers. ``--replot`` publishes
+the stored results again without measuring. ``--quick`` runs fewer shapes and rounds for
 smoke tests, and ``--cases`` a subset: such runs are written as ``<machine>-quick.*`` or
-``<machine>-<cases>.*`` and never touch the README.
+``<machine>-<cases>.*`` and publish nothing.
 """
 
 from __future__ import annotations
@@ -50,6 +53,26 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--no-readme", action="store_true", help="do not rewrite README.md's benchmark block"
     )
+    p.add_argument(
+        "--readme",
+        type=pathlib.Path,
+        default=ROOT / "README.md",
+        help="the README whose benchmark block is rewritten (default: README.md)",
+    )
+    p.add_argument(
+        "--docs",
+        type=pathlib.Path,
+        default=ROOT / "docs" / "_generated",
+        help="directory for the generated benchmarks.md and benchmark-ratios.png "
+        "(default: docs/_generated)",
+    )
+    p.add_argument("--no-docs", action="store_true", help="do not write the generated docs files")
+    p.add_argument(
+        "--replot",
+        action="store_true",
+        help="measure nothing: rebuild the docs files and the README block from the JSON "
+        "results in --out",
+    )
     args = p.parse_args(argv)
     args.case_keys = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = [c for c in args.case_keys if c not in CASES]
@@ -83,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     """Runs the selected cases; returns 1 if any case failed, else 0."""
     argv = sys.argv[1:] if argv is None else argv
     args = _parse(argv)
+    if args.replot:
+        _publish(args)
+        return 0
     config = RunConfig.make(quick=args.quick)
     env = environment.describe()
     print(
@@ -110,11 +136,25 @@ def main(argv: list[str] | None = None) -> int:
     stem += "" if complete else "-" + "-".join(args.case_keys)
     jpath, mpath = report.write(args.out, stem, results, env, md, argv)
     print(f"wrote {jpath} and {mpath}")
-    if not args.no_readme and not args.quick and complete:
-        others = report.other_machines(args.out, env["machine"])
-        report.inject_readme(ROOT / "README.md", md + others)
-        print(f"rewrote the benchmark block of {ROOT / 'README.md'}")
+    if not args.quick and complete:
+        _publish(args)
     return 1 if any(r.error for r in results) else 0
+
+
+def _publish(args: argparse.Namespace) -> None:
+    """The docs' tables and plot and the README's headline, from the JSON files in --out."""
+    from benchmarks import publish
+
+    if args.no_docs and args.no_readme:
+        return
+    for line in publish.publish(
+        args.out,
+        args.docs,
+        None if args.no_readme else args.readme,
+        write_docs=not args.no_docs,
+        this_machine=environment.machine_name(),
+    ):
+        print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -133,18 +133,9 @@ class CaseResult:
         A goal set for one ``platform`` (``"cpu"``, ``"gpu"``) is judged only on a run whose
         jax device is of it; other runs list it as pending, so that every goal shows.
         """
-        here = environment.jax_device().platform
-        if platform is not None and platform != here:
-            target = Target(
-                label,
-                float("nan"),
-                op,
-                bound,
-                pending=f"{platform.upper()} runs only (this run: {here.upper()})",
-            )
-            self.targets.append(target)
-            return target
-        target = Target(
+        if not _judged_here(platform):
+            return self.add_target(label, float("nan"), op, bound, platform=platform)
+        return self.add_target(
             label,
             self.ratio(group, num, den, "best"),
             op,
@@ -152,8 +143,81 @@ class CaseResult:
             median=self.ratio(group, num, den, "median"),
             note=note,
         )
+
+    def add_target(
+        self,
+        label: str,
+        value: float,
+        op: str,
+        bound: float,
+        *,
+        median: float | None = None,
+        unit: str = "x",
+        note: str = "",
+        platform: str | None = None,
+    ) -> Target:
+        """Adds the goal ``value op bound`` for a quantity the case computed itself.
+
+        As in ``add_ratio_target``, a goal of another ``platform`` is listed as pending, and
+        ``value`` and ``median`` are then left out.
+        """
+        if not _judged_here(platform):
+            here = environment.jax_device().platform
+            target = Target(
+                label,
+                float("nan"),
+                op,
+                bound,
+                unit=unit,
+                pending=f"{platform.upper()} runs only (this run: {here.upper()})",
+            )
+        else:
+            target = Target(label, value, op, bound, median=median, unit=unit, note=note)
         self.targets.append(target)
         return target
+
+
+def _judged_here(platform: str | None) -> bool:
+    return platform is None or platform == environment.jax_device().platform
+
+
+def case_from_json(d: Mapping[str, Any]) -> CaseResult:
+    """A ``CaseResult`` back from its stored JSON (``report.write``), to report it again.
+
+    Results written before a field existed still load: it takes its default.
+    """
+
+    def timing_of(t: Mapping[str, Any] | None) -> Timing | None:
+        if t is None:
+            return None
+        return Timing(
+            number=t["number"],
+            samples=tuple(t["samples"]),
+            faults_per_call=t.get("faults_per_call"),
+        )
+
+    def compile_of(c: Mapping[str, Any] | None) -> CompileTime | None:
+        if c is None:
+            return None
+        return CompileTime(**{f.name: c[f.name] for f in dataclasses.fields(CompileTime)})
+
+    def fields_of(cls: type, x: Mapping[str, Any]) -> dict[str, Any]:
+        return {f.name: x[f.name] for f in dataclasses.fields(cls) if f.name in x}
+
+    rows = [
+        Row(
+            **{
+                **fields_of(Row, r),
+                "timing": timing_of(r.get("timing")),
+                "compile": compile_of(r.get("compile")),
+            }
+        )
+        for r in d.get("rows", [])
+    ]
+    targets = [Target(**fields_of(Target, t)) for t in d.get("targets", [])]
+    return CaseResult(
+        **{**fields_of(CaseResult, d), "rows": rows, "targets": targets},
+    )
 
 
 def timed_rows(

@@ -19,6 +19,7 @@ CASES: dict[str, str] = {
     "overhead": "benchmarks.cases.overhead",
     "fused": "benchmarks.cases.fused",
     "load": "benchmarks.cases.loadtest",
+    "loop": "benchmarks.cases.lightning_loop",
 }
 
 

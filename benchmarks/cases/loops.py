@@ -213,6 +213,24 @@ def callback_test(cb: Any, pm: Any, pool: list[Batch], n: int) -> Callable[[], B
     return run
 
 
+def callback_test_fresh(cb: Any, pm: Any, pool: list[Batch], n: int) -> Callable[[], Batch]:
+    """``callback_test`` with new tensors every batch, as a model's outputs are.
+
+    Each batch's tensors are clones of a pool batch, made in the loop, so that no callback
+    meets a tensor it has seen; ``cb=None`` times the clones alone.
+    """
+
+    def run():
+        out = None
+        for i in range(n):
+            out = {k: v.clone() for k, v in pool[i % len(pool)].items()}
+            if cb is not None:
+                cb.on_test_batch_end(None, pm, out, None, i, 0)
+        return out
+
+    return run
+
+
 def as_numpy(outputs: Batch) -> dict[str, np.ndarray]:
     """Outputs of any contender as float32 numpy arrays."""
     return {

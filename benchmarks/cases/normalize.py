@@ -107,6 +107,17 @@ def run(cfg: base.RunConfig) -> CaseResult:
                 group, contenders, timings, compile=compiles, bytes_moved=2 * x.nbytes
             )
 
+            if dtype == "float32" and shape in (base.SCORES, base.MAPS_256):
+                res.add_ratio_target(
+                    f"CPU: normalize {group} with jax-array statistics: time / float-"
+                    "statistics time (issue 14)",
+                    group,
+                    JAXNORM,
+                    JAXNORM_FLOATS,
+                    "<=",
+                    1.3,
+                    platform="cpu",
+                )
             if shape == base.MAPS_256 and dtype == "float32":
                 res.add_ratio_target(
                     f"normalize {group}: eager torch time / jaxnorm time",

@@ -6,8 +6,10 @@ on its last outputs; the table shows the time per batch. Synchronising after eve
 what a test or validation loop sees: the host dispatches the next batch while the device still
 works on the previous one. Contenders: the Flax hook, the Lightning shim and anomalib 0.7's
 callback, on the target configuration (32 scores plus (32, 1, 256, 256) maps) and on a tiny
-one (32 scores plus (32, 1, 8, 8) maps) where host work is all there is; then
-``jaxnorm.normalize`` and ``MinMax.update`` alone against anomalib's torch code.
+one (32 scores plus (32, 1, 8, 8) maps) where host work is all there is, the latter also on new
+tensors every batch (clones made in the loop, as a model makes new outputs; the clones alone are
+timed beside); then ``jaxnorm.normalize`` and ``MinMax.update`` alone against anomalib's torch
+code.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ NORMALIZE = "jaxnorm.normalize"
 TORCH_NORMALIZE = "anomalib 0.7 normalize (torch eager)"
 UPDATE = "MinMax.update (state chained)"
 TORCH_UPDATE = "anomalib 0.7 MinMax.update (torch)"
+FRESH_ONLY = "the clones alone (no callback)"
 
 
 def timer(cfg: base.RunConfig) -> timing.TimerConfig:
@@ -66,6 +69,42 @@ def _test_group(res: CaseResult, cfg: base.RunConfig, maps: tuple[int, ...], n: 
         ),
     ]
     _time(res, cfg, group, contenders, n)
+    return group
+
+
+def _fresh_test_group(res: CaseResult, cfg: base.RunConfig, n: int) -> str:
+    """The shim and anomalib's callback at tiny sizes, on new tensors every batch (issue 14)."""
+    group = f"fresh tensors every batch: test, {n} batches of {_label(TINY_MAPS)}"
+    val, test = loops.make_pool(TINY_MAPS, seed=10), loops.make_pool(TINY_MAPS, seed=20)
+    shim, shim_pm = loops.fitted_shim(val.torch)
+    ref, ref_pm = loops.fitted_anomalib(val.torch)
+    contenders = [
+        timing.Contender(
+            loops.SHIM,
+            loops.callback_test_fresh(shim, shim_pm, test.torch, n),
+            sync=timing.sync_all,
+            role="jaxnorm",
+        ),
+        timing.Contender(
+            loops.ANOMALIB,
+            loops.callback_test_fresh(ref, ref_pm, test.torch, n),
+            sync=base.torch_sync(),
+        ),
+        timing.Contender(
+            FRESH_ONLY,
+            loops.callback_test_fresh(None, None, test.torch, n),
+            sync=base.torch_sync(),
+            role="roofline",
+        ),
+    ]
+    outs = {c.name: c.fn() for c in contenders[:2]}
+    res.notes.append(
+        loops.agree(
+            f"{group}, last batch against {loops.SHIM}",
+            {k: loops.max_diff(v, outs[loops.SHIM]) for k, v in outs.items()},
+        )
+    )
+    _time(res, cfg, group, contenders, n, check=False)
     return group
 
 
@@ -179,6 +218,7 @@ def run(cfg: base.RunConfig) -> CaseResult:
     res.notes.append(loops.in_order_note())
     test = _test_group(res, cfg, base.MAPS_256, n)
     _test_group(res, cfg, TINY_MAPS, n)
+    fresh = _fresh_test_group(res, cfg, n)
     val = _validation_group(res, cfg, base.MAPS_256, n)
     _validation_group(res, cfg, TINY_MAPS, n)
     norm, upd = _kernel_groups(res, cfg, n)
@@ -194,6 +234,15 @@ def run(cfg: base.RunConfig) -> CaseResult:
             bound,
             platform=platform,
         )
+    res.add_ratio_target(
+        f"CPU: shim time per test batch at tiny sizes, {fresh}: time / anomalib time (issue 14)",
+        fresh,
+        loops.SHIM,
+        loops.ANOMALIB,
+        "<=",
+        1.0,
+        platform="cpu",
+    )
     for name in (loops.HOOK, loops.SHIM):
         res.add_ratio_target(
             f"CPU: pipelined {name}, {val}: time / anomalib time",
