@@ -14,7 +14,7 @@ FLOOR_CONSTRAINTS ?= ci/floor-constraints.txt
 ANOMALIB_PYTHON ?= $(firstword $(wildcard /root/.pyenv/versions/3.11.*/bin/python3.11) python3.11)
 ANOMALIB_VENV ?= .venv-anomalib
 
-.PHONY: setup test docs demo bench bench-quick lint clean setup-floor test-floor setup-anomalib \
+.PHONY: setup test docs demo bench bench-quick bench-replot lint clean setup-floor test-floor setup-anomalib \
 	test-anomalib ci
 
 setup: $(VENV)/.installed
@@ -82,9 +82,13 @@ bench: setup
 bench-quick: setup
 	$(BIN)/python -m benchmarks --quick $(BENCH_ARGS)
 
+# Rebuilds the README block, docs/_generated/ tables and plot from benchmarks/results/*.json.
+bench-replot: setup
+	$(BIN)/python -m benchmarks --replot
+
 lint: setup
-	$(BIN)/ruff check jaxnorm torch_compat tests benchmarks tests_anomalib ci
-	$(BIN)/ruff format --check jaxnorm torch_compat tests benchmarks tests_anomalib ci
+	$(BIN)/ruff check jaxnorm torch_compat tests benchmarks tests_anomalib ci examples docs/conf.py
+	$(BIN)/ruff format --check jaxnorm torch_compat tests benchmarks tests_anomalib ci examples docs/conf.py
 
 clean:
 	rm -rf $(VENV) $(FLOOR_VENV) $(ANOMALIB_VENV) .pytest_cache .hypothesis docs/_build
