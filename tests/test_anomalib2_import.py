@@ -53,3 +53,15 @@ def test_anomalib_before_2_says_what_to_install(fresh, monkeypatch, version):
         _import()
     assert f"Found anomalib {version} at /stand-in/anomalib" in str(info.value)
     assert "torch_compat.MinMaxNormalizationCallback" in str(info.value)
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("anomalib") is not None, reason="anomalib is installed here"
+)
+def test_the_postprocessor_benchmark_skips_without_anomalib_2():
+    from benchmarks.cases import postprocessor
+    from benchmarks.cases.base import RunConfig
+
+    result = postprocessor.run(RunConfig.make(quick=True))
+    assert result.skipped and "make bench-anomalib2" in result.skipped
+    assert result.error is None and result.rows == [] and result.targets == []
