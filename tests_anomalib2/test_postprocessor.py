@@ -261,13 +261,15 @@ def test_no_recompile_and_no_torch_host_read_per_batch(monkeypatch):
     with count_compiles() as log:
         for f in fields[1:]:
             ours.on_test_batch_end(None, None, batch(f))
-        ours.image_max.fill_(9.0)  # new statistics: new parameters, no new program
-        ours.on_test_batch_end(None, None, batch(fields[1]))
         folder = PostProcessor(enable_thresholding=False)
         for f in fields:
             folder.on_validation_batch_end(None, None, batch(f))
-    assert log.count <= 1, log.names  # the validation fold, compiled once for its shapes
     monkeypatch.undo()
+    with count_compiles() as more:
+        ours.image_max.fill_(9.0)  # new statistics: checked once, new parameters
+        ours.on_test_batch_end(None, None, batch(fields[1]))
+    assert more.count == 0, more.names  # ... and no new program
+    assert log.count <= 1, log.names  # the validation fold, compiled once for its shapes
     folder.on_validation_epoch_end(None, None)
     maps = torch.cat([f["anomaly_map"] for f in fields]).numpy()
     assert folder.pixel_max.item() == maps.max()
@@ -311,3 +313,25 @@ def test_pickles_as_anomalibs_class_and_copies_as_ours():
     assert type(spawned) is PostProcessor and spawned.nonfinite == "omit"
     validate(spawned, [val_batch(1)])
     assert not math.isnan(spawned.image_min)
+
+
+@pytest.mark.parametrize(
+    "values, match",
+    [
+        ({"image_max": math.inf}, r"'image_max' is inf; normalization statistics must be finite"),
+        ({"pixel_min": 2.0, "pixel_max": 1.0}, r"'pixel_max' \(1.0\) is smaller than 'pixel_min'"),
+        ({"image_min": math.inf, "image_max": -math.inf}, "no scores give these statistics"),
+        ({"_pixel_threshold": -math.inf}, "_pixel_threshold"),
+    ],
+)
+def test_unusable_buffers_are_named_before_any_batch_is_normalized(values, match):
+    ours = PostProcessor()
+    set_buffers(ours, {**STATS, **values})
+    fields = val_batch(3, labels=False)
+    before = batch(fields)
+    with pytest.raises(ValueError, match="post_processor: .*" + match):
+        ours.on_test_batch_end(None, None, before)
+    assert torch.equal(before.pred_score, fields["pred_score"])  # left as it was
+    # NaN is anomalib's "not set", not an error
+    set_buffers(ours, {**STATS, "image_max": NAN, "_pixel_threshold": NAN})
+    ours.on_test_batch_end(None, None, batch(fields))

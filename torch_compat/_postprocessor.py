@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from jaxnorm import MinMaxNormalizationHook, NonFiniteScoresError
-from jaxnorm._src import batching, normalize_v2
+from jaxnorm._src import batching, normalize_v2, persistence, validation
 from jaxnorm._src.hook import NonFinitePolicy
 from jaxnorm._src.outputs import IMAGE, PIXEL
 from torch_compat._allreduce import allreduce_stats, ddp_active
@@ -149,6 +149,7 @@ class JaxState:
         versions = _versions(tensors)
         versions = None if versions is None else (*versions, *key)
         if self._params is None or not self._params_source.unchanged(tensors, versions):
+            check_buffers(module)
             with torch.no_grad():
                 # anomalib's own properties: threshold matching and its NaN fallbacks.
                 stacked = torch.stack(
@@ -204,6 +205,42 @@ class JaxState:
         for field, label in nan_cut.items():
             result[label] = result[field]
         return result
+
+
+def check_buffers(module: Any) -> None:
+    """Checks anomalib's buffers (read on the host, once per change) before they are used.
+
+    NaN is anomalib 2's "not set": NaN statistics pass scores through unchanged, a NaN
+    threshold falls back to the midpoint. Any other value goes through the check of every
+    statistic that enters jaxnorm from outside (``validation.loaded_stats``): finite, one
+    number, in float32's range and ``max >= min``. anomalib would normalize with anything.
+
+    Raises:
+      ValueError: naming the buffer and its value, and what to do.
+    """
+    for _, (lo_name, hi_name) in _BUFFERS:
+        lo, hi = getattr(module, lo_name), getattr(module, hi_name)
+        for name, value in ((lo_name, lo), (hi_name, hi)):
+            if value.numel() != 1:
+                raise ValueError(
+                    f"post_processor: '{name}' has shape {tuple(value.shape)}; anomalib's "
+                    "buffers are 0-d: load a checkpoint of an anomalib >= 2 model."
+                )
+        lo_v, hi_v = lo.item(), hi.item()
+        if math.isnan(lo_v) or math.isnan(hi_v):
+            continue
+        lo_v, hi_v = validation.loaded_stats("post_processor", lo_name, lo_v, hi_name, hi_v)
+        if lo_v > hi_v:  # the empty pair (+inf, -inf), which loaded_stats lets through
+            raise ValueError(
+                f"post_processor: '{lo_name}' is {lo_v} and '{hi_name}' is {hi_v}: no scores "
+                "give these statistics; validate again or load the buffers that were saved."
+            )
+    for name in ("_image_threshold", "_pixel_threshold"):
+        value = getattr(module, name)
+        if value.numel() != 1:
+            raise ValueError(f"post_processor: '{name}' has shape {tuple(value.shape)}.")
+        if not math.isnan(value.item()):
+            persistence.check_threshold(f"post_processor: '{name}'", value.item())
 
 
 def _renamed(e: NonFiniteScoresError) -> NonFiniteScoresError:
