@@ -107,5 +107,7 @@ def test_nonfinite_scores_on_one_rank_raise_on_every_rank(tmp_path, val):
         key = "anomaly_map" if rank == 1 else "validation outputs"
         assert (error["key"], error["count"]) == (key, 3), error
         assert "summed over all processes" in error["msg"]
+        named = "'batch.anomaly_map'" if rank == 1 else "'validation outputs'"
+        assert named in error["msg"], error["msg"]
         # the clean batches of every rank are in the statistics
         assert (r["jaxnorm"]["pixel_min"], r["jaxnorm"]["pixel_max"]) == stats(clean, "anomaly_map")

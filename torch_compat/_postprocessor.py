@@ -248,6 +248,8 @@ def _renamed(e: NonFiniteScoresError) -> NonFiniteScoresError:
     field = _FIELDS.get(e.key, e.key)
     match = re.search(re.escape(f"'{e.key}'") + r"(.*?); ", str(e))
     where = match.group(1) if match else ""
-    renamed = NonFiniteScoresError(f"batch.{field}", e.count, where)
+    # Under DDP a rank that saw none of the values names no field ("validation outputs").
+    label = f"batch.{field}" if field in _HOOK_KEYS else field
+    renamed = NonFiniteScoresError(label, e.count, where)
     renamed.key = field
     return renamed
