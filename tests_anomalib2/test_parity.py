@@ -118,6 +118,17 @@ def test_checkpoints_hold_the_same_keys_and_load_both_ways(runs, name, data):
         target.load_state_dict(state, strict=True)
         for buf in BUFFERS:
             assert_same_tensor(getattr(target, buf), getattr(theirs.model.post_processor, buf), buf)
+    # load_from_checkpoint rebuilds anomalib's default post-processor (anomalib keeps it out
+    # of the hyperparameters, as any custom one); passing ours keeps ours
+    for run in (ours, theirs):
+        loaded = type(run.model).load_from_checkpoint(
+            run.checkpoint, post_processor=PostProcessor()
+        )
+        assert type(loaded.post_processor) is PostProcessor
+        for buf in BUFFERS:
+            assert_same_tensor(
+                getattr(loaded.post_processor, buf), getattr(run.model.post_processor, buf), buf
+            )
     # Engine.test(ckpt_path=...) across the two classes
     for model_kind, run in (("jaxnorm", theirs), ("anomalib", ours)):
         fresh = common.model(name, model_kind)
