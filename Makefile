@@ -13,9 +13,11 @@ FLOOR_CONSTRAINTS ?= ci/floor-constraints.txt
 # The integration test with real anomalib 0.7.0 (`make test-anomalib`), on Python 3.11.
 ANOMALIB_PYTHON ?= $(firstword $(wildcard /root/.pyenv/versions/3.11.*/bin/python3.11) python3.11)
 ANOMALIB_VENV ?= .venv-anomalib
+# The integration test with real anomalib 2.7.0 (`make test-anomalib2`), on Python 3.11.
+ANOMALIB2_VENV ?= .venv-anomalib2
 
-.PHONY: setup test docs demo bench bench-quick bench-replot lint clean setup-floor test-floor setup-anomalib \
-	test-anomalib ci
+.PHONY: setup test docs demo bench bench-quick bench-replot lint clean setup-floor test-floor \
+	setup-anomalib test-anomalib setup-anomalib2 test-anomalib2 bench-anomalib2 ci
 
 setup: $(VENV)/.installed
 
@@ -73,6 +75,30 @@ test-anomalib: setup-anomalib
 	TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 $(ANOMALIB_VENV)/bin/python -m pytest tests_anomalib \
 		$(PYTEST_ARGS)
 
+setup-anomalib2: $(ANOMALIB2_VENV)/.installed
+
+$(ANOMALIB2_VENV)/.installed: pyproject.toml Makefile ci/anomalib2-requirements.txt \
+		ci/anomalib2-constraints.txt
+	rm -rf $(ANOMALIB2_VENV)
+	$(ANOMALIB_PYTHON) -m venv $(ANOMALIB2_VENV)
+	$(ANOMALIB2_VENV)/bin/pip install --quiet --upgrade pip
+	$(ANOMALIB2_VENV)/bin/pip install --quiet -c ci/anomalib2-constraints.txt \
+		-r ci/anomalib2-requirements.txt
+	# The line of docs/anomalib2.md for anomalib 2.x users; check_versions proves it moved
+	# none of the pins.
+	$(ANOMALIB2_VENV)/bin/pip install --quiet -c ci/anomalib2-constraints.txt -e ".[torch,test]"
+	$(ANOMALIB2_VENV)/bin/python ci/check_versions.py ci/anomalib2-constraints.txt
+	$(ANOMALIB2_VENV)/bin/python -c "import anomalib, torchvision, torch_compat.anomalib2"
+	touch $@
+
+# Real anomalib 2.7.0 models with anomalib's PostProcessor and with ours (tests_anomalib2/).
+test-anomalib2: setup-anomalib2
+	$(ANOMALIB2_VENV)/bin/python -m pytest tests_anomalib2 $(PYTEST_ARGS)
+
+# The postprocessor benchmark case (ours against anomalib 2.7.0's PostProcessor).
+bench-anomalib2: setup-anomalib2
+	$(ANOMALIB2_VENV)/bin/python -m benchmarks --cases postprocessor $(BENCH_ARGS)
+
 demo: setup
 	$(BIN)/python -m jaxnorm.demo $(DEMO_ARGS)
 
@@ -87,8 +113,8 @@ bench-replot: setup
 	$(BIN)/python -m benchmarks --replot
 
 lint: setup
-	$(BIN)/ruff check jaxnorm torch_compat tests benchmarks tests_anomalib ci examples docs/conf.py
-	$(BIN)/ruff format --check jaxnorm torch_compat tests benchmarks tests_anomalib ci examples docs/conf.py
+	$(BIN)/ruff check jaxnorm torch_compat tests benchmarks tests_anomalib tests_anomalib2 ci examples docs/conf.py
+	$(BIN)/ruff format --check jaxnorm torch_compat tests benchmarks tests_anomalib tests_anomalib2 ci examples docs/conf.py
 
 clean:
-	rm -rf $(VENV) $(FLOOR_VENV) $(ANOMALIB_VENV) .pytest_cache .hypothesis docs/_build
+	rm -rf $(VENV) $(FLOOR_VENV) $(ANOMALIB_VENV) $(ANOMALIB2_VENV) .pytest_cache .hypothesis docs/_build

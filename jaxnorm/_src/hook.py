@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Callable, Mapping
@@ -11,7 +10,7 @@ from typing import Any, Literal
 import jax
 import numpy as np
 
-from jaxnorm._src import batching, errors, hook_step, ragged, validation
+from jaxnorm._src import batching, errors, hook_step, persistence, ragged, validation
 from jaxnorm._src.minmax import MinMax
 from jaxnorm._src.outputs import (
     IMAGE,
@@ -151,7 +150,7 @@ class MinMaxNormalizationHook:
         self._set_threshold(PIXEL, value)
 
     def _set_threshold(self, which: str, value) -> None:
-        self._thresholds[which] = _check_threshold(f"{which}_threshold", value)
+        self._thresholds[which] = persistence.check_threshold(f"{which}_threshold", value)
         self._invalidate()
 
     # -- statistics ------------------------------------------------------------------------
@@ -182,7 +181,7 @@ class MinMaxNormalizationHook:
             raise ValueError(
                 f"stats: expected NormalizationStats or MinMax, got {type(stats).__name__}."
             )
-        self._install(_checked_stats("set_stats", _host_pairs(stats)))
+        self._install(persistence.checked_stats("set_stats", persistence.host_pairs(stats)))
 
     def _install(self, host: Mapping[str, tuple[float, float]]) -> None:
         """Puts checked host statistics on the device (one transfer) and caches them."""
@@ -345,7 +344,9 @@ class MinMaxNormalizationHook:
         self._unchecked = False
         self._state = state.with_counters(record.new_epoch())
         self._install(
-            _checked_stats("reducer output", {IMAGE: (mins[0], maxs[0]), PIXEL: (mins[1], maxs[1])})
+            persistence.checked_stats(
+                "reducer output", {IMAGE: (mins[0], maxs[0]), PIXEL: (mins[1], maxs[1])}
+            )
         )
         n_bad = int(counts[1])
         if n_bad:
@@ -486,7 +487,7 @@ class MinMaxNormalizationHook:
                 )
             self._checked.add(which)
 
-    # -- saving and loading ----------------------------------------------------------------
+    # -- saving and loading (jaxnorm._src.persistence) -----------------------------------
 
     def state_dict(self) -> dict[str, Any]:
         """The hook's state as a pytree of arrays (``flax.serialization``/orbax friendly).
@@ -494,14 +495,7 @@ class MinMaxNormalizationHook:
         Thresholds are float64 (exact), the counters uint64, so that a resumed run goes on
         as an uninterrupted one would.
         """
-        counts = {"num_values": self.num_values, "num_nonfinite": self.num_nonfinite}
-        self._read_stats()
-        return {
-            "stats": self._state.stats,
-            "image_threshold": np.float64(self.image_threshold),
-            "pixel_threshold": np.float64(self.pixel_threshold),
-            **{name: {w: np.uint64(c[w]) for w in (IMAGE, PIXEL)} for name, c in counts.items()},
-        }
+        return persistence.state_dict(self)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restores ``state_dict()`` output, also as the plain dicts that msgpack returns.
@@ -509,40 +503,7 @@ class MinMaxNormalizationHook:
         The statistics are checked like ``set_stats``'s; counters are optional (a state
         saved without them restores zeros).
         """
-        if not isinstance(state, Mapping):
-            raise ValueError(
-                f"state: expected the dict of MinMaxNormalizationHook.state_dict(), got "
-                f"{type(state).__name__}."
-            )
-        try:
-            stats = state["stats"]
-            if isinstance(stats, NormalizationStats):
-                pairs = _host_pairs(stats)
-            else:
-                pairs = {w: (stats[w]["min"], stats[w]["max"]) for w in (IMAGE, PIXEL)}
-            thresholds = (state["image_threshold"], state["pixel_threshold"])
-        except (KeyError, TypeError) as e:
-            raise ValueError(
-                f"state: expected the layout of MinMaxNormalizationHook.state_dict(), missing {e}."
-            ) from None
-        counts = {}
-        for name in ("num_values", "num_nonfinite"):
-            c = state.get(name) or {}
-            counts[name] = {
-                w: _host_count(f"state['{name}']['{w}']", c.get(w, 0)) for w in (IMAGE, PIXEL)
-            }
-        image_threshold, pixel_threshold = (
-            _check_threshold(f"state['{w}_threshold']", t)
-            for w, t in zip((IMAGE, PIXEL), thresholds, strict=True)
-        )
-        host = _checked_stats(
-            "state", pairs, {w: (f"stats.{w}.min", f"stats.{w}.max") for w in pairs}
-        )
-        # Everything is checked: nothing below raises, so a bad state changes nothing.
-        self._set_state(hook_step.HookState.initial(None, **counts))
-        self._install(host)
-        self.image_threshold = image_threshold
-        self.pixel_threshold = pixel_threshold
+        persistence.load_state_dict(self, state)
 
     def metadata(self) -> dict[str, float | None]:
         """anomalib's deployment metadata: thresholds and statistics in raw-score units.
@@ -552,25 +513,11 @@ class MinMaxNormalizationHook:
         ``pred_scores.min``/``.max`` and ``anomaly_maps.min``/``.max``. Empty statistics are
         ``None`` (JSON ``null``).
         """
-        stats = self.host_stats()
-        meta: dict[str, float | None] = {
-            "image_threshold": self.image_threshold,
-            "pixel_threshold": self.pixel_threshold,
-        }
-        if self.stats_mode == "shared":
-            meta["min"], meta["max"] = (_finite(v) for v in stats[IMAGE])
-        else:
-            meta["pred_scores.min"], meta["pred_scores.max"] = (_finite(v) for v in stats[IMAGE])
-            meta["anomaly_maps.min"], meta["anomaly_maps.max"] = (_finite(v) for v in stats[PIXEL])
-        return meta
+        return persistence.metadata(self)
 
     def to_json(self, path: str | os.PathLike | None = None) -> str:
         """``metadata()`` as JSON; written to ``path`` when given."""
-        text = json.dumps(self.metadata(), indent=2)
-        if path is not None:
-            with open(path, "w") as f:
-                f.write(text + "\n")
-        return text
+        return persistence.to_json(self, path)
 
     def load_json(self, source: str | os.PathLike | Mapping) -> None:
         """Loads thresholds and statistics from ``to_json`` output or anomalib metadata.
@@ -580,46 +527,10 @@ class MinMaxNormalizationHook:
 
         Raises:
           ValueError: the JSON is not an object, has no statistics keys, or holds statistics
-            that are not finite numbers with ``min <= max`` (``null`` for both means none).
+            that are not finite numbers with ``min <= max`` (``null`` for both means none),
+            naming the key.
         """
-        if isinstance(source, Mapping):
-            meta = source
-        elif isinstance(source, str) and source.lstrip()[:1] in ("{", "["):
-            meta = json.loads(source)
-        else:
-            with open(source) as f:
-                meta = json.load(f)
-        if not isinstance(meta, Mapping):
-            raise ValueError(
-                f"metadata: expected a JSON object with 'min'/'max' (or 'pred_scores.min', "
-                f"'anomaly_maps.min') and thresholds, got {type(meta).__name__}; pass the "
-                "output of MinMaxNormalizationHook.to_json() or anomalib's metadata.json."
-            )
-        meta = dict(meta)
-        if "min" in meta and "max" in meta:
-            keys = {IMAGE: ("min", "max"), PIXEL: ("min", "max")}
-            mode: StatsMode = "shared"
-        elif "pred_scores.min" in meta or "anomaly_maps.min" in meta:
-            keys = {
-                IMAGE: ("pred_scores.min", "pred_scores.max"),
-                PIXEL: ("anomaly_maps.min", "anomaly_maps.max"),
-            }
-            mode = "separate"
-        else:
-            raise ValueError(
-                f"metadata: no 'min'/'max' (or 'pred_scores.min', 'anomaly_maps.min') keys "
-                f"among {sorted(meta)}; export it with MinMaxNormalizationHook.to_json()."
-            )
-        thresholds = {
-            w: _check_threshold(f"metadata '{w}_threshold'", meta[f"{w}_threshold"])
-            for w in (IMAGE, PIXEL)
-            if f"{w}_threshold" in meta
-        }
-        pairs = {w: _pair_from(meta, *k) for w, k in keys.items()}
-        self._install(_checked_stats("metadata", pairs, keys))
-        for w, t in thresholds.items():
-            self._set_threshold(w, t)
-        self.stats_mode = mode
+        persistence.load_json(self, source)
 
     @classmethod
     def from_json(cls, source: str | os.PathLike | Mapping, **kwargs) -> MinMaxNormalizationHook:
@@ -637,71 +548,11 @@ class MinMaxNormalizationHook:
         )
 
 
-def _finite(v: float) -> float | None:
-    return v if math.isfinite(v) else None
-
-
-_F32_MAX = float(np.finfo(np.float32).max)
 _EMPTY_HOST = {IMAGE: (math.inf, -math.inf), PIXEL: (math.inf, -math.inf)}
-
-
-def _check_threshold(name: str, value) -> float:
-    value = validation.host_scalar(name, value)
-    if not isinstance(value, float):
-        raise ValueError(f"{name}: pass a concrete number, not a traced value.")
-    if abs(value) > _F32_MAX:
-        raise ValueError(
-            f"{name} is {value}, beyond float32's range (+-{_F32_MAX:.4g}), where the "
-            "statistics live; pass a threshold in raw-score units."
-        )
-    return value
-
-
-def _checked_stats(
-    source: str,
-    pairs: Mapping[str, tuple[object, object]],
-    keys: Mapping[str, tuple[str, str]] | None = None,
-) -> dict[str, tuple[float, float]]:
-    """Checks ``{"image": (lo, hi), "pixel": (lo, hi)}`` that come from outside.
-
-    ``keys`` names each pair's values in ``source`` (default ``"image.min"``, ...).
-    """
-    host = {}
-    for which, (lo, hi) in pairs.items():
-        lo_key, hi_key = (keys or {}).get(which, (f"{which}.min", f"{which}.max"))
-        host[which] = validation.loaded_stats(source, lo_key, lo, hi_key, hi)
-    return host
-
-
-def _host_pairs(stats: NormalizationStats) -> dict[str, tuple[object, object]]:
-    """The statistics' leaves on the host (one transfer), still unchecked."""
-    leaves = [stats.image.min, stats.image.max, stats.pixel.min, stats.pixel.max]
-    if any(validation.is_tracer(v) for v in leaves):
-        raise ValueError(
-            "stats: got traced values; call set_stats outside jit, with the statistics "
-            "your jitted step returned."
-        )
-    host = [_fetch(v) for v in leaves]
-    return {IMAGE: (host[0], host[1]), PIXEL: (host[2], host[3])}
-
-
-def _fetch(v):
-    if isinstance(v, jax.Array):
-        if not v.is_fully_addressable and v.is_fully_replicated:
-            v = v.addressable_data(0)
-        return np.asarray(jax.device_get(v))
-    return v
 
 
 def _is_function(value) -> bool:
     return callable(value) and not isinstance(value, str)
-
-
-def _host_count(name: str, value) -> int:
-    value = np.asarray(value)
-    if value.ndim or value.dtype.kind not in "iu" or int(value) < 0:
-        raise ValueError(f"{name} is {value!r}; expected a count (an integer >= 0).")
-    return int(value)
 
 
 def _check_rows(key: str, x, valid_rows: int) -> int:
@@ -713,16 +564,3 @@ def _check_rows(key: str, x, valid_rows: int) -> int:
             "pass the number of real rows of the padded leading axis."
         )
     return int(valid_rows)
-
-
-def _pair_from(meta: Mapping, lo_key: str, hi_key: str) -> tuple[object, object]:
-    lo, hi = meta.get(lo_key), meta.get(hi_key)
-    if lo is None and hi is None:
-        return math.inf, -math.inf
-    if lo is None or hi is None:
-        missing = lo_key if lo is None else hi_key
-        raise ValueError(
-            f"metadata: '{missing}' is missing or null while its pair is set; export the "
-            "statistics together with MinMaxNormalizationHook.to_json()."
-        )
-    return lo, hi

@@ -180,7 +180,15 @@ def loaded_stats(source: str, lo_key: str, lo: Any, hi_key: str, hi: Any) -> tup
             raise ValueError(
                 f"{source}: '{key}' is {value!r} ({type(value).__name__}); expected a number."
             )
-        values.append(float(value))
+        try:
+            values.append(float(value))
+        except OverflowError:  # a Python int beyond float64 (JSON integers are unbounded)
+            digits = len(str(abs(value)))
+            raise ValueError(
+                f"{source}: '{key}' is an integer of {digits} digits, beyond float64's range "
+                f"(and float32's, +-{_F32_MAX:.4g}, where statistics live); rescale the scores "
+                "or load the statistics that were saved."
+            ) from None
     flo, fhi = values
     if flo == math.inf and fhi == -math.inf:
         return flo, fhi

@@ -1,0 +1,135 @@
+"""anomalib 2.x's normalization (jaxnorm._src.normalize_v2) against a numpy reference.
+
+The reference is written from SPEC section 8, operation for operation in the scores' dtype as
+torch computes them (numpy rounds float16 after each operation too), so that float32 and
+float16 results must be bit-identical.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from jaxnorm._src import normalize_v2 as v2
+from jaxnorm.testing import count_compiles
+
+NAN = math.nan
+
+
+def reference(x, threshold, lo, hi):
+    """SPEC section 8: clamp((x - t) / (max - min) + 0.5, 0, 1), with anomalib 2's rules."""
+    x = np.asarray(x)
+    t, lo, hi = np.float32(threshold), np.float32(lo), np.float32(hi)
+    if math.isnan(lo) or math.isnan(hi):
+        return x.astype(np.promote_types(x.dtype, np.float32))  # no statistics: unchanged
+    if math.isnan(t):
+        t = (hi + lo) / np.float32(2)  # a NaN threshold: the midpoint
+    value_range = hi - lo
+    td = x.dtype.type(t)  # torch computes in the scores' dtype
+    if value_range == 0:
+        out = np.where(x > td, 1.0, np.where(x < td, 0.0, 0.5))
+    else:
+        with np.errstate(over="ignore"):  # float16 quotients beyond 65504 are inf, clamped
+            out = np.clip((x - td) / x.dtype.type(value_range) + x.dtype.type(0.5), 0, 1)
+    return out.astype(np.promote_types(x.dtype, np.float32))
+
+
+def scores(dtype, n=4096, seed=0):
+    x = np.random.default_rng(seed).normal(size=n) * 3
+    x[:4] = [0.25, -1.0, 5.0, 40.0]  # at the threshold, at the statistics, beyond them
+    return x.astype(dtype)
+
+
+CASES = [
+    (0.25, -1.0, 5.0),  # ordinary
+    (NAN, -1.7, 2.3),  # NaN threshold: the midpoint
+    (0.25, 0.25, 0.25),  # zero range, threshold inside it
+    (0.25, -1.0, -1.0),  # zero range elsewhere
+    (0.25, NAN, 5.0),  # no statistics: passthrough
+    (0.25, -1.0, NAN),
+    (NAN, NAN, NAN),  # anomalib's initial buffers
+    (1e-3, -1e-7, 3e-7),  # a tiny range: most scores clamp
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: ",".join(f"{v:g}" for v in c))
+def test_bit_identical_to_the_reference(dtype, case):
+    x = scores(dtype)
+    got = np.asarray(v2.normalize_v2(x, *(np.float32(v) for v in case)))
+    want = reference(x, *case)
+    assert got.dtype == want.dtype == np.float32
+    np.testing.assert_array_equal(got, want)
+
+
+def test_the_spec_cases_by_value():
+    x = np.array([-3.0, 0.0, 1.0, 2.0, 9.0], np.float32)
+    # NaN threshold -> (0 + 4) / 2 = 2
+    np.testing.assert_array_equal(v2.normalize_v2(x, NAN, 0.0, 4.0), [0.0, 0.0, 0.25, 0.5, 1.0])
+    # zero range: 0 below, 0.5 at, 1 above the threshold
+    np.testing.assert_array_equal(v2.normalize_v2(x, 1.0, 1.0, 1.0), [0, 0, 0.5, 1, 1])
+    # NaN statistics: the scores unchanged, not clamped
+    np.testing.assert_array_equal(v2.normalize_v2(x, 0.5, NAN, 1.0), x)
+    # the ordinary formula, clamped
+    np.testing.assert_array_equal(v2.normalize_v2(x, 1.0, 0.0, 4.0), [0.0, 0.25, 0.5, 0.75, 1.0])
+
+
+def test_nonfinite_scores_follow_the_formula():
+    x = np.array([NAN, math.inf, -math.inf], np.float32)
+    got = np.asarray(v2.normalize_v2(x, 0.0, -1.0, 1.0))
+    assert math.isnan(got[0]) and got[1] == 1.0 and got[2] == 0.0
+
+
+def test_new_statistics_do_not_recompile():
+    x = scores(np.float32, n=64)
+    v2.normalize_v2(x, 0.5, 0.0, 1.0).block_until_ready()
+    with count_compiles() as log:
+        for case in CASES:
+            v2.normalize_v2(x, *case).block_until_ready()
+    assert log.count == 0, log.names
+
+
+def test_scalars_must_be_one_number():
+    with pytest.raises(ValueError, match=r"min_val: expected one number, got shape \(2,\)"):
+        v2.normalize_v2(np.zeros(3), 0.5, np.zeros(2), 1.0)
+    with pytest.raises(ValueError, match="targets: expected an array, got str"):
+        v2.normalize_v2("scores", 0.5, 0.0, 1.0)
+
+
+def packed(image, pixel):
+    return np.array([image, pixel], np.float32)
+
+
+@pytest.mark.parametrize("sensitivity", [0.5, 0.3])
+def test_postprocess_normalizes_and_labels_in_one_dispatch(sensitivity):
+    score = scores(np.float32, n=32, seed=1)
+    amap = scores(np.float32, n=32 * 8 * 8, seed=2).reshape(32, 8, 8)
+    image, pixel = (0.3, -2.0, 6.0), (NAN, -4.0, 7.0)
+    cut = np.float32(1.0) - np.float32(sensitivity)
+    params, cuts = packed(image, pixel), np.array([cut, cut], np.float32)
+    labels = (("pred_score", "pred_label"), ("anomaly_map", "pred_mask"))
+    values = {"pred_score": score, "anomaly_map": amap}
+    v2.postprocess(values, params, cuts, labels)  # compiled once
+    with count_compiles() as log:
+        out = v2.postprocess(values, params + 1, cuts, labels)
+        out = v2.postprocess(values, params, cuts, labels)
+    assert log.count == 0, log.names
+    want_score, want_map = reference(score, *image), reference(amap, *pixel)
+    np.testing.assert_array_equal(out["pred_score"], want_score)
+    np.testing.assert_array_equal(out["anomaly_map"], want_map)
+    np.testing.assert_array_equal(out["pred_label"], want_score > cut)
+    np.testing.assert_array_equal(out["pred_mask"], want_map > cut)
+    assert out["pred_label"].dtype == np.bool_
+
+
+def test_postprocess_takes_either_key_alone_and_names_unknown_ones():
+    amap = np.ones((2, 4, 4), np.float32)
+    params = packed((0.0, 0.0, 2.0), (0.5, 0.0, 2.0))
+    cuts = np.float32([0.5, 0.5])
+    out = v2.postprocess({"anomaly_map": amap}, params, cuts)
+    assert sorted(out) == ["anomaly_map"]
+    np.testing.assert_array_equal(out["anomaly_map"], reference(amap, 0.5, 0.0, 2.0))
+    with pytest.raises(ValueError, match=r"unknown keys \['pred_scores'\]"):
+        v2.postprocess({"pred_scores": amap}, params, cuts)

@@ -1,0 +1,147 @@
+"""The synthetic ``Folder`` dataset and the training runs that tests_anomalib2 compares."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGE_SIZE = 64
+N_GOOD, N_BAD = 16, 6
+SEED = 0
+KINDS = ("anomalib", "jaxnorm")  # whose PostProcessor
+MODELS = ("padim", "patchcore")
+
+
+def _texture(rng: np.random.Generator) -> np.ndarray:
+    """A brushed-metal-like RGB image: smooth stripes plus noise."""
+    x = np.linspace(0, 6 * np.pi, IMAGE_SIZE)
+    stripes = 0.5 + 0.2 * np.sin(x[None, :] + rng.uniform(0, np.pi))
+    img = stripes + 0.05 * rng.standard_normal((IMAGE_SIZE, IMAGE_SIZE))
+    return np.repeat(img[..., None], 3, axis=-1)
+
+
+def _save(path: Path, img: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.clip(img * 255, 0, 255).astype(np.uint8)).save(path)
+
+
+def write_folder(root: Path, seed: int = SEED) -> Path:
+    """good/, bad/ and mask/ (one mask per bad image): anomalib's ``Folder`` layout."""
+    rng = np.random.default_rng(seed)
+    for i in range(N_GOOD):
+        _save(root / "good" / f"{i:03d}.png", _texture(rng))
+    for i in range(N_BAD):
+        img = _texture(rng)
+        mask = np.zeros((IMAGE_SIZE, IMAGE_SIZE), bool)
+        r, c = rng.integers(8, IMAGE_SIZE - 24, size=2)
+        mask[r : r + 4 + 2 * i, c : c + 16] = True
+        img[mask] = rng.uniform(0.0, 0.15)
+        _save(root / "bad" / f"{i:03d}.png", img)
+        (root / "mask").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(mask.astype(np.uint8) * 255).save(root / "mask" / f"{i:03d}.png")
+    return root
+
+
+def datamodule(root: Path):
+    from anomalib.data import Folder
+
+    return Folder(
+        name="synthetic",
+        root=root,
+        normal_dir="good",
+        abnormal_dir="bad",
+        mask_dir="mask",
+        normal_split_ratio=0.25,
+        train_batch_size=4,
+        eval_batch_size=4,
+        num_workers=0,
+        seed=SEED,
+    )
+
+
+def post_processor(kind: str):
+    if kind == "anomalib":
+        from anomalib.post_processing import PostProcessor
+    else:
+        from torch_compat.anomalib2 import PostProcessor
+    return PostProcessor()
+
+
+def model(name: str, kind: str):
+    """Padim or PatchCore, resnet18 without pretrained weights, 64x64, with ``kind``'s
+    PostProcessor; made right after seeding, so both kinds start from the same weights."""
+    from anomalib.models import Padim, Patchcore
+    from lightning.pytorch import seed_everything
+
+    seed_everything(SEED, workers=True)
+    if name == "padim":
+        return Padim(
+            backbone="resnet18",
+            layers=["layer1", "layer2"],
+            pre_trained=False,
+            pre_processor=Padim.configure_pre_processor(image_size=(IMAGE_SIZE, IMAGE_SIZE)),
+            post_processor=post_processor(kind),
+            visualizer=False,
+        )
+    return Patchcore(
+        backbone="resnet18",
+        layers=["layer2", "layer3"],
+        pre_trained=False,
+        coreset_sampling_ratio=0.02,  # k-center greedy is slow on 2 cores
+        pre_processor=Patchcore.configure_pre_processor(image_size=(IMAGE_SIZE, IMAGE_SIZE)),
+        post_processor=post_processor(kind),
+        visualizer=False,
+    )
+
+
+def engine(root: Path):
+    from anomalib.engine import Engine
+
+    return Engine(
+        max_epochs=1,
+        accelerator="cpu",
+        devices=1,
+        default_root_dir=root,
+        logger=False,
+        enable_progress_bar=False,
+        deterministic=True,
+    )
+
+
+@dataclasses.dataclass
+class Run:
+    """One model trained with one PostProcessor, and what a user gets from it."""
+
+    name: str
+    kind: str
+    model: object
+    engine: object
+    checkpoint: Path
+    test_metrics: dict
+    predictions: list
+    root: Path
+
+
+def train(name: str, kind: str, data: Path, out: Path) -> Run:
+    from lightning.pytorch import seed_everything
+
+    m = model(name, kind)
+    e = engine(out)
+    seed_everything(SEED, workers=True)
+    e.fit(m, datamodule=datamodule(data))
+    ckpt = Path(e.trainer.checkpoint_callback.best_model_path)
+    seed_everything(SEED, workers=True)
+    (metrics,) = e.test(m, datamodule=datamodule(data))
+    predictions = e.predict(m, datamodule=datamodule(data))
+    return Run(name, kind, m, e, ckpt, metrics, predictions, out)
+
+
+@functools.cache
+def images(n: int = 3) -> torch.Tensor:
+    g = torch.Generator().manual_seed(7)
+    return torch.rand(n, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g)

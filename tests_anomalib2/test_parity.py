@@ -1,0 +1,213 @@
+"""torch_compat.anomalib2.PostProcessor in place of anomalib 2.7.0's, in real anomalib runs.
+
+Padim and PatchCore are each trained twice on a synthetic ``Folder`` dataset this test writes,
+from the same seed: once with anomalib's ``PostProcessor``, once with ours (the one-line swap).
+Everything a user gets must be the same: test metrics, the post-processor's buffers, every
+predict output, checkpoints (loaded both ways), ``forward`` on an ``InferenceBatch``, and the
+TORCH export, which must load and run where jax is not installed.
+
+Run it with ``make test-anomalib2`` (its own venv, ci/anomalib2-constraints.txt).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import common
+import pytest
+import torch
+from anomalib.data import InferenceBatch
+from anomalib.deploy import ExportType
+from anomalib.post_processing import PostProcessor as AnomalibPostProcessor
+
+from torch_compat.anomalib2 import PostProcessor
+
+BUFFERS = (
+    "image_min",
+    "image_max",
+    "pixel_min",
+    "pixel_max",
+    "_image_threshold",
+    "_pixel_threshold",
+)
+FIELDS = ("pred_score", "anomaly_map", "pred_label", "pred_mask")
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory):
+    return common.write_folder(tmp_path_factory.mktemp("folder"))
+
+
+@pytest.fixture(scope="session")
+def runs(data, tmp_path_factory):
+    """{(model, kind): Run}: each model trained with each PostProcessor, lazily."""
+    cache = {}
+
+    def get(name, kind):
+        if (name, kind) not in cache:
+            cache[name, kind] = common.train(
+                name, kind, data, tmp_path_factory.mktemp(f"{name}-{kind}")
+            )
+        return cache[name, kind]
+
+    return get
+
+
+def assert_same_tensor(a, b, what):
+    assert type(a) is type(b), (what, type(a), type(b))
+    if a is None:
+        return
+    assert a.dtype == b.dtype and a.shape == b.shape, (what, a.dtype, b.dtype, a.shape, b.shape)
+    assert torch.equal(a, b), (what, (a.double() - b.double()).abs().max())
+
+
+@pytest.mark.parametrize("name", common.MODELS)
+def test_the_swap_changes_nothing_a_user_sees(runs, name):
+    ours, theirs = runs(name, "jaxnorm"), runs(name, "anomalib")
+    assert type(ours.model.post_processor) is PostProcessor
+    assert type(theirs.model.post_processor) is AnomalibPostProcessor
+    # the buffers: statistics and thresholds, NaN no more
+    for buf in BUFFERS:
+        a, b = getattr(ours.model.post_processor, buf), getattr(theirs.model.post_processor, buf)
+        assert not torch.isnan(b), buf
+        assert_same_tensor(a, b, buf)
+    assert ours.test_metrics == theirs.test_metrics
+    assert set(ours.test_metrics) >= {"image_AUROC", "pixel_AUROC", "image_F1Score"}
+    # every predict output, field by field
+    assert len(ours.predictions) == len(theirs.predictions) > 0
+    for i, (a, b) in enumerate(zip(ours.predictions, theirs.predictions, strict=True)):
+        for field in FIELDS:
+            assert_same_tensor(getattr(a, field), getattr(b, field), (i, field))
+        assert a.image_path == b.image_path
+        # normalized: in [0, 1] with labels from the 0.5 cut (sensitivity 0.5)
+        assert 0 <= a.pred_score.min() and a.pred_score.max() <= 1
+        assert torch.equal(a.pred_label.flatten(), a.pred_score.flatten() > 0.5)
+
+
+@pytest.mark.parametrize("name", common.MODELS)
+def test_checkpoints_hold_the_same_keys_and_load_both_ways(runs, name, data):
+    ours, theirs = runs(name, "jaxnorm"), runs(name, "anomalib")
+    ckpts = {
+        kind: torch.load(r.checkpoint, map_location="cpu", weights_only=False)
+        for kind, r in (("jaxnorm", ours), ("anomalib", theirs))
+    }
+    a, b = ckpts["jaxnorm"], ckpts["anomalib"]
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    pp_keys = sorted(k for k in a["state_dict"] if k.startswith("post_processor."))
+    assert pp_keys == sorted(f"post_processor.{n}" for n in BUFFERS)
+    for k in pp_keys:
+        assert_same_tensor(a["state_dict"][k], b["state_dict"][k], k)
+    config_keys = sorted(k for k in a if "post_processor" in k)
+    assert config_keys and config_keys == sorted(k for k in b if "post_processor" in k)
+    for k in config_keys:
+        assert a[k] == b[k], k
+    assert ours.model.post_processor.checkpoint_config() == (
+        theirs.model.post_processor.checkpoint_config()
+    )
+    # load_state_dict(strict=True), both ways
+    for source, target_kind in (("anomalib", "jaxnorm"), ("jaxnorm", "anomalib")):
+        target = common.post_processor(target_kind)
+        prefix = "post_processor."
+        state = {
+            k[len(prefix) :]: v
+            for k, v in ckpts[source]["state_dict"].items()
+            if k.startswith(prefix)
+        }
+        target.load_state_dict(state, strict=True)
+        for buf in BUFFERS:
+            assert_same_tensor(getattr(target, buf), getattr(theirs.model.post_processor, buf), buf)
+    # load_from_checkpoint rebuilds anomalib's default post-processor (anomalib keeps it out
+    # of the hyperparameters, as any custom one); passing ours keeps ours
+    for run in (ours, theirs):
+        loaded = type(run.model).load_from_checkpoint(
+            run.checkpoint, post_processor=PostProcessor()
+        )
+        assert type(loaded.post_processor) is PostProcessor
+        for buf in BUFFERS:
+            assert_same_tensor(
+                getattr(loaded.post_processor, buf), getattr(run.model.post_processor, buf), buf
+            )
+    # Engine.test(ckpt_path=...) across the two classes
+    for model_kind, run in (("jaxnorm", theirs), ("anomalib", ours)):
+        fresh = common.model(name, model_kind)
+        (metrics,) = common.engine(run.root / f"retest-{model_kind}").test(
+            fresh, datamodule=common.datamodule(data), ckpt_path=run.checkpoint
+        )
+        assert metrics == run.test_metrics, (model_kind, run.kind)
+        for buf in BUFFERS:
+            assert_same_tensor(
+                getattr(fresh.post_processor, buf), getattr(run.model.post_processor, buf), buf
+            )
+
+
+@pytest.mark.parametrize("name", common.MODELS)
+def test_forward_on_an_inference_batch(runs, name):
+    ours, theirs = runs(name, "jaxnorm"), runs(name, "anomalib")
+    x = common.images()
+    with torch.no_grad():
+        ours.model.eval(), theirs.model.eval()
+        raw = ours.model.model(ours.model.pre_processor(x))
+        assert isinstance(raw, InferenceBatch) and raw.anomaly_map is not None
+        for batch in (raw, raw._replace(pred_score=None)):
+            got = ours.model.post_processor(batch)
+            want = theirs.model.post_processor(batch)
+            for field in FIELDS:
+                assert_same_tensor(getattr(got, field), getattr(want, field), field)
+        # the whole model, as exported models run it
+        got, want = ours.model(x), theirs.model(x)
+        for field in FIELDS:
+            assert_same_tensor(getattr(got, field), getattr(want, field), field)
+
+
+LOAD_WITHOUT_JAX = textwrap.dedent(
+    """
+    import sys
+    # jax, jaxnorm and torch_compat are not installed where the model is deployed
+    for name in ("jax", "jaxlib", "jaxnorm", "torch_compat", "flax"):
+        sys.modules[name] = None
+    import torch
+    try:
+        import jax
+    except ImportError:
+        pass
+    else:
+        raise SystemExit("jax was importable")
+    model = torch.load(sys.argv[1], map_location="cpu", weights_only=False)["model"]
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.load(sys.argv[2]))
+    pp = type(model.post_processor)
+    torch.save(
+        {"class": f"{pp.__module__}.{pp.__qualname__}", "out": out._asdict()}, sys.argv[3]
+    )
+    """
+)
+
+
+@pytest.mark.parametrize("name", common.MODELS)
+def test_torch_export_loads_and_runs_without_jax(runs, name, tmp_path):
+    ours, theirs = runs(name, "jaxnorm"), runs(name, "anomalib")
+    x = common.images()
+    torch.save(x, tmp_path / "x.pt")
+    script = tmp_path / "load.py"
+    script.write_text(LOAD_WITHOUT_JAX)
+    results = {}
+    for run in (ours, theirs):
+        path = run.engine.export(run.model, ExportType.TORCH, export_root=tmp_path / run.kind)
+        out = tmp_path / f"{run.kind}-out.pt"
+        proc = subprocess.run(
+            [sys.executable, str(script), str(path), str(tmp_path / "x.pt"), str(out)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        results[run.kind] = torch.load(out, weights_only=False)
+    assert results["jaxnorm"]["class"] == "anomalib.post_processing.post_processor.PostProcessor"
+    got, want = results["jaxnorm"]["out"], results["anomalib"]["out"]
+    for field in FIELDS:
+        assert_same_tensor(got[field], want[field], field)
+    # exporting did not change the model that was exported
+    assert type(ours.model.post_processor) is PostProcessor

@@ -1,0 +1,337 @@
+"""torch_compat.anomalib2.PostProcessor against anomalib 2.7.0's, hook by hook.
+
+Each test drives both classes with the same ``ImageBatch`` objects, as Lightning would, and
+compares them exactly; statistics are also checked against numpy.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+import pickle
+from multiprocessing.reduction import ForkingPickler
+
+import numpy as np
+import pytest
+import torch
+from anomalib.data import ImageBatch, InferenceBatch
+from anomalib.post_processing import PostProcessor as AnomalibPostProcessor
+
+import jaxnorm
+from jaxnorm.testing import count_compiles
+from torch_compat import _postprocessor
+from torch_compat.anomalib2 import PostProcessor
+
+BUFFERS = (
+    "image_min",
+    "image_max",
+    "pixel_min",
+    "pixel_max",
+    "_image_threshold",
+    "_pixel_threshold",
+)
+FIELDS = ("pred_score", "anomaly_map", "pred_label", "pred_mask")
+
+
+def val_batch(seed, n=4, size=8, *, labels=True, score=True, amap=True, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    return dict(
+        image=torch.rand(n, 3, size, size, generator=g),
+        gt_label=torch.tensor([i % 2 for i in range(n)]) if labels else None,
+        gt_mask=(torch.rand(n, size, size, generator=g) > 0.8) if labels else None,
+        pred_score=torch.randn(n, generator=g) * scale if score else None,
+        anomaly_map=torch.randn(n, size, size, generator=g) * scale if amap else None,
+    )
+
+
+def batch(fields):
+    """A fresh ImageBatch each time: post-processing rewrites it in place."""
+    return ImageBatch(**{k: (v.clone() if v is not None else None) for k, v in fields.items()})
+
+
+def validate(pp, batches):
+    for b in batches:
+        pp.on_validation_batch_end(None, None, batch(b))
+    pp.on_validation_epoch_end(None, None)
+
+
+def assert_same(a, b, what=""):
+    assert type(a) is type(b), (what, type(a), type(b))
+    if a is None:
+        return
+    assert a.dtype == b.dtype and a.shape == b.shape, (what, a.dtype, b.dtype)
+    assert torch.equal(a, b) or (
+        torch.equal(a.isnan(), b.isnan()) and torch.equal(a[~a.isnan()], b[~b.isnan()])
+    ), (what, a, b)
+
+
+def assert_same_buffers(ours, theirs):
+    for name in BUFFERS:
+        assert_same(getattr(ours, name), getattr(theirs, name), name)
+
+
+def test_validation_statistics_equal_anomalibs_and_numpys_per_epoch():
+    ours, theirs = PostProcessor(), AnomalibPostProcessor()
+    for epoch in range(2):  # each epoch starts over, as anomalib's reset metrics do
+        batches = [val_batch(10 * epoch + i, scale=1 + epoch) for i in range(3)]
+        validate(ours, batches)
+        validate(theirs, batches)
+        assert_same_buffers(ours, theirs)
+        scores = torch.cat([b["pred_score"] for b in batches]).numpy()
+        maps = torch.cat([b["anomaly_map"] for b in batches]).numpy()
+        assert ours.image_min.item() == scores.min() and ours.image_max.item() == scores.max()
+        assert ours.pixel_min.item() == maps.min() and ours.pixel_max.item() == maps.max()
+    # the statistics came from jaxnorm: anomalib's MinMax metrics were never updated
+    assert not ours._image_min_max_metric.update_called
+    assert not ours._pixel_min_max_metric.update_called
+
+
+def test_a_field_no_batch_had_keeps_its_buffers():
+    ours, theirs = PostProcessor(), AnomalibPostProcessor()
+    batches = [val_batch(i, score=False) for i in range(2)]
+    validate(ours, batches)
+    validate(theirs, batches)
+    assert math.isnan(ours.image_min) and not math.isnan(ours.pixel_min)
+    assert_same_buffers(ours, theirs)
+
+
+def test_nonfinite_validation_scores_raise_where_anomalib_stores_nan():
+    batches = [val_batch(i) for i in range(3)]
+    batches[1]["pred_score"][[0, 2]] = torch.tensor([math.nan, math.inf])
+    theirs = AnomalibPostProcessor()
+    validate(theirs, batches)
+    assert math.isnan(theirs.image_min)  # anomalib: NaN statistics, scores pass unnormalized
+    ours = PostProcessor()
+    with pytest.raises(jaxnorm.NonFiniteScoresError, match=r"2 non-finite .*'batch.pred_score'"):
+        validate(ours, batches)
+    # the clean batches' statistics are stored before raising
+    clean = torch.cat([batches[0]["pred_score"], batches[2]["pred_score"]]).numpy()
+    assert (ours.image_min.item(), ours.image_max.item()) == (clean.min(), clean.max())
+    maps = torch.cat([batches[0]["anomaly_map"], batches[2]["anomaly_map"]]).numpy()
+    assert ours.pixel_min.item() == maps.min()
+
+
+def test_nonfinite_omit_skips_them():
+    batches = [val_batch(i) for i in range(3)]
+    batches[1]["anomaly_map"][1, 2, :3] = math.nan
+    ours = PostProcessor(nonfinite="omit")
+    validate(ours, batches)
+    maps = torch.cat([b["anomaly_map"] for b in batches]).numpy()
+    finite = maps[np.isfinite(maps)]
+    assert (ours.pixel_min.item(), ours.pixel_max.item()) == (finite.min(), finite.max())
+    with pytest.raises(ValueError, match="nonfinite='sometimes'.*'raise'.*'omit'"):
+        PostProcessor(nonfinite="sometimes")
+
+
+NAN = math.nan
+STATS = {"image_min": -2.0, "image_max": 5.0, "pixel_min": -3.0, "pixel_max": 4.0}
+# (name, buffer values, constructor arguments): the states test and predict can meet.
+STATES = [
+    ("never validated", {}, {}),
+    ("validated", {**STATS, "_image_threshold": 0.7, "_pixel_threshold": -0.4}, {}),
+    ("thresholds NaN: the midpoint", {**STATS, "pixel_max": 4.5}, {}),
+    ("image threshold from the pixel one", {**STATS, "_pixel_threshold": 1.1}, {}),
+    (
+        "no threshold matching",
+        {**STATS, "_pixel_threshold": 1.1},
+        {"enable_threshold_matching": False},
+    ),
+    (
+        "zero range, no pixel statistics",
+        {"image_min": 0.5, "image_max": 0.5, "pixel_max": 1.0, "_image_threshold": 0.5},
+        {"image_sensitivity": 0.3},
+    ),
+    ("sensitivities", STATS, {"image_sensitivity": 0.8, "pixel_sensitivity": 0.1}),
+    ("thresholding off", STATS, {"enable_thresholding": False}),
+]
+
+
+def set_buffers(pp, values):
+    for name, value in values.items():
+        getattr(pp, name).fill_(value)
+
+
+@pytest.mark.parametrize("name, values, kwargs", STATES, ids=[s[0] for s in STATES])
+def test_test_and_predict_outputs_equal_anomalibs(name, values, kwargs):
+    ours, theirs = PostProcessor(**kwargs), AnomalibPostProcessor(**kwargs)
+    set_buffers(ours, values)
+    set_buffers(theirs, values)
+    for seed in range(3):
+        fields = val_batch(100 + seed, labels=False)
+        fields["anomaly_map"][0, 0, :3] = torch.tensor(
+            [values.get("_pixel_threshold", 0.0), 0.5, 9]
+        )
+        a, b = batch(fields), batch(fields)
+        ours.on_test_batch_end(None, None, a)
+        theirs.on_test_batch_end(None, None, b)
+        for field in FIELDS:
+            assert_same(getattr(a, field), getattr(b, field), (name, field))
+        a, b = batch(fields), batch(fields)
+        ours.on_predict_batch_end(None, None, a)
+        theirs.on_predict_batch_end(None, None, b)
+        for field in FIELDS:
+            assert_same(getattr(a, field), getattr(b, field), (name, field))
+        inference = InferenceBatch(
+            pred_score=fields["pred_score"], anomaly_map=fields["anomaly_map"]
+        )
+        for got, want in zip(ours(inference), theirs(inference), strict=True):
+            assert_same(got, want, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_forward_keeps_anomalibs_dtypes(dtype):
+    ours, theirs = PostProcessor(), AnomalibPostProcessor()
+    set_buffers(ours, STATES[1][1])
+    set_buffers(theirs, STATES[1][1])
+    g = torch.Generator().manual_seed(3)
+    inference = InferenceBatch(anomaly_map=(torch.randn(4, 16, 16, generator=g) * 3).to(dtype))
+    got, want = ours(inference), theirs(inference)
+    for field in FIELDS:
+        assert_same(getattr(got, field), getattr(want, field), (dtype, field))
+
+
+class Spy:
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        real = _postprocessor.JaxState.process
+
+        def process(state, *args, **kwargs):
+            self.calls += 1
+            return real(state, *args, **kwargs)
+
+        monkeypatch.setattr(_postprocessor.JaxState, "process", process)
+
+
+def validated_pair():
+    ours, theirs = PostProcessor(), AnomalibPostProcessor()
+    batches = [val_batch(i) for i in range(2)]
+    validate(ours, batches)
+    validate(theirs, batches)
+    return ours, theirs
+
+
+def test_torch_export_takes_anomalibs_torch_formula(monkeypatch):
+    ours, theirs = validated_pair()
+    spy = Spy(monkeypatch)
+    x = InferenceBatch(pred_score=torch.randn(4), anomaly_map=torch.randn(4, 8, 8))
+    program = torch.export.export(ours, (x,))
+    assert spy.calls == 0
+    targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert "aten.div.Tensor" in targets and "aten.clamp.default" in targets, targets
+    for got, want in zip(program.module()(x), theirs(x), strict=True):
+        assert_same(got, want)
+    ours(x)  # eagerly: jaxnorm
+    assert spy.calls == 1
+
+
+def test_tracing_and_onnx_export_take_anomalibs_torch_formula(monkeypatch):
+    ours, theirs = validated_pair()
+    spy = Spy(monkeypatch)
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self, pp):
+            super().__init__()
+            self.pp = pp
+
+        def forward(self, score, amap):
+            out = self.pp(InferenceBatch(pred_score=score, anomaly_map=amap))
+            return out.pred_score, out.anomaly_map, out.pred_label, out.pred_mask
+
+    score, amap = torch.randn(4), torch.randn(4, 8, 8)
+    with pytest.warns(FutureWarning):  # torch.jit.trace is deprecated in torch 2.14
+        traced = torch.jit.trace(Wrapped(ours), (score, amap), check_trace=False)
+    assert spy.calls == 0
+    for got, want in zip(traced(score, amap), Wrapped(theirs)(score, amap), strict=True):
+        assert_same(got, want)
+    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
+    ours(InferenceBatch(pred_score=score, anomaly_map=amap))
+    assert spy.calls == 0
+
+
+def test_no_recompile_and_no_torch_host_read_per_batch(monkeypatch):
+    ours, theirs = validated_pair()
+    fields = [val_batch(50 + i, labels=False) for i in range(4)]
+    ours.on_test_batch_end(None, None, batch(fields[0]))  # compiles, reads the sensitivities
+    # Any host read of a tensor now fails; anomalib's own labels read their threshold.
+    for name in ("item", "tolist", "numpy", "__float__", "__bool__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, _no_host_read)
+    with pytest.raises(AssertionError, match="host read"):
+        theirs.on_test_batch_end(None, None, batch(fields[0]))
+    with count_compiles() as log:
+        for f in fields[1:]:
+            ours.on_test_batch_end(None, None, batch(f))
+        folder = PostProcessor(enable_thresholding=False)
+        for f in fields:
+            folder.on_validation_batch_end(None, None, batch(f))
+    monkeypatch.undo()
+    with count_compiles() as more:
+        ours.image_max.fill_(9.0)  # new statistics: checked once, new parameters
+        ours.on_test_batch_end(None, None, batch(fields[1]))
+    assert more.count == 0, more.names  # ... and no new program
+    assert log.count <= 1, log.names  # the validation fold, compiled once for its shapes
+    folder.on_validation_epoch_end(None, None)
+    maps = torch.cat([f["anomaly_map"] for f in fields]).numpy()
+    assert folder.pixel_max.item() == maps.max()
+
+
+def _no_host_read(*args, **kwargs):
+    raise AssertionError("host read of a tensor in a per-batch hook")
+
+
+def test_loaded_buffers_are_used_at_the_next_batch():
+    ours, theirs = validated_pair()
+    fields = val_batch(7, labels=False)
+    ours.on_test_batch_end(None, None, batch(fields))
+    other = AnomalibPostProcessor()
+    set_buffers(other, STATES[1][1])
+    ours.load_state_dict(other.state_dict(), strict=True)
+    a, b = batch(fields), batch(fields)
+    ours.on_test_batch_end(None, None, a)
+    other.on_test_batch_end(None, None, b)
+    for field in FIELDS:
+        assert_same(getattr(a, field), getattr(b, field), field)
+
+
+def test_pickles_as_anomalibs_class_and_copies_as_ours():
+    ours, _ = validated_pair()
+    buf = io.BytesIO()
+    torch.save({"pp": ours}, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)["pp"]
+    assert type(loaded) is AnomalibPostProcessor
+    assert_same_buffers(loaded, ours)
+    assert loaded.checkpoint_config() == ours.checkpoint_config()
+    assert type(pickle.loads(pickle.dumps(ours))) is AnomalibPostProcessor
+    for copied in (copy.deepcopy(ours), copy.copy(ours)):
+        assert type(copied) is PostProcessor
+        assert_same_buffers(copied, ours)
+    deep = copy.deepcopy(ours)
+    deep.image_max.fill_(100.0)
+    assert ours.image_max.item() != 100.0
+    spawned = pickle.loads(ForkingPickler.dumps(PostProcessor(nonfinite="omit")))
+    assert type(spawned) is PostProcessor and spawned.nonfinite == "omit"
+    validate(spawned, [val_batch(1)])
+    assert not math.isnan(spawned.image_min)
+
+
+@pytest.mark.parametrize(
+    "values, match",
+    [
+        ({"image_max": math.inf}, r"'image_max' is inf; normalization statistics must be finite"),
+        ({"pixel_min": 2.0, "pixel_max": 1.0}, r"'pixel_max' \(1.0\) is smaller than 'pixel_min'"),
+        ({"image_min": math.inf, "image_max": -math.inf}, "no scores give these statistics"),
+        ({"_pixel_threshold": -math.inf}, "_pixel_threshold"),
+    ],
+)
+def test_unusable_buffers_are_named_before_any_batch_is_normalized(values, match):
+    ours = PostProcessor()
+    set_buffers(ours, {**STATS, **values})
+    fields = val_batch(3, labels=False)
+    before = batch(fields)
+    with pytest.raises(ValueError, match="post_processor: .*" + match):
+        ours.on_test_batch_end(None, None, before)
+    assert torch.equal(before.pred_score, fields["pred_score"])  # left as it was
+    # NaN is anomalib's "not set", not an error
+    set_buffers(ours, {**STATS, "image_max": NAN, "_pixel_threshold": NAN})
+    ours.on_test_batch_end(None, None, batch(fields))

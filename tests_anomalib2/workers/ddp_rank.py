@@ -1,0 +1,99 @@
+"""One rank of tests_anomalib2/test_ddp.py: ``trainer.validate`` under Lightning DDP (gloo, CPU)
+with anomalib 2.7.0's PostProcessor, then with torch_compat's.
+
+Usage: python tests_anomalib2/workers/ddp_rank.py WORKDIR
+
+Launched with torchrun's variables (MASTER_ADDR, MASTER_PORT, WORLD_SIZE, RANK, LOCAL_RANK,
+NODE_RANK), so Lightning starts no processes of its own. Reads ``WORKDIR/inputs.pkl`` (each
+rank's validation batches); writes ``WORKDIR/rank{RANK}.json``: each class's buffers, or its
+error.
+"""
+
+import datetime
+import json
+import os
+import pickle
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+from anomalib.data import ImageBatch
+from anomalib.post_processing import PostProcessor as AnomalibPostProcessor
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.strategies import DDPStrategy
+from torch.utils.data import DataLoader
+
+import jaxnorm
+from torch_compat.anomalib2 import PostProcessor
+
+warnings.filterwarnings("ignore", module="lightning|lightning_fabric|torchmetrics")
+
+BUFFERS = (
+    "image_min",
+    "image_max",
+    "pixel_min",
+    "pixel_max",
+    "_image_threshold",
+    "_pixel_threshold",
+)
+
+
+class Scores(LightningModule):
+    """Its validation outputs are the data: the test checks the post-processor's buffers."""
+
+    def __init__(self, post_processor, batches):
+        super().__init__()
+        self.post_processor = post_processor
+        self.batches = batches
+
+    def configure_callbacks(self):
+        return [self.post_processor]  # as anomalib's AnomalibModule does
+
+    def val_dataloader(self):
+        # No DistributedSampler: each rank validates its own batches.
+        return DataLoader(range(len(self.batches)), batch_size=None)
+
+    def validation_step(self, index, batch_idx):
+        b = self.batches[int(index)]
+        return ImageBatch(
+            image=torch.zeros(len(b["pred_score"]), 3, 4, 4),
+            gt_label=torch.from_numpy(b["gt_label"]),
+            gt_mask=torch.from_numpy(b["gt_mask"]),
+            pred_score=torch.from_numpy(b["pred_score"]),
+            anomaly_map=torch.from_numpy(b["anomaly_map"]),
+        )
+
+
+def main(workdir: Path) -> None:
+    rank = int(os.environ["RANK"])
+    torch.set_num_threads(1)
+    with open(workdir / "inputs.pkl", "rb") as f:
+        spec = pickle.load(f)
+    trainer = Trainer(
+        strategy=DDPStrategy(
+            process_group_backend="gloo", timeout=datetime.timedelta(seconds=spec["timeout"])
+        ),
+        accelerator="cpu",
+        devices=spec["world_size"],
+        num_nodes=1,
+        use_distributed_sampler=False,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    result = {"rank": rank}
+    for kind, cls in (("anomalib", AnomalibPostProcessor), ("jaxnorm", PostProcessor)):
+        pp = cls()
+        try:
+            trainer.validate(Scores(pp, spec["val"][rank]))
+        except jaxnorm.NonFiniteScoresError as e:
+            result[f"{kind}_error"] = {"key": e.key, "count": e.count, "msg": str(e)}
+        result[kind] = {name: getattr(pp, name).item() for name in BUFFERS}
+    result["world_size"] = trainer.world_size
+    with open(workdir / f"rank{rank}.json", "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

@@ -1,0 +1,255 @@
+"""The jaxnorm side of ``torch_compat.anomalib2.PostProcessor``; imports no anomalib.
+
+``JaxState`` folds validation batches into a ``jaxnorm.MinMaxNormalizationHook`` (separate
+image and pixel statistics, as anomalib 2 keeps them), stores them in anomalib's buffers at
+validation epoch end, and normalizes and labels test and predict batches with
+``jaxnorm._src.normalize_v2`` in one dispatch per batch.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from jaxnorm import MinMaxNormalizationHook, NonFiniteScoresError
+from jaxnorm._src import batching, normalize_v2, persistence, validation
+from jaxnorm._src.hook import NonFinitePolicy
+from jaxnorm._src.outputs import IMAGE, PIXEL
+from torch_compat._allreduce import allreduce_stats, ddp_active
+from torch_compat._callback import _JaxView, _pad_rows, _versions, _Watched
+from torch_compat._dlpack import to_jax
+from torch_compat._minmax import write_in_place
+
+# anomalib 2's batch fields, and the 0.x keys under which the hook takes them.
+SCORE, MAP = "pred_score", "anomaly_map"
+_HOOK_KEYS = {SCORE: "pred_scores", MAP: "anomaly_maps"}
+_FIELDS = {v: k for k, v in _HOOK_KEYS.items()}
+# (statistic, its buffers) as anomalib 2's PostProcessor names them.
+_BUFFERS = ((IMAGE, ("image_min", "image_max")), (PIXEL, ("pixel_min", "pixel_max")))
+_THRESHOLD_BUFFERS = ("_image_threshold", "_pixel_threshold", *(n for _, p in _BUFFERS for n in p))
+_LABELS = ((SCORE, "pred_label", "image_sensitivity"), (MAP, "pred_mask", "pixel_sensitivity"))
+
+
+def check_nonfinite(nonfinite: str) -> NonFinitePolicy:
+    if nonfinite not in ("raise", "omit"):
+        raise ValueError(
+            f"nonfinite={nonfinite!r}: expected 'raise' (NaN/inf validation scores raise "
+            "jaxnorm.NonFiniteScoresError) or 'omit' (they are skipped)."
+        )
+    return nonfinite  # type: ignore[return-value]
+
+
+def exporting() -> bool:
+    """Whether torch is tracing or exporting now: anomalib's torch formula must run then."""
+    compiler = getattr(torch, "compiler", None)
+    checks = (
+        getattr(compiler, "is_compiling", None),
+        getattr(compiler, "is_exporting", None),
+        torch.jit.is_tracing,
+        torch.jit.is_scripting,
+        getattr(torch.onnx, "is_in_onnx_export", None),
+        # is_fx_tracing logs a deprecation warning at each call; this one does not.
+        getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing", None),
+    )
+    return any(check is not None and check() for check in checks)
+
+
+def plain(tensors) -> bool:
+    """Whether every tensor holds real values jax can read (not fake, functional or meta)."""
+    for t in tensors:
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+            return False
+        # FakeTensor, FunctionalTensor and the like: proxies of tracers, not data.
+        if type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter):
+            if "torch._subclasses" in type(t).__module__ or "torch.fx" in type(t).__module__:
+                return False
+    return True
+
+
+def as_output(y, like: torch.Tensor) -> torch.Tensor:
+    """A jax result as a torch tensor on ``like``'s device, in anomalib 2's output dtype.
+
+    anomalib returns float32 for float16/bfloat16/float32 scores and float64 for float64
+    (jax without x64 computed it in float32: the cast back is all that can be done).
+    """
+    out = torch.from_dlpack(y)
+    if out.device != like.device:
+        out = out.to(like.device)
+    want = torch.float64 if like.dtype == torch.float64 else out.dtype
+    if out.dtype == torch.bool:
+        want = torch.bool
+    return out if out.dtype == want else out.to(want)
+
+
+class JaxState:
+    """What ``PostProcessor`` keeps beside anomalib's buffers: never pickled, never a module."""
+
+    def __init__(self, nonfinite: NonFinitePolicy = "raise") -> None:
+        self.nonfinite = check_nonfinite(nonfinite)
+        self.hook = MinMaxNormalizationHook(stats="separate", nonfinite=nonfinite, reducer=None)
+        self._params = None
+        self._params_source = _Watched()
+        self._cuts: tuple[Any, Any] | None = None
+
+    # -- validation ------------------------------------------------------------------------
+
+    def fold(self, pred_score: Any, anomaly_map: Any) -> None:
+        """Folds one validation batch's scores and maps: one dispatch, no host read."""
+        present = {
+            _HOOK_KEYS[field]: value
+            for field, value in ((SCORE, pred_score), (MAP, anomaly_map))
+            if value is not None
+        }
+        if not present:
+            return  # anomalib's metrics skip a batch without the field
+        padded, rows = _pad_rows(present, self.hook._buckets, batching.VALIDATION)
+        self.hook.on_validation_batch_end(_JaxView(padded), valid_rows=rows)
+
+    def store(self, module: torch.nn.Module) -> None:
+        """Validation epoch end: reduce over DDP ranks, write anomalib's buffers, reset.
+
+        A statistic that saw no finite value keeps its buffers, as anomalib keeps them for a
+        field no batch held.
+
+        Raises:
+          NonFiniteScoresError: under ``nonfinite="raise"``, naming anomalib's field, after
+            the statistics of the clean batches are stored.
+        """
+        hook = self.hook
+        hook.reducer = allreduce_stats if ddp_active() else None
+        error = None
+        try:
+            hook.on_validation_epoch_end()
+        except NonFiniteScoresError as e:
+            error = _renamed(e)
+        stats = hook.host_stats()
+        for which, names in _BUFFERS:
+            lo, hi = stats[which]
+            if lo <= hi:  # (+inf, -inf): nothing folded
+                for name, value in zip(names, (lo, hi), strict=True):
+                    write_in_place(getattr(module, name), value)
+        hook.reset()
+        if error is not None:
+            raise error
+
+    # -- test, predict and forward ---------------------------------------------------------
+
+    def params(self, module: Any) -> Any:
+        """``[[t, min, max] image, [t, min, max] pixel]`` as a jax array, remade when anomalib's
+        buffers change (by identity and version: reading them would wait for the device)."""
+        tensors = tuple(getattr(module, name) for name in _THRESHOLD_BUFFERS)
+        key = (bool(module.enable_threshold_matching),)
+        versions = _versions(tensors)
+        versions = None if versions is None else (*versions, *key)
+        if self._params is None or not self._params_source.unchanged(tensors, versions):
+            check_buffers(module)
+            with torch.no_grad():
+                # anomalib's own properties: threshold matching and its NaN fallbacks.
+                stacked = torch.stack(
+                    [
+                        module.image_threshold,
+                        module.image_min,
+                        module.image_max,
+                        module.pixel_threshold,
+                        module.pixel_min,
+                        module.pixel_max,
+                    ]
+                ).to(torch.float32)
+            self._params = to_jax(stacked.reshape(2, 3), name="PostProcessor buffers")
+            self._params_source.remember(tensors, versions)
+        return self._params
+
+    def cuts(self, module: Any) -> tuple[Any, tuple[float, float]]:
+        """The label thresholds ``1 - sensitivity`` (float32, as anomalib's properties)."""
+        sens = (module.image_sensitivity, module.pixel_sensitivity)
+        if self._cuts is None or self._cuts[0] != sens:
+            values = (
+                float(module.normalized_image_threshold),
+                float(module.normalized_pixel_threshold),
+            )
+            self._cuts = (sens, values, np.array(values, np.float32))
+        return self._cuts[2], self._cuts[1]
+
+    def process(
+        self, module: Any, values: Mapping[str, torch.Tensor], labels: bool
+    ) -> dict[str, torch.Tensor]:
+        """Normalizes ``values`` (``pred_score``/``anomaly_map``) and, with ``labels``, adds
+        ``pred_label``/``pred_mask`` for them: one dispatch."""
+        cuts, host_cuts = self.cuts(module)
+        wanted = []
+        nan_cut = {}
+        if labels:
+            for (field, label, _), cut in zip(_LABELS, host_cuts, strict=True):
+                if field in values:
+                    if math.isnan(cut):  # anomalib returns the scores themselves
+                        nan_cut[field] = label
+                    else:
+                        wanted.append((field, label))
+        out = normalize_v2.postprocess(
+            {k: to_jax(v, name=f"batch.{k}") for k, v in values.items()},
+            self.params(module),
+            cuts,
+            tuple(wanted),
+        )
+        result = {}
+        for key, y in out.items():
+            field = key if key in values else dict((lb, f) for f, lb in wanted)[key]
+            result[key] = as_output(y, values[field])
+        for field, label in nan_cut.items():
+            result[label] = result[field]
+        return result
+
+
+def check_buffers(module: Any) -> None:
+    """Checks anomalib's buffers (read on the host, once per change) before they are used.
+
+    NaN is anomalib 2's "not set": NaN statistics pass scores through unchanged, a NaN
+    threshold falls back to the midpoint. Any other value goes through the check of every
+    statistic that enters jaxnorm from outside (``validation.loaded_stats``): finite, one
+    number, in float32's range and ``max >= min``. anomalib would normalize with anything.
+
+    Raises:
+      ValueError: naming the buffer and its value, and what to do.
+    """
+    for _, (lo_name, hi_name) in _BUFFERS:
+        lo, hi = getattr(module, lo_name), getattr(module, hi_name)
+        for name, value in ((lo_name, lo), (hi_name, hi)):
+            if value.numel() != 1:
+                raise ValueError(
+                    f"post_processor: '{name}' has shape {tuple(value.shape)}; anomalib's "
+                    "buffers are 0-d: load a checkpoint of an anomalib >= 2 model."
+                )
+        lo_v, hi_v = lo.item(), hi.item()
+        if math.isnan(lo_v) or math.isnan(hi_v):
+            continue
+        lo_v, hi_v = validation.loaded_stats("post_processor", lo_name, lo_v, hi_name, hi_v)
+        if lo_v > hi_v:  # the empty pair (+inf, -inf), which loaded_stats lets through
+            raise ValueError(
+                f"post_processor: '{lo_name}' is {lo_v} and '{hi_name}' is {hi_v}: no scores "
+                "give these statistics; validate again or load the buffers that were saved."
+            )
+    for name in ("_image_threshold", "_pixel_threshold"):
+        value = getattr(module, name)
+        if value.numel() != 1:
+            raise ValueError(f"post_processor: '{name}' has shape {tuple(value.shape)}.")
+        if not math.isnan(value.item()):
+            persistence.check_threshold(f"post_processor: '{name}'", value.item())
+
+
+def _renamed(e: NonFiniteScoresError) -> NonFiniteScoresError:
+    """The hook's error, naming anomalib 2's field (``pred_score``) instead of the 0.x key."""
+    field = _FIELDS.get(e.key, e.key)
+    match = re.search(re.escape(f"'{e.key}'") + r"(.*?); ", str(e))
+    where = match.group(1) if match else ""
+    # Under DDP a rank that saw none of the values names no field ("validation outputs").
+    label = f"batch.{field}" if field in _HOOK_KEYS else field
+    renamed = NonFiniteScoresError(label, e.count, where)
+    renamed.key = field
+    return renamed
