@@ -1,6 +1,7 @@
 """The benchmark command runs end to end (``--quick``) and publishes stored results
 (``--replot``); no timing is asserted."""
 
+import importlib.util
 import json
 import os
 import shutil
@@ -72,6 +73,10 @@ def test_quick_benchmark_runs_every_case(quick_run):
     assert [c["key"] for c in cases] == list(CASES)
     assert {"pipeline", "overhead", "fused", "load", "loop"} <= set(CASES)
     for case in cases:
+        if case["key"] == "postprocessor" and importlib.util.find_spec("anomalib") is None:
+            # anomalib 2 lives in its own environment (make bench-anomalib2): said, not hidden
+            assert "make bench-anomalib2" in case["skipped"] and not case["rows"]
+            continue
         assert not case["error"] and not case["skipped"], case["key"]
         assert case["rows"], case["key"]
     # the outputs were checked equal to the baselines before timing

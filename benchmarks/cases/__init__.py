@@ -19,6 +19,8 @@ CASES: dict[str, str] = {
     "overhead": "benchmarks.cases.overhead",
     "fused": "benchmarks.cases.fused",
     "load": "benchmarks.cases.loadtest",
+    # anomalib 2's PostProcessor: runs where anomalib >= 2 is installed (make bench-anomalib2).
+    "postprocessor": "benchmarks.cases.postprocessor",
     "loop": "benchmarks.cases.lightning_loop",
 }
 
