@@ -15,6 +15,22 @@ Copies happen only where they must:
 jax may still be reading an input when ``to_jax``'s caller moves on (dispatch is
 asynchronous): the jax array keeps the tensor alive, but the tensor must not be written in
 place until the jax result that depends on it has been read.
+
+``import_batch`` and ``export_batch`` are the callback's per-batch exchange, for tensors it
+has already checked (see their docstrings): DLPack capsules made and read by torch's and
+jaxlib's C functions, with the stream ordering done once per batch, not once per tensor.
+On CUDA the order is:
+
+  - import: torch's current stream records an event that jax's external-ready-events stream
+    waits on (what ``t.__dlpack__(stream=...)`` does for every tensor), then each tensor's
+    capsule is imported on that stream, so jax never reads a tensor before torch wrote it
+    and the host never waits;
+  - export: each capsule is made with torch's current stream as the consumer stream, so
+    jax makes that stream wait for the result (what ``torch.from_dlpack(a)`` does per
+    array), and torch's later kernels never read it early.
+
+On CPU there are no streams: an imported tensor is ready, and jaxlib's export waits for
+the result on the host (torch has no way to wait for it later).
 """
 
 from __future__ import annotations
@@ -25,6 +41,7 @@ import warnings
 import jax
 import numpy as np
 import torch
+import torch.utils.dlpack
 
 try:
     # What jax.dlpack.from_dlpack calls once it has found the device and stream. On CPU that
@@ -40,6 +57,18 @@ try:
 except (ImportError, AttributeError):  # pragma: no cover - depends on the jaxlib
     _fast_from_dlpack = None
 _fast_arities = [5, 4, 3]
+_fast_works = False  # one call succeeded: _fast_arities[0] is this jaxlib's arity
+
+try:
+    # What jax.Array.__dlpack__ calls after its checks (~8 us a call on CPU; this is ~1 us).
+    from jax._src.lib import _jax as _jaxlib
+
+    _fast_to_dlpack = _jaxlib.buffer_to_dlpack_managed_tensor
+except (ImportError, AttributeError):  # pragma: no cover - depends on the jaxlib
+    _fast_to_dlpack = None
+# torch's C functions behind torch.utils.dlpack (no stream handling: done per batch here).
+_to_capsule = torch.utils.dlpack.to_dlpack
+_from_capsule = getattr(torch._C, "_from_dlpack", torch.utils.dlpack.from_dlpack)
 
 _KDL_CPU = 1  # DLDeviceType.kDLCPU
 _KDL_CUDA = 2  # DLDeviceType.kDLCUDA
@@ -97,16 +126,19 @@ def _jax_gpu(index: int) -> tuple[jax.Device | None, int | None]:
 
 
 def _fast_call(t: torch.Tensor, device: jax.Device, stream: int | None, dl_type: int):
-    global _fast_from_dlpack
+    global _fast_from_dlpack, _fast_works
     while _fast_arities:
         # The stream makes torch order it after its current stream (an event, no host wait);
         # jax then reads the memory on that stream: never before torch has produced it.
         capsule = t.__dlpack__() if stream is None else t.__dlpack__(stream=stream)
         args = (capsule, device, stream, None, dl_type)[: _fast_arities[0]]
         try:
-            return _fast_from_dlpack(*args)
+            out = _fast_from_dlpack(*args)
         except TypeError:  # another jaxlib's signature: try the next arity
             _fast_arities.pop(0)
+            continue
+        _fast_works = True
+        return out
     _fast_from_dlpack = None
     return None
 
@@ -209,3 +241,92 @@ def _match(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     if out.dtype != like.dtype and like.is_floating_point():
         out = out.to(like.dtype)
     return out
+
+
+# -- the callback's per-batch exchange -------------------------------------------------------
+
+
+@functools.cache
+def _cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def batch_device_ok(device: torch.device) -> bool:
+    """Whether ``import_batch`` and ``export_batch`` take tensors on ``device``.
+
+    They need jaxlib's direct calls (found by an earlier ``to_jax``), and on CUDA a jax GPU
+    with an external-ready-events stream; elsewhere ``to_jax`` and ``to_torch`` remain.
+    """
+    if not (_fast_works and _fast_from_dlpack is not None and _fast_to_dlpack is not None):
+        return False
+    if device.type == "cpu":
+        return True
+    if device.type != "cuda" or "gpu" not in _jax_platforms():
+        return False
+    return _jax_gpu(_cuda_index(device))[1] is not None
+
+
+def _cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+@functools.cache
+def _jax_stream_as_torch(index: int, stream: int) -> torch.cuda.ExternalStream:
+    # jax's external-ready-events stream is fixed per device: wrap it once.
+    return torch.cuda.ExternalStream(stream, device=torch.device("cuda", index))
+
+
+def _order_after_torch(index: int, stream: int) -> None:
+    """Makes jax's stream ``stream`` wait for the work queued so far on torch's current
+    stream: one event for the batch, no host wait (``Tensor.__dlpack__(stream=...)``'s
+    ordering, once)."""
+    theirs = _jax_stream_as_torch(index, stream)
+    ours = torch.cuda.current_stream(index)
+    if ours != theirs:
+        event = torch.cuda.Event()
+        event.record(ours)
+        theirs.wait_event(event)
+
+
+def import_batch(tensors: list[torch.Tensor], device: torch.device) -> list[jax.Array]:
+    """Zero-copy jax arrays over ``tensors``, with one stream ordering for the batch.
+
+    For tensors already checked by the caller: on ``device`` (where ``batch_device_ok``),
+    contiguous, not requiring grad, of a dtype jax keeps as it is (float32, float16,
+    bfloat16, int32, bool), and not in pinned memory.
+    """
+    if device.type == "cpu":
+        jax_device, stream, dl_type = _local_cpu(), None, _KDL_CPU
+    else:
+        index = _cuda_index(device)
+        jax_device, stream = _jax_gpu(index)
+        dl_type = _KDL_CUDA
+        _order_after_torch(index, stream)
+    arity = _fast_arities[0]
+    return [
+        _fast_from_dlpack(*(_to_capsule(t), jax_device, stream, None, dl_type)[:arity])
+        for t in tensors
+    ]
+
+
+def export_batch(arrays, device: torch.device) -> list[torch.Tensor]:
+    """Zero-copy tensors over jax arrays on ``device``'s jax twin (where ``batch_device_ok``).
+
+    On CUDA, torch's current stream waits for each array on the device (one stream look-up
+    for the batch); on CPU, each export waits for its array on the host.
+    """
+    stream = None
+    if device.type == "cuda":
+        stream = torch.cuda.current_stream(_cuda_index(device)).cuda_stream
+        if stream == 0 and torch.version.hip is None:
+            stream = 1  # DLPack's number for CUDA's legacy default stream
+    global _export_whole
+    if _export_whole:
+        try:
+            return [_from_capsule(_fast_to_dlpack(a, stream=stream)) for a in arrays]
+        except TypeError:  # a jaxlib that takes single-device buffers only
+            _export_whole = False
+    return [_from_capsule(_fast_to_dlpack(a.addressable_data(0), stream=stream)) for a in arrays]
+
+
+_export_whole = True  # jaxlib takes a single-device jax.Array as it is
