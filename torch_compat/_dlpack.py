@@ -130,7 +130,7 @@ def _fast_call(t: torch.Tensor, device: jax.Device, stream: int | None, dl_type:
     while _fast_arities:
         # The stream makes torch order it after its current stream (an event, no host wait);
         # jax then reads the memory on that stream: never before torch has produced it.
-        capsule = t.__dlpack__() if stream is None else t.__dlpack__(stream=stream)
+        capsule = _to_capsule(t) if stream is None else t.__dlpack__(stream=stream)
         args = (capsule, device, stream, None, dl_type)[: _fast_arities[0]]
         try:
             out = _fast_from_dlpack(*args)
@@ -193,7 +193,7 @@ def to_jax(tensor: torch.Tensor, *, name: str = "tensor") -> jax.Array:
     Raises:
       ValueError: the tensor is on the ``meta`` device (it has no values).
     """
-    t = tensor.detach()
+    t = tensor.detach() if tensor.requires_grad else tensor
     if t.device.type == "meta":
         raise ValueError(
             f"{name}: a tensor on the 'meta' device (shape {tuple(t.shape)}, {t.dtype}) has no "
@@ -207,7 +207,7 @@ def to_jax(tensor: torch.Tensor, *, name: str = "tensor") -> jax.Array:
     if not jax_reads_device(t.device):
         _warn_host_copy(t.device)
         t = t.cpu()
-    elif t.device.type == "cpu" and t.is_pinned():
+    elif t.device.type == "cpu" and _cuda_available() and t.is_pinned():
         # DLPack labels pinned memory as CUDA host memory, which jax reads as a CUDA device.
         t = t.clone()
     if t.dtype == torch.float64 and not jax.config.jax_enable_x64:
