@@ -517,11 +517,13 @@ class MinMaxNormalizationHooks:
         self._load_stats(pl_module)
         self._load_thresholds(pl_module)
         padded, rows = _pad_rows(outputs, self.hook._buckets, batching.NORMALIZE)
+        if rows is None:
+            plan = self._make_plan(outputs, pl_module)
+            if plan is not None and self._run_plan(plan, outputs, pl_module):
+                self._plan = plan
+                return
         view = _JaxView(padded)
-        inputs = {key: outputs[key] for key in view} if rows is None else None
         normalized = self.hook.normalize_batch(view, boxes_on_host=True, valid_rows=rows)
-        if inputs is not None:
-            self._plan = self._make_plan(inputs, pl_module)
         for key in view:
             like = outputs[key]
             if key == "box_scores" and isinstance(like, (list, tuple)):
@@ -532,14 +534,20 @@ class MinMaxNormalizationHooks:
                 out = to_torch(normalized[key], like)
                 outputs[key] = out if rows is None else out[:rows]
 
-    def _make_plan(self, inputs: dict[str, Any], pl_module: Any) -> _TestPlan | None:
-        """A plan for batches laid out as ``inputs`` (the tensors a batch just normalized on
-        the full path, unpadded), or ``None`` where the full path stays."""
-        keys = tuple(inputs)
-        tensors = list(inputs.values())
-        if not keys or "box_scores" in keys or self.hook._unchecked:
+    def _make_plan(self, outputs: Any, pl_module: Any) -> _TestPlan | None:
+        """A plan for batches laid out as ``outputs``, or ``None`` where the full path stays.
+
+        Called with the thresholds and statistics loaded, on a batch that needs no padding.
+        Raises what ``hook.normalize_batch`` would for such a batch (statistics missing,
+        errors pending).
+        """
+        if type(outputs) is not dict:
             return None
-        device = tensors[0].device
+        keys = tuple(key for key in NORMALIZED_KEYS if key in outputs)
+        if not keys or "box_scores" in keys:
+            return None
+        tensors = [outputs[key] for key in keys]
+        device = tensors[0].device if isinstance(tensors[0], torch.Tensor) else None
         if not all(
             type(t) is torch.Tensor
             and t.dtype in _PLAN_DTYPES
@@ -554,13 +562,15 @@ class MinMaxNormalizationHooks:
         # A batch of these shapes runs at its exact size (no padding by the shim or the hook).
         buckets = self.hook._buckets
         if any(
-            buckets.rows(batching.NORMALIZE, k, t.shape[0]) != t.shape[0] for k, t in inputs.items()
+            buckets.rows(batching.NORMALIZE, k, t.shape[0]) != t.shape[0]
+            for k, t in zip(keys, tensors, strict=True)
         ):
             return None
         sources = self._sources(pl_module)
-        params = self.hook._params
-        if sources is None or params is None:
+        if sources is None:
             return None
+        self.hook._check_stats(keys)  # the errors of normalize_batch, in its order
+        params = self.hook._device_params()
         shapes = tuple(tuple(t.shape) for t in tensors)
         rowwise = device.type == "cpu" and hook_step.runs_rowwise(shapes)
         return _TestPlan(
