@@ -170,6 +170,7 @@ def _check_not_meta(source: str, key: str, value: Any) -> None:
 # Dtypes a test batch may take the steady path with: jax keeps them as they are, and the
 # normalized result has the same dtype, so nothing is cast on either side.
 _PLAN_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16})
+_NUMPY_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 class _TestPlan:
@@ -572,7 +573,8 @@ class MinMaxNormalizationHooks:
         self.hook._check_stats(keys)  # the errors of normalize_batch, in its order
         params = self.hook._device_params()
         shapes = tuple(tuple(t.shape) for t in tensors)
-        rowwise = device.type == "cpu" and hook_step.runs_rowwise(shapes)
+        dtypes = tuple(_NUMPY_DTYPES.get(t.dtype) for t in tensors)
+        rowwise = device.type == "cpu" and hook_step.runs_rowwise(shapes, dtypes)
         return _TestPlan(
             keys, tensors, device, hook_step.normalize_positional(keys, rowwise), params, sources
         )

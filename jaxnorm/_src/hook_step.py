@@ -209,19 +209,23 @@ def normalize_all(values: dict[str, jax.Array], params: jax.Array) -> dict[str, 
 # thread switches) costs more than normalizing a few thousand values, and a caller that
 # reads the result at once (the Lightning shim: torch reads it on the host) pays all of it.
 # A while loop's body counts once, so mapping over the rows of a tiny batch keeps the cost
-# under the mark and the call inline. About 10 flops per value (a float16 or bfloat16
-# value's casts included): a row of up to ``INLINE_ROW`` values stays under 1000.
+# under the mark and the call inline. About 10 flops per value (a float16 value's casts
+# included): a row of up to ``INLINE_ROW`` values stays under 1000. Not bfloat16: XLA's
+# CPU compiler widens it to float32 around the loop, over whole arrays.
 _CHEAP_FLOPS = 1000
 _FLOPS_PER_VALUE = 10
 INLINE_ROW = 80
 INLINE_ROWS = 64  # more rows would cost more in loop steps than the hand-over
+_INLINE_DTYPES = frozenset({np.dtype(np.float32), np.dtype(np.float16)})
 
 
-def runs_rowwise(shapes: tuple[tuple[int, ...], ...]) -> bool:
-    """Whether ``normalize_positional`` should map over the rows of arrays of ``shapes``
-    on a CPU: their leading sizes agree and are small, their rows are small, and the whole
-    batch would not run inline already."""
+def runs_rowwise(shapes: tuple[tuple[int, ...], ...], dtypes: tuple) -> bool:
+    """Whether ``normalize_positional`` should map over the rows of arrays of ``shapes`` and
+    ``dtypes`` (numpy's) on a CPU: float32 or float16, leading sizes that agree and are
+    small, small rows, and a batch that would not run inline already as a whole."""
     if not shapes or any(len(s) == 0 for s in shapes):
+        return False
+    if any(np.dtype(d) not in _INLINE_DTYPES for d in dtypes):
         return False
     n = shapes[0][0]
     if not 1 < n <= INLINE_ROWS or any(s[0] != n for s in shapes):
