@@ -464,3 +464,55 @@ def test_rowwise_normalize_stays_under_xlas_inline_mark_and_equals_the_plain_cal
 
     # XLA's CPU client runs executables under 1000 flops in the calling thread.
     assert flops(rowwise) < 1000 <= flops(plain)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16], ids=str)
+@pytest.mark.parametrize("stats", ["shared", "separate"])
+def test_rowwise_fold_equals_the_plain_fold_and_stays_under_xlas_inline_mark(dtype, stats):
+    from jaxnorm._src import hook_step, outputs
+
+    n, row = hook_step.FOLD_ROWS, hook_step.FOLD_ROW
+    assert hook_step.runs_rowwise(((n,), (n, row - 1)), (dtype, dtype), max_row=row, max_rows=n)
+    assert not hook_step.runs_rowwise(((n + 1,), (n + 1, 4)), (dtype,) * 2, max_row=row, max_rows=n)
+    cpu = jax.devices("cpu")[0]
+    rng = np.random.default_rng(1)
+    maps = rng.normal(size=(n, row - 1)).astype(dtype)
+    scores = rng.normal(size=(n,)).astype(dtype)
+    poisoned = maps.copy()
+    poisoned[3, 5], poisoned[7, 0] = np.nan, np.inf
+    batches = [maps, poisoned, maps * 3, maps[: n // 2]]
+    states = {}
+    for rowwise in (False, True):
+        state = hook_step.HookState.initial()
+        for i, m in enumerate(batches):
+            values = {
+                "anomaly_maps": jax.device_put(m, cpu),
+                "pred_scores": jax.device_put(scores[: len(m)] + i, cpu),
+            }
+            rows = {}
+            if i == 3:  # a padded batch: half of its rows are valid
+                values = {k: jnp.concatenate([v, v]) for k, v in values.items()}
+                rows = {k: np.int32(n // 2) for k in values}
+            routes = tuple(outputs.stats_sources(values, stats))
+            assert not rowwise or hook_step.fold_rowwise_on_cpu(values)
+            state = hook_step.fold(state, values, rows, routes=routes, omit=False, rowwise=rowwise)
+        states[rowwise] = jax.device_get(state)
+    for a, b in zip(jax.tree.leaves(states[False]), jax.tree.leaves(states[True]), strict=True):
+        np.testing.assert_array_equal(a, b)
+    record = hook_step.Record(states[True].counters)
+    assert (record.bad_key, record.bad_count, record.bad_batch) == ("anomaly_maps", 2, 1)
+
+    values = {"anomaly_maps": jax.device_put(maps, cpu), "pred_scores": jax.device_put(scores, cpu)}
+    routes = tuple(outputs.stats_sources(values, stats))
+    cost = (
+        hook_step.fold.lower(
+            hook_step.HookState.initial(), values, {}, routes=routes, omit=False, rowwise=True
+        )
+        .compile()
+        .cost_analysis()
+    )
+    cost = cost[0] if isinstance(cost, list) else cost
+    if not cost or "flops" not in cost:
+        pytest.skip("this jaxlib's compiled executables report no cost analysis")
+    # XLA's CPU client runs executables under 1000 flops in the calling thread.
+    assert cost["flops"] < 1000
