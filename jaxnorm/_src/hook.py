@@ -310,14 +310,7 @@ class MinMaxNormalizationHook:
             if n is not None:
                 rows[key] = np.int32(n)
         self._state = hook_step.fold(
-            self._state,
-            values,
-            rows,
-            routes=routes,
-            omit=self.nonfinite == "omit",
-            rowwise=self.nonfinite == "raise"
-            and "box_scores" not in values
-            and hook_step.fold_rowwise_on_cpu(values),
+            self._state, values, rows, routes=routes, omit=self.nonfinite == "omit"
         )
         self._host = None
         self._invalidate()

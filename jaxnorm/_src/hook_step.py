@@ -117,7 +117,7 @@ def count(p) -> int:
     return (int(p[0]) << 32) | int(p[1])
 
 
-@functools.partial(jax.jit, static_argnames=("routes", "omit", "rowwise"))
+@functools.partial(jax.jit, static_argnames=("routes", "omit"))
 def fold(
     state: HookState,
     values: dict[str, jax.Array],
@@ -125,7 +125,6 @@ def fold(
     *,
     routes: tuple[tuple[tuple[str, ...], str], ...],
     omit: bool,
-    rowwise: bool = False,
 ) -> HookState:
     """Folds one validation batch into ``state``: every key, one dispatch.
 
@@ -137,16 +136,10 @@ def fold(
       rows: int32 scalars, the valid leading length of each padded key.
       routes: ``((statistics, key), ...)`` from ``outputs.stats_sources``.
       omit: skip non-finite values (``"omit"``) rather than reject the batch (``"raise"``).
-      rowwise: reduce each row in a loop, then the rows (the same statistics; see
-        ``runs_rowwise``: on a CPU, a tiny batch then folds in the calling thread). Only
-        with ``omit=False``.
     """
-    if rowwise and omit:
-        raise ValueError("fold: rowwise needs omit=False (a rejected batch is not folded).")
     parts = []
     for which, key in routes:
         x = values[key]
-        valid = None
         if key in rows:
             r = rows[key]
             valid = jnp.arange(x.shape[0]) < r
@@ -155,16 +148,7 @@ def fold(
             n = r.astype(jnp.uint32) * jnp.uint32(row_size)
         else:
             mask, n = None, jnp.uint32(x.size)
-        if rowwise:
-            los, his, bads = lax.map(_row_min_max_count, x)
-            if valid is not None:
-                los = jnp.where(valid, los, jnp.inf)
-                his = jnp.where(valid, his, -jnp.inf)
-                bads = jnp.where(valid, bads, jnp.uint32(0))
-            lo, hi = jnp.min(los, initial=jnp.inf), jnp.max(his, initial=-jnp.inf)
-            n_bad = jnp.sum(bads, dtype=jnp.uint32)
-        else:
-            lo, hi, n_bad = _finite_min_max_count(x, mask)
+        lo, hi, n_bad = _finite_min_max_count(x, mask)
         parts.append((which, key, MinMax(min=lo, max=hi), n_bad, n))
 
     total_bad = sum((p[3] for p in parts), jnp.uint32(0))
@@ -205,19 +189,6 @@ def fold(
     return HookState(stats=NormalizationStats(image=stats[IMAGE], pixel=stats[PIXEL]), counters=c)
 
 
-def _row_min_max_count(row):
-    """``(min, max, n_nonfinite)`` of one row, for ``nonfinite="raise"`` only: the min and
-    max are exact when every value is finite, and a batch with any other value is not
-    folded in, so they need no masking (the loop body's cost stays under XLA's mark)."""
-    x = row.astype(jnp.promote_types(row.dtype, jnp.float32))
-    lo, hi = jnp.min(x, initial=jnp.inf), jnp.max(x, initial=-jnp.inf)
-    return (
-        lo.astype(jnp.float32),
-        hi.astype(jnp.float32),
-        jnp.sum(~jnp.isfinite(x), dtype=jnp.uint32),
-    )
-
-
 @jax.jit
 def normalize_all(values: dict[str, jax.Array], params: jax.Array) -> dict[str, jax.Array]:
     """Normalizes every key of ``values`` in one call.
@@ -245,47 +216,22 @@ _CHEAP_FLOPS = 1000
 _FLOPS_PER_VALUE = 10
 INLINE_ROW = 80
 INLINE_ROWS = 64  # more rows would cost more in loop steps than the hand-over
-# ``fold`` reduces the rows' partial results after the loop, which counts per row too.
-FOLD_ROW, FOLD_ROWS = 64, 32
 _INLINE_DTYPES = frozenset({np.dtype(np.float32), np.dtype(np.float16)})
 
 
-def runs_rowwise(
-    shapes: tuple[tuple[int, ...], ...],
-    dtypes: tuple,
-    *,
-    max_row: int = INLINE_ROW,
-    max_rows: int = INLINE_ROWS,
-) -> bool:
+def runs_rowwise(shapes: tuple[tuple[int, ...], ...], dtypes: tuple) -> bool:
     """Whether ``normalize_positional`` should map over the rows of arrays of ``shapes`` and
     ``dtypes`` (numpy's) on a CPU: float32 or float16, leading sizes that agree and are
-    small, small rows, and a batch that would not run inline already as a whole. The limits
-    are ``normalize_positional``'s; ``fold`` passes ``FOLD_ROW`` and ``FOLD_ROWS``."""
+    small, small rows, and a batch that would not run inline already as a whole."""
     if not shapes or any(len(s) == 0 for s in shapes):
         return False
     if any(np.dtype(d) not in _INLINE_DTYPES for d in dtypes):
         return False
     n = shapes[0][0]
-    if not 1 < n <= max_rows or any(s[0] != n for s in shapes):
+    if not 1 < n <= INLINE_ROWS or any(s[0] != n for s in shapes):
         return False
     row = sum(int(np.prod(s[1:], dtype=np.int64)) for s in shapes)
-    return row <= max_row and n * row * _FLOPS_PER_VALUE >= _CHEAP_FLOPS
-
-
-def fold_rowwise_on_cpu(values: Mapping) -> bool:
-    """``runs_rowwise`` for the arrays a hook call is about to hand to ``fold``: jax arrays
-    on one CPU device (numpy would go to the default device, maybe a GPU)."""
-    arrays = list(values.values())
-    if not all(isinstance(x, jax.Array) and len(x.devices()) == 1 for x in arrays):
-        return False
-    if any(next(iter(x.devices())).platform != "cpu" for x in arrays):
-        return False
-    return runs_rowwise(
-        tuple(x.shape for x in arrays),
-        tuple(x.dtype for x in arrays),
-        max_row=FOLD_ROW,
-        max_rows=FOLD_ROWS,
-    )
+    return row <= INLINE_ROW and n * row * _FLOPS_PER_VALUE >= _CHEAP_FLOPS
 
 
 @functools.cache
