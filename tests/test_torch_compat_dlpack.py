@@ -218,6 +218,8 @@ def test_fast_path_finds_the_jaxlib_signature_then_falls_back_to_the_public_one(
 def test_batch_exchange_is_zero_copy_on_cpu_both_ways():
     to_jax(torch.zeros(1))  # finds this jaxlib's direct call, as the callback's first batch does
     cpu = torch.device("cpu")
+    if _dlpack._fast_from_dlpack is None or _dlpack._fast_to_dlpack is None:
+        pytest.skip("this jaxlib has no direct DLPack calls: the callback uses to_jax/to_torch")
     assert _dlpack.batch_device_ok(cpu)
     assert not _dlpack.batch_device_ok(torch.device("meta"))
     tensors = [torch.randn(32), torch.randn(32, 1, 8, 8).to(torch.bfloat16)]
