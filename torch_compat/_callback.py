@@ -588,9 +588,11 @@ class MinMaxNormalizationHooks:
         tensors = plan.tensors(outputs)
         if tensors is None or not self._sources_unchanged(pl_module, plan.sources):
             return False
-        arrays = _dlpack.import_batch(tensors, plan.device)
+        stream = _dlpack.torch_stream(plan.device)  # one look-up for both crossings
+        arrays = _dlpack.import_batch(tensors, plan.device, stream)
         normalized = plan.fn(plan.params, *arrays)
-        for key, t in zip(plan.keys, _dlpack.export_batch(normalized, plan.device), strict=True):
+        exported = _dlpack.export_batch(normalized, plan.device, stream)
+        for key, t in zip(plan.keys, exported, strict=True):
             outputs[key] = t
         return True
 

@@ -276,32 +276,49 @@ def _jax_stream_as_torch(index: int, stream: int) -> torch.cuda.ExternalStream:
     return torch.cuda.ExternalStream(stream, device=torch.device("cuda", index))
 
 
-def _order_after_torch(index: int, stream: int) -> None:
-    """Makes jax's stream ``stream`` wait for the work queued so far on torch's current
-    stream: one event for the batch, no host wait (``Tensor.__dlpack__(stream=...)``'s
+@functools.cache
+def _event(index: int) -> torch.cuda.Event:
+    # One event per device, recorded again at every batch: a wait already queued keeps the
+    # record it saw, so reusing the event is safe and saves creating one per batch.
+    return torch.cuda.Event()
+
+
+def torch_stream(device: torch.device) -> torch.cuda.Stream | None:
+    """torch's current stream on ``device`` (``None`` on the CPU): looked up once per batch
+    and handed to ``import_batch`` and ``export_batch``."""
+    return torch.cuda.current_stream(_cuda_index(device)) if device.type == "cuda" else None
+
+
+def _order_after_torch(index: int, stream: int, ours: torch.cuda.Stream) -> None:
+    """Makes jax's stream ``stream`` wait for the work queued so far on torch's stream
+    ``ours``: one event for the batch, no host wait (``Tensor.__dlpack__(stream=...)``'s
     ordering, once)."""
     theirs = _jax_stream_as_torch(index, stream)
-    ours = torch.cuda.current_stream(index)
     if ours != theirs:
-        event = torch.cuda.Event()
+        event = _event(index)
         event.record(ours)
         theirs.wait_event(event)
 
 
-def import_batch(tensors: list[torch.Tensor], device: torch.device) -> list[jax.Array]:
+def import_batch(
+    tensors: list[torch.Tensor], device: torch.device, stream: torch.cuda.Stream | None = None
+) -> list[jax.Array]:
     """Zero-copy jax arrays over ``tensors``, with one stream ordering for the batch.
 
     For tensors already checked by the caller: on ``device`` (where ``batch_device_ok``),
     contiguous, not requiring grad, of a dtype jax keeps as it is (float32, float16,
-    bfloat16, int32, bool), and not in pinned memory.
+    bfloat16, int32, bool), and not in pinned memory. ``stream``: ``torch_stream(device)``
+    when the caller has it already.
     """
     if device.type == "cpu":
         jax_device, stream, dl_type = _local_cpu(), None, _KDL_CPU
     else:
         index = _cuda_index(device)
-        jax_device, stream = _jax_gpu(index)
+        jax_device, jax_stream = _jax_gpu(index)
         dl_type = _KDL_CUDA
-        _order_after_torch(index, stream)
+        ours = stream if stream is not None else torch_stream(device)
+        _order_after_torch(index, jax_stream, ours)
+        stream = jax_stream  # jax reads the tensors on its stream, after the event
     arity = _fast_arities[0]
     return [
         _fast_from_dlpack(*(_to_capsule(t), jax_device, stream, None, dl_type)[:arity])
@@ -309,17 +326,20 @@ def import_batch(tensors: list[torch.Tensor], device: torch.device) -> list[jax.
     ]
 
 
-def export_batch(arrays, device: torch.device) -> list[torch.Tensor]:
+def export_batch(
+    arrays, device: torch.device, stream: torch.cuda.Stream | None = None
+) -> list[torch.Tensor]:
     """Zero-copy tensors over jax arrays on ``device``'s jax twin (where ``batch_device_ok``).
 
-    On CUDA, torch's current stream waits for each array on the device (one stream look-up
-    for the batch); on CPU, each export waits for its array on the host.
+    On CUDA, torch's current stream (``stream``, else looked up once for the batch) waits
+    for each array on the device; on CPU, each export waits for its array on the host.
     """
-    stream = None
     if device.type == "cuda":
-        stream = torch.cuda.current_stream(_cuda_index(device)).cuda_stream
+        stream = (stream if stream is not None else torch_stream(device)).cuda_stream
         if stream == 0 and torch.version.hip is None:
             stream = 1  # DLPack's number for CUDA's legacy default stream
+    else:
+        stream = None
     global _export_whole
     if _export_whole:
         try:
