@@ -174,15 +174,17 @@ _NUMPY_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloa
 
 
 class _TestPlan:
-    """What every test batch of one layout needs, settled by a batch that took the full path.
+    """What every test batch of one layout needs, settled by the first batch of that layout.
 
     A test loop hands over batches of the same keys, dtypes, shapes and device, with the same
-    thresholds and statistics. The first such batch goes the full way (every check, with its
-    error messages); it leaves this plan behind. A later batch that matches it (compared by
-    type, dtype, shape, device and layout, thresholds and statistics by identity and in-place
-    version) skips what the first one established: one import per key with one stream
-    ordering, one jitted call for every key, one zero-copy export per key. Anything else
-    takes the full path again, which names what is wrong.
+    thresholds and statistics. The first such batch runs every check (thresholds and
+    statistics loaded and checked, keys, types, sizes), then leaves this plan behind. A later
+    batch that matches it (type, dtype, shape, device and layout compared on the host;
+    thresholds and statistics by identity and in-place version) skips what the first one
+    established, and costs one import per key with one stream ordering, one jitted call for
+    every key, and one zero-copy export per key. Anything else takes the full path, whose
+    errors name what is wrong. Only float tensors without ``box_scores``, needing no padding,
+    on a device with the direct DLPack calls (see ``_dlpack.batch_device_ok``) get a plan.
     """
 
     __slots__ = ("keys", "layout", "others", "device", "pinned", "fn", "params", "sources")
