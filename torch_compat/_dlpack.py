@@ -127,10 +127,16 @@ def _jax_gpu(index: int) -> tuple[jax.Device | None, int | None]:
 
 def _fast_call(t: torch.Tensor, device: jax.Device, stream: int | None, dl_type: int):
     global _fast_from_dlpack, _fast_works
-    while _fast_arities:
-        # The stream makes torch order it after its current stream (an event, no host wait);
+    ordered = dl_type == _KDL_CPU
+    if dl_type == _KDL_CUDA and stream is not None:
+        # jax's stream waits for torch's current stream (an event, no host wait), as
+        # ``t.__dlpack__(stream=stream)`` would order it, without that method's Python work;
         # jax then reads the memory on that stream: never before torch has produced it.
-        capsule = _to_capsule(t) if stream is None else t.__dlpack__(stream=stream)
+        index = _cuda_index(t.device)
+        _order_after_torch(index, stream, torch.cuda.current_stream(index))
+        ordered = True
+    while _fast_arities:
+        capsule = _to_capsule(t) if ordered else t.__dlpack__()
         args = (capsule, device, stream, None, dl_type)[: _fast_arities[0]]
         try:
             out = _fast_from_dlpack(*args)
