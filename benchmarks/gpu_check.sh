@@ -5,12 +5,13 @@
 # full benchmark suite, whose pipelined cases (pipeline, overhead, fused, load, loop) judge
 # issues 11's and 14's GPU targets, then the shim's per-batch probe (test and validation,
 # fresh tensors each batch, against anomalib 0.7's callback, with the steps of the steady
-# test path timed apart), at tiny and real map sizes. Needs jax with CUDA, torch with CUDA, lightning, flax, pytest and
+# test path timed apart), at tiny and real map sizes, and normalize with jax-array statistics
+# against float ones (probes/normalize_stats_probe.py). Needs jax with CUDA, torch with CUDA, lightning, flax, pytest and
 # hypothesis on the machine; run from the repository root:
 #   OUT=/tmp/gpu bash benchmarks/gpu_check.sh
 # Results land in $OUT: copy <machine>.json/.md into benchmarks/results/ to publish them
 # (a run of every case is what the README's "Targets on <machine>" table reads).
-# Knobs: TEST_TIMEOUT, BENCH_TIMEOUT and PROBE_TIMEOUT (seconds; 150 + 360 + 2 x 30 by
+# Knobs: TEST_TIMEOUT, BENCH_TIMEOUT and PROBE_TIMEOUT (seconds; 150 + 360 + 3 x 20 by
 # default, to fit one 10-minute device call), CASES (comma-separated, default every case; a
 # subset is not shown in the README), QUICK=1 for a smoke run of the harness on the GPU,
 # PROBES=0 to skip the probe.
@@ -43,8 +44,10 @@ echo "benchmarks: rc ${PIPESTATUS[0]} after $((SECONDS - start)) s"
 if [[ "${PROBES:-1}" == 1 ]]; then
   for run in "8 200" "256 50"; do
     read -r size batches <<<"$run"
-    timeout "${PROBE_TIMEOUT:-30}" python3 benchmarks/probes/shim_probe.py --size "$size" \
+    timeout "${PROBE_TIMEOUT:-20}" python3 benchmarks/probes/shim_probe.py --size "$size" \
       --batches "$batches" --rounds 7 --parts 2>&1 | tee -a "$OUT/shim_probe.log"
   done
+  timeout "${PROBE_TIMEOUT:-20}" python3 benchmarks/probes/normalize_stats_probe.py --rounds 7 \
+    2>&1 | tee -a "$OUT/shim_probe.log"
   echo "probe: done after $((SECONDS - start)) s"
 fi
