@@ -6,8 +6,8 @@
 # issues 11's and 14's GPU targets, then the shim's per-batch probe (test and validation,
 # fresh tensors each batch, against anomalib 0.7's callback, with the steps of the steady
 # test path timed apart), at tiny and real map sizes, and normalize with jax-array statistics
-# against float ones (probes/normalize_stats_probe.py). Needs jax with CUDA, torch with CUDA, lightning, flax, pytest and
-# hypothesis on the machine; run from the repository root:
+# against float ones (probes/normalize_stats_probe.py). Needs jax with CUDA, torch with CUDA,
+# lightning, flax, pytest and hypothesis on the machine; run from the repository root:
 #   OUT=/tmp/gpu bash benchmarks/gpu_check.sh
 # Results land in $OUT: copy <machine>.json/.md into benchmarks/results/ to publish them
 # (a run of every case is what the README's "Targets on <machine>" table reads).
