@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
 # The checks that need a CUDA GPU, as one script: the CUDA tests (every test file that
-# mentions CUDA, plus the core's hook, normalize and shim-hook tests on the GPU), then the
-# full benchmark suite, whose pipelined cases (pipeline, overhead, fused, load) judge issue
-# 11's GPU targets. Needs jax with CUDA, torch with CUDA, lightning, flax, pytest and
-# hypothesis on the machine; run from the repository root:
+# mentions CUDA, plus the core's hook, normalize and shim-hook tests on the GPU, and the
+# sharded tests, which must take the CPU devices when the GPU is jax's default), then the
+# full benchmark suite, whose pipelined cases (pipeline, overhead, fused, load, loop) judge
+# issues 11's and 14's GPU targets, then the shim's per-batch probe (test and validation,
+# fresh tensors each batch, against anomalib 0.7's callback, with the steps of the steady
+# test path timed apart), at tiny and real map sizes, and normalize with jax-array statistics
+# against float ones (probes/normalize_stats_probe.py). Needs jax with CUDA, torch with CUDA,
+# lightning, flax, pytest and hypothesis on the machine; run from the repository root:
 #   OUT=/tmp/gpu bash benchmarks/gpu_check.sh
 # Results land in $OUT: copy <machine>.json/.md into benchmarks/results/ to publish them
 # (a run of every case is what the README's "Targets on <machine>" table reads).
-# Knobs: TEST_TIMEOUT and BENCH_TIMEOUT (seconds; 120 + 400 by default, to fit one 10-minute device
-# call), CASES (comma-separated, default every case; a subset is not shown in the README),
-# QUICK=1 for a smoke run of the harness on the GPU.
+# Knobs: TEST_TIMEOUT, BENCH_TIMEOUT and PROBE_TIMEOUT (seconds; 150 + 360 + 3 x 20 by
+# default, to fit one 10-minute device call), CASES (comma-separated, default every case; a
+# subset is not shown in the README), QUICK=1 for a smoke run of the harness on the GPU,
+# PROBES=0 to skip the probe.
 set -uo pipefail
 OUT=${OUT:-/tmp/jaxnorm-gpu-check}
 mkdir -p "$OUT"
@@ -22,15 +27,27 @@ python3 -c "import jax, torch; print('jax', jax.__version__, jax.devices(), '| t
 
 # CUDA tests: files written later (e.g. the shim's CUDA import path) are picked up by name.
 mapfile -t cuda_tests < <(grep -il cuda tests/test_*.py | grep -v test_benchmarks_smoke)
-tests=("${cuda_tests[@]}" tests/test_torch_compat_hooks.py tests/test_normalize.py tests/test_hook.py)
+tests=("${cuda_tests[@]}" tests/test_torch_compat_hooks.py tests/test_normalize.py tests/test_hook.py
+  tests/test_sharded_hook.py tests/test_nnx_metric.py)
 mapfile -t tests < <(printf '%s\n' "${tests[@]}" | sort -u)
 echo "CUDA tests: ${tests[*]}"
-timeout "${TEST_TIMEOUT:-120}" python3 -m pytest -q -p no:cacheprovider -rs "${tests[@]}" 2>&1 \
+timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q -p no:cacheprovider -rs "${tests[@]}" 2>&1 \
   | tee "$OUT/gpu_tests.log"
 echo "tests: rc ${PIPESTATUS[0]} after $((SECONDS - start)) s"
 
 args=(--no-readme --out "$OUT")
 [[ -n "${CASES:-}" ]] && args+=(--cases "$CASES")
 [[ "${QUICK:-0}" == 1 ]] && args+=(--quick)
-timeout "${BENCH_TIMEOUT:-400}" python3 -m benchmarks "${args[@]}" 2>&1 | tee "$OUT/bench.log"
+timeout "${BENCH_TIMEOUT:-360}" python3 -m benchmarks "${args[@]}" 2>&1 | tee "$OUT/bench.log"
 echo "benchmarks: rc ${PIPESTATUS[0]} after $((SECONDS - start)) s"
+
+if [[ "${PROBES:-1}" == 1 ]]; then
+  for run in "8 200" "256 50"; do
+    read -r size batches <<<"$run"
+    timeout "${PROBE_TIMEOUT:-20}" python3 benchmarks/probes/shim_probe.py --size "$size" \
+      --batches "$batches" --rounds 7 --parts 2>&1 | tee -a "$OUT/shim_probe.log"
+  done
+  timeout "${PROBE_TIMEOUT:-20}" python3 benchmarks/probes/normalize_stats_probe.py --rounds 7 \
+    2>&1 | tee -a "$OUT/shim_probe.log"
+  echo "probe: done after $((SECONDS - start)) s"
+fi

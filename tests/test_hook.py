@@ -419,3 +419,48 @@ def test_reducer_raises_at_epoch_end_with_the_summed_count():
     hook.reducer = bad_reducer
     with pytest.raises(ValueError, match="reducer output: 'image.min' is nan"):
         hook.on_validation_epoch_end()
+
+
+# -- the positional normalize of the Lightning shim's steady path ------------------------
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16], ids=str)
+def test_rowwise_normalize_stays_under_xlas_inline_mark_and_equals_the_plain_call(dtype):
+    from jaxnorm._src import hook_step
+
+    n, row = hook_step.INLINE_ROWS, hook_step.INLINE_ROW
+    shapes = ((n,), (n, row - 1))
+    same = (dtype, dtype)
+    assert hook_step.runs_rowwise(shapes, same)
+    assert not hook_step.runs_rowwise(((n,), (n, row)), same)  # one value more per row
+    assert not hook_step.runs_rowwise(((n + 1,), (n + 1, 4)), same)  # more loop steps than pay
+    assert not hook_step.runs_rowwise(((32,),), same[:1])  # inline as a whole already
+    assert not hook_step.runs_rowwise(((8,), (4, 2)), same)  # rows that do not line up
+    # XLA widens bfloat16 around the loop, over whole arrays: no gain.
+    assert not hook_step.runs_rowwise(shapes, (dtype, jnp.bfloat16))
+    keys = ("pred_scores", "anomaly_maps")
+    cpu = jax.devices("cpu")[0]
+    rng = np.random.default_rng(0)
+    table = np.array([[0.3, -1.0, 2.0], [0.1, -2.0, 1.5]], np.float32)
+    params = jax.device_put(table, cpu)
+    xs = [jax.device_put(rng.normal(size=s).astype(dtype), cpu) for s in shapes]
+    rowwise = hook_step.normalize_positional(keys, True)
+    plain = hook_step.normalize_positional(keys, False)
+    for x, a, b, (t, lo, hi) in zip(
+        xs, rowwise(params, *xs), plain(params, *xs), table, strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        want = reference.normalize(np.asarray(x, np.float64), t, lo, hi)
+        np.testing.assert_allclose(
+            np.asarray(a, np.float64), want, atol=1e-6 if dtype == jnp.float32 else 1e-2
+        )
+
+    def flops(fn):
+        cost = fn.lower(params, *xs).compile().cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        if not cost or "flops" not in cost:
+            pytest.skip("this jaxlib's compiled executables report no cost analysis")
+        return cost["flops"]
+
+    # XLA's CPU client runs executables under 1000 flops in the calling thread.
+    assert flops(rowwise) < 1000 <= flops(plain)

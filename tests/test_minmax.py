@@ -235,7 +235,11 @@ def test_per_device_states_stacked_reduce_equals_collective(devices, data, mesh)
 
 def test_reduce_under_pmap(devices, data):
     shards = data.reshape(len(devices), -1)
-    out = jax.pmap(lambda x: jaxnorm.MinMax.empty().update(x).reduce("i"), axis_name="i")(shards)
+    # The CPU devices by name: pmap takes the default backend's otherwise (a GPU's in gpu_check).
+    reduce = jax.pmap(
+        lambda x: jaxnorm.MinMax.empty().update(x).reduce("i"), axis_name="i", devices=devices
+    )
+    out = reduce(shards)
     assert np.all(np.asarray(out.min) == data.min()) and np.all(np.asarray(out.max) == data.max())
 
 

@@ -1,6 +1,7 @@
 """jaxnorm.normalize against the numpy reference of SPEC section 1."""
 
 import re
+import time
 
 import jax
 import jax.numpy as jnp
@@ -152,3 +153,93 @@ def test_one_fused_pass_over_the_array():
 def test_bad_input_raises_clear_error(args, match):
     with pytest.raises(ValueError, match=match):
         jaxnorm.normalize(*args)
+
+
+# -- statistics as jax arrays: read once per array objects, never waited for ---------------
+
+
+@pytest.fixture(scope="module")
+def slow_stats():
+    """``produce(seed, swap=False) -> (min, max)``: 0-d arrays from a jitted producer that
+    runs for at least 0.3 s here (``swap`` returns them the wrong way round)."""
+
+    def body(seed, swap, steps):
+        m = jax.random.normal(jax.random.key(seed), (384, 384), jnp.float32) / 20
+        m = jax.lax.fori_loop(0, steps, lambda i, m: jnp.tanh(m @ m + 0.1), m)
+        lo, hi = m.min() - 1, m.max() + 1
+        return jnp.where(swap, hi, lo), jnp.where(swap, lo, hi)
+
+    fn = jax.jit(body, static_argnums=2)
+    steps = 16
+    while True:
+        jax.block_until_ready(fn(jnp.int32(0), jnp.bool_(False), steps))  # compile
+        start = time.perf_counter()
+        jax.block_until_ready(fn(jnp.int32(1), jnp.bool_(False), steps))
+        if time.perf_counter() - start >= 0.3:
+            break
+        steps *= 2
+    return lambda seed, swap=False: fn(jnp.int32(seed), jnp.bool_(swap), steps)
+
+
+def warm(x, slow_stats):
+    """Compiles both calls for ``x``: the checked one (arrays still being computed), then the
+    packed one, so that no compile runs while a timed producer does."""
+    lo, hi = slow_stats(2)
+    jax.block_until_ready(jaxnorm.normalize(x, 0.1, lo, hi))
+    jax.block_until_ready(jaxnorm.normalize(x, 0.1, lo, hi))
+
+
+def test_statistics_arrays_being_computed_are_not_waited_for(slow_stats):
+    x = jnp.linspace(-1, 1, 64)
+    warm(x, slow_stats)
+    lo, hi = slow_stats(3)
+    got = jaxnorm.normalize(x, 0.1, lo, hi)
+    assert not lo.is_ready() and not hi.is_ready()  # the call read neither
+    again = jaxnorm.normalize(x, 0.1, lo, hi)
+    assert not lo.is_ready()
+    want = reference.normalize(np.asarray(x), 0.1, float(lo), float(hi))
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(again), want, atol=1e-6)
+
+
+def test_negative_control_a_call_that_reads_the_statistics_waits(slow_stats):
+    x = jnp.linspace(-1, 1, 64)
+    lo, hi = slow_stats(4)
+    jaxnorm.normalize(x, 0.1, float(lo), float(hi))  # what reading them means
+    assert lo.is_ready()
+
+
+def test_bad_statistics_being_computed_fail_the_result_with_the_checks_message(slow_stats):
+    x = jnp.linspace(-1, 1, 64)
+    warm(x, slow_stats)
+    lo, hi = slow_stats(5, swap=True)
+    got = jaxnorm.normalize(x, 0.1, lo, hi)
+    assert not lo.is_ready()
+    with pytest.raises(Exception, match=r"max_val \(.*\) is smaller than min_val") as info:
+        np.asarray(got)
+    assert not isinstance(info.value, AssertionError)
+    # Once computed, the same arrays are checked on the host: the ValueError itself.
+    with pytest.raises(ValueError, match=r"max_val \(.*\) is smaller than min_val"):
+        jaxnorm.normalize(x, 0.1, lo, hi)
+    # jax re-raises the last failed callback computation at exit; a good one replaces it.
+    jax.block_until_ready(jaxnorm.normalize(x, 0.1, *slow_stats(6)))
+
+
+def test_computed_statistics_arrays_are_read_once_per_objects(monkeypatch):
+    from jaxnorm._src import validation
+
+    reads = []
+    real = validation.host_scalars
+    monkeypatch.setattr(validation, "host_scalars", lambda *a: reads.append(1) or real(*a))
+    x = jnp.linspace(-1, 1, 64)
+    stats = jax.block_until_ready(jaxnorm.MinMax.empty().update(x * 3))
+    with count_compiles() as log:
+        for t in (0.1, 0.2, 0.1, 0.2, 0.1):
+            out = jaxnorm.normalize(x, t, stats.min, stats.max)
+    assert len(reads) == 2  # one per threshold value: the arrays' values are kept
+    np.testing.assert_allclose(np.asarray(out), reference.normalize(np.asarray(x), 0.1, -3, 3))
+    fresh = jax.block_until_ready(jaxnorm.MinMax.empty().update(x * 2))  # new arrays: read
+    out = jaxnorm.normalize(x, 0.1, fresh.min, fresh.max)
+    assert len(reads) == 3
+    np.testing.assert_allclose(np.asarray(out), reference.normalize(np.asarray(x), 0.1, -2, 2))
+    assert log.count <= 1, log.names  # at most the packed call's first compile

@@ -210,3 +210,99 @@ def test_fast_path_finds_the_jaxlib_signature_then_falls_back_to_the_public_one(
     assert _dlpack._fast_from_dlpack is None  # for good: no more tries
     to_jax(t)
     assert calls == [5, 4, 3] and public == [1, 1]
+
+
+# -- the callback's per-batch exchange ------------------------------------------------------
+
+
+def test_batch_exchange_is_zero_copy_on_cpu_both_ways():
+    to_jax(torch.zeros(1))  # finds this jaxlib's direct call, as the callback's first batch does
+    cpu = torch.device("cpu")
+    if _dlpack._fast_from_dlpack is None or _dlpack._fast_to_dlpack is None:
+        pytest.skip("this jaxlib has no direct DLPack calls: the callback uses to_jax/to_torch")
+    assert _dlpack.batch_device_ok(cpu)
+    assert not _dlpack.batch_device_ok(torch.device("meta"))
+    tensors = [torch.randn(32), torch.randn(32, 1, 8, 8).to(torch.bfloat16)]
+    arrays = _dlpack.import_batch(tensors, cpu)
+    for t, a in zip(tensors, arrays, strict=True):
+        assert a.unsafe_buffer_pointer() == t.data_ptr()
+        np.testing.assert_array_equal(np.asarray(a, np.float32), t.float().numpy())
+    results = [a * 2 for a in arrays]
+    back = _dlpack.export_batch(results, cpu)
+    for r, b, t in zip(results, back, tensors, strict=True):
+        assert b.data_ptr() == r.unsafe_buffer_pointer() and b.dtype == t.dtype
+        assert torch.equal(b, t * 2)
+
+
+@requires_cuda
+def test_cuda_batch_import_orders_jax_after_torch_once_per_batch(monkeypatch):
+    if not _dlpack.jax_reads_device(torch.device("cuda")):
+        pytest.skip("jax has no GPU backend here")
+    to_jax(torch.zeros(1, device="cuda"))
+    cuda = torch.device("cuda", torch.cuda.current_device())
+    if not _dlpack.batch_device_ok(cuda):
+        pytest.skip("jax's GPU exposes no external-ready-events stream: to_jax per tensor")
+    orders = []
+    real = _dlpack._order_after_torch
+    monkeypatch.setattr(_dlpack, "_order_after_torch", lambda *a: orders.append(a) or real(*a))
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        tensors = [torch.zeros(1 << 20, device="cuda"), torch.zeros(1 << 10, device="cuda")]
+        torch.cuda._sleep(500_000_000)  # the writes below land well after import_batch returns
+        for t in tensors:
+            t.fill_(1.0)
+        arrays = _dlpack.import_batch(tensors, cuda)  # no host sync: jax's stream waits
+    assert len(orders) == 1
+    assert [float(jnp.sum(a)) for a in arrays] == [t.numel() for t in tensors]
+
+
+@requires_cuda
+def test_cuda_batch_export_orders_torch_after_jax():
+    if not _dlpack.jax_reads_device(torch.device("cuda")):
+        pytest.skip("jax has no GPU backend here")
+    to_jax(torch.zeros(1, device="cuda"))
+    cuda = torch.device("cuda", torch.cuda.current_device())
+    if not _dlpack.batch_device_ok(cuda):
+        pytest.skip("jax's GPU exposes no external-ready-events stream: to_torch per array")
+    x = jax.device_put(jnp.ones((2048, 2048)), jax.devices("gpu")[0])
+    slow = jax.jit(lambda x: jax.lax.fori_loop(0, 50, lambda i, m: jnp.tanh(m @ m), x)[0])
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        (back,) = _dlpack.export_batch([slow(x)], cuda)
+        got = back.clone()  # on `side`, which must wait for jax's result
+    side.synchronize()
+    want = np.asarray(slow(x))
+    np.testing.assert_allclose(got.cpu().numpy(), want, rtol=1e-6)
+
+
+@requires_cuda
+@pytest.mark.filterwarnings("ignore::torch_compat.HostCopyWarning")
+def test_cuda_steady_batches_through_the_callback_wait_for_torchs_writes():
+    from tests import test_torch_compat_hooks as h
+
+    module = h.Module().cuda()
+    cb = h.MinMaxNormalizationCallback()
+    cb.setup(None, module, "fit")
+    val = {k: v.cuda() for k, v in h.make_outputs(0, n=8, boxes=False).items()}
+    h.validate(cb, module, [val])
+    lo, hi = module.normalization_metrics.read()["image"]
+    cb.on_test_start(None, module)
+    for i in range(4):
+        raw = h.make_outputs(10 + i, n=8, boxes=False)
+        sources = {k: raw[k].cuda() for k in ("anomaly_maps", "pred_scores")}
+        torch.cuda.synchronize()
+        outputs = {k: torch.zeros_like(v) for k, v in sources.items()}
+        torch.cuda._sleep(200_000_000)  # the values land well after the hook returns
+        for k, v in sources.items():
+            outputs[k].copy_(v)
+        cb.on_test_batch_end(None, module, outputs, None, i)
+        h.assert_matches_reference(
+            {k: v.cpu() for k, v in outputs.items()},
+            {k: raw[k] for k in sources},
+            h.IMAGE_T,
+            h.PIXEL_T,
+            lo,
+            hi,
+        )
+    if _dlpack.batch_device_ok(outputs["pred_scores"].device):
+        assert cb._plan is not None  # the later batches took the steady path

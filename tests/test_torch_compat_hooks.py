@@ -627,3 +627,147 @@ def test_random_batch_sizes_compile_logarithmically_through_the_callback():
             )
     # Odd sizes were padded in torch and come back as views (no jax slice, no host wait).
     assert views > 0
+
+
+# -- the steady test path: what the first batch settled is not done again -----------------
+
+
+@pytest.fixture
+def batch_exchange():
+    """Skips where this jaxlib lacks the direct DLPack calls the steady path takes."""
+    from torch_compat import _dlpack
+
+    torch_compat.to_jax(torch.zeros(1))  # finds the direct import, as a first batch does
+    if not _dlpack.batch_device_ok(torch.device("cpu")):
+        pytest.skip("this jaxlib has no direct DLPack calls: every test batch takes the full path")
+
+
+def _steady_setup(monkeypatch):
+    """A fitted callback, counting what a test batch does: full-path calls, imports, jitted
+    calls (by wrapping the plan's function) and compiles."""
+    from jaxnorm._src import hook_step
+    from torch_compat import _dlpack
+
+    module, cb = fitted([make_outputs(s, boxes=False) for s in range(2)])
+    cb.on_test_start(None, module)
+    counts = {"full": 0, "stat_tensors": 0, "imports": 0, "calls": 0, "exports": 0}
+    real_positional = hook_step.normalize_positional
+
+    def counted_positional(keys, rowwise):
+        fn = real_positional(keys, rowwise)
+
+        def call(*args):
+            counts["calls"] += 1
+            return fn(*args)
+
+        return call
+
+    def spy(name, real):
+        return lambda *a, **k: counts.__setitem__(name, counts[name] + 1) or real(*a, **k)
+
+    monkeypatch.setattr(hook_step, "normalize_positional", counted_positional)
+    monkeypatch.setattr(cb.hook, "normalize_batch", spy("full", cb.hook.normalize_batch))
+    monkeypatch.setattr(
+        torch_compat._callback,
+        "stat_tensors",
+        spy("stat_tensors", torch_compat._callback.stat_tensors),
+    )
+    monkeypatch.setattr(_dlpack, "_fast_from_dlpack", spy("imports", _dlpack._fast_from_dlpack))
+    monkeypatch.setattr(_dlpack, "_from_capsule", spy("exports", _dlpack._from_capsule))
+    return module, cb, counts
+
+
+def test_steady_test_batches_import_each_key_once_call_jax_once_and_export_once(
+    monkeypatch, batch_exchange
+):
+    module, cb, counts = _steady_setup(monkeypatch)
+    lo, hi = module.normalization_metrics.read()["image"]
+    first = make_outputs(100, n=8, boxes=False)
+    cb.on_test_batch_end(None, module, clone(first), None, 0)  # settles the plan
+    for key in counts:
+        counts[key] = 0
+    batches = [make_outputs(200 + i, n=8, boxes=False) for i in range(6)]  # fresh tensors
+    with jaxnorm.testing.count_compiles() as log:
+        for i, raw in enumerate(batches):
+            outputs = clone(raw)
+            cb.on_test_batch_end(None, module, outputs, None, i)
+            assert_matches_reference(outputs, raw, IMAGE_T, PIXEL_T, lo, hi)
+    n = len(batches)
+    assert log.count == 0, log.names
+    assert counts == {"full": 0, "stat_tensors": 0, "imports": 2 * n, "calls": n, "exports": 2 * n}
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["size", "dtype", "boxes", "key", "threshold", "stats", "non_contiguous", "grad"],
+)
+def test_a_batch_that_differs_from_the_plan_takes_the_full_path(
+    monkeypatch, change, batch_exchange
+):
+    module, cb, counts = _steady_setup(monkeypatch)
+    for i in range(2):
+        cb.on_test_batch_end(None, module, make_outputs(300 + i, n=8, boxes=False), None, i)
+    raw = make_outputs(400, n=8, boxes=False)
+    image_t = IMAGE_T
+    if change == "size":
+        raw = make_outputs(400, n=4, boxes=False)
+    elif change == "dtype":
+        raw = make_outputs(400, n=8, boxes=False, dtype=torch.float64)
+    elif change == "boxes":
+        raw = make_outputs(400, n=8)
+    elif change == "key":
+        del raw["anomaly_maps"]
+    elif change == "threshold":
+        image_t = 0.25
+        module.image_threshold.value.fill_(image_t)
+    elif change == "stats":
+        module.normalization_metrics.max.fill_(9.0)
+    elif change == "non_contiguous":
+        raw["anomaly_maps"] = raw["anomaly_maps"].transpose(2, 3)
+    elif change == "grad":
+        raw["pred_scores"].requires_grad_(True)
+    lo, hi = module.normalization_metrics.read()["image"]
+    outputs = clone(raw)
+    full_before = counts["full"]
+    cb.on_test_batch_end(None, module, outputs, None, 2)
+    assert_matches_reference(
+        {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in outputs.items()},
+        {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in raw.items()},
+        image_t,
+        PIXEL_T,
+        lo,
+        hi,
+    )
+    # Changed thresholds or statistics, another size, a detached-on-the-fly tensor: a new plan
+    # (no full path); a layout a plan does not take (float64, boxes, non-contiguous): the full path.
+    full = {"dtype", "boxes", "non_contiguous"}
+    assert counts["full"] - full_before == (change in full), counts
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (lambda o: o.update(pred_scores=[0.1, 0.2]), r"outputs\['pred_scores'\]: expected a torch"),
+        (lambda o: o.update(anomaly_maps=torch.empty((8, 1, 5, 5), device="meta")), "meta"),
+        (lambda o: o.update(pred_scores=torch.zeros(8, dtype=torch.complex64)), "complex64"),
+        (lambda o: [o.pop(k) for k in ("pred_scores", "anomaly_maps")], "No values found"),
+    ],
+    ids=["list", "meta", "complex", "no_keys"],
+)
+def test_bad_batches_after_a_plan_raise_the_full_paths_errors(bad, match, batch_exchange):
+    module, cb = fitted([make_outputs(0, boxes=False)])
+    for i in range(2):
+        cb.on_test_batch_end(None, module, make_outputs(10 + i, n=8, boxes=False), None, i)
+    assert cb._plan is not None
+    outputs = make_outputs(20, n=8, boxes=False)
+    bad(outputs)
+    with pytest.raises((ValueError, TypeError), match=match):
+        cb.on_test_batch_end(None, module, outputs, None, 2)
+
+
+def test_missing_statistics_raise_on_the_first_batch_that_could_take_a_plan():
+    module, cb = Module(), MinMaxNormalizationCallback()
+    cb.setup(None, module, "fit")
+    with pytest.raises(jaxnorm.StatisticsMissingError, match="no normalization statistics"):
+        cb.on_test_batch_end(None, module, make_outputs(0, boxes=False), None, 0)
+    assert cb._plan is None

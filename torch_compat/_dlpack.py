@@ -15,6 +15,22 @@ Copies happen only where they must:
 jax may still be reading an input when ``to_jax``'s caller moves on (dispatch is
 asynchronous): the jax array keeps the tensor alive, but the tensor must not be written in
 place until the jax result that depends on it has been read.
+
+``import_batch`` and ``export_batch`` are the callback's per-batch exchange, for tensors it
+has already checked (see their docstrings): DLPack capsules made and read by torch's and
+jaxlib's C functions, with the stream ordering done once per batch, not once per tensor.
+On CUDA the order is:
+
+  - import: torch's current stream records an event that jax's external-ready-events stream
+    waits on (what ``t.__dlpack__(stream=...)`` does for every tensor), then each tensor's
+    capsule is imported on that stream, so jax never reads a tensor before torch wrote it
+    and the host never waits;
+  - export: each capsule is made with torch's current stream as the consumer stream, so
+    jax makes that stream wait for the result (what ``torch.from_dlpack(a)`` does per
+    array), and torch's later kernels never read it early.
+
+On CPU there are no streams: an imported tensor is ready, and jaxlib's export waits for
+the result on the host (torch has no way to wait for it later).
 """
 
 from __future__ import annotations
@@ -25,6 +41,7 @@ import warnings
 import jax
 import numpy as np
 import torch
+import torch.utils.dlpack
 
 try:
     # What jax.dlpack.from_dlpack calls once it has found the device and stream. On CPU that
@@ -40,6 +57,18 @@ try:
 except (ImportError, AttributeError):  # pragma: no cover - depends on the jaxlib
     _fast_from_dlpack = None
 _fast_arities = [5, 4, 3]
+_fast_works = False  # one call succeeded: _fast_arities[0] is this jaxlib's arity
+
+try:
+    # What jax.Array.__dlpack__ calls after its checks (~8 us a call on CPU; this is ~1 us).
+    from jax._src.lib import _jax as _jaxlib
+
+    _fast_to_dlpack = _jaxlib.buffer_to_dlpack_managed_tensor
+except (ImportError, AttributeError):  # pragma: no cover - depends on the jaxlib
+    _fast_to_dlpack = None
+# torch's C functions behind torch.utils.dlpack (no stream handling: done per batch here).
+_to_capsule = torch.utils.dlpack.to_dlpack
+_from_capsule = getattr(torch._C, "_from_dlpack", torch.utils.dlpack.from_dlpack)
 
 _KDL_CPU = 1  # DLDeviceType.kDLCPU
 _KDL_CUDA = 2  # DLDeviceType.kDLCUDA
@@ -97,16 +126,25 @@ def _jax_gpu(index: int) -> tuple[jax.Device | None, int | None]:
 
 
 def _fast_call(t: torch.Tensor, device: jax.Device, stream: int | None, dl_type: int):
-    global _fast_from_dlpack
-    while _fast_arities:
-        # The stream makes torch order it after its current stream (an event, no host wait);
+    global _fast_from_dlpack, _fast_works
+    ordered = dl_type == _KDL_CPU
+    if dl_type == _KDL_CUDA and stream is not None:
+        # jax's stream waits for torch's current stream (an event, no host wait), as
+        # ``t.__dlpack__(stream=stream)`` would order it, without that method's Python work;
         # jax then reads the memory on that stream: never before torch has produced it.
-        capsule = t.__dlpack__() if stream is None else t.__dlpack__(stream=stream)
+        index = _cuda_index(t.device)
+        _order_after_torch(index, stream, torch.cuda.current_stream(index))
+        ordered = True
+    while _fast_arities:
+        capsule = _to_capsule(t) if ordered else t.__dlpack__()
         args = (capsule, device, stream, None, dl_type)[: _fast_arities[0]]
         try:
-            return _fast_from_dlpack(*args)
+            out = _fast_from_dlpack(*args)
         except TypeError:  # another jaxlib's signature: try the next arity
             _fast_arities.pop(0)
+            continue
+        _fast_works = True
+        return out
     _fast_from_dlpack = None
     return None
 
@@ -161,7 +199,7 @@ def to_jax(tensor: torch.Tensor, *, name: str = "tensor") -> jax.Array:
     Raises:
       ValueError: the tensor is on the ``meta`` device (it has no values).
     """
-    t = tensor.detach()
+    t = tensor.detach() if tensor.requires_grad else tensor
     if t.device.type == "meta":
         raise ValueError(
             f"{name}: a tensor on the 'meta' device (shape {tuple(t.shape)}, {t.dtype}) has no "
@@ -175,7 +213,7 @@ def to_jax(tensor: torch.Tensor, *, name: str = "tensor") -> jax.Array:
     if not jax_reads_device(t.device):
         _warn_host_copy(t.device)
         t = t.cpu()
-    elif t.device.type == "cpu" and t.is_pinned():
+    elif t.device.type == "cpu" and _cuda_available() and t.is_pinned():
         # DLPack labels pinned memory as CUDA host memory, which jax reads as a CUDA device.
         t = t.clone()
     if t.dtype == torch.float64 and not jax.config.jax_enable_x64:
@@ -209,3 +247,112 @@ def _match(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     if out.dtype != like.dtype and like.is_floating_point():
         out = out.to(like.dtype)
     return out
+
+
+# -- the callback's per-batch exchange -------------------------------------------------------
+
+
+@functools.cache
+def _cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def batch_device_ok(device: torch.device) -> bool:
+    """Whether ``import_batch`` and ``export_batch`` take tensors on ``device``.
+
+    They need jaxlib's direct calls (found by an earlier ``to_jax``), and on CUDA a jax GPU
+    with an external-ready-events stream; elsewhere ``to_jax`` and ``to_torch`` remain.
+    """
+    if not (_fast_works and _fast_from_dlpack is not None and _fast_to_dlpack is not None):
+        return False
+    if device.type == "cpu":
+        return True
+    if device.type != "cuda" or "gpu" not in _jax_platforms():
+        return False
+    return _jax_gpu(_cuda_index(device))[1] is not None
+
+
+def _cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+@functools.cache
+def _jax_stream_as_torch(index: int, stream: int) -> torch.cuda.ExternalStream:
+    # jax's external-ready-events stream is fixed per device: wrap it once.
+    return torch.cuda.ExternalStream(stream, device=torch.device("cuda", index))
+
+
+@functools.cache
+def _event(index: int) -> torch.cuda.Event:
+    # One event per device, recorded again at every batch: a wait already queued keeps the
+    # record it saw, so reusing the event is safe and saves creating one per batch.
+    return torch.cuda.Event()
+
+
+def torch_stream(device: torch.device) -> torch.cuda.Stream | None:
+    """torch's current stream on ``device`` (``None`` on the CPU): looked up once per batch
+    and handed to ``import_batch`` and ``export_batch``."""
+    return torch.cuda.current_stream(_cuda_index(device)) if device.type == "cuda" else None
+
+
+def _order_after_torch(index: int, stream: int, ours: torch.cuda.Stream) -> None:
+    """Makes jax's stream ``stream`` wait for the work queued so far on torch's stream
+    ``ours``: one event for the batch, no host wait (``Tensor.__dlpack__(stream=...)``'s
+    ordering, once)."""
+    theirs = _jax_stream_as_torch(index, stream)
+    if ours != theirs:
+        event = _event(index)
+        event.record(ours)
+        theirs.wait_event(event)
+
+
+def import_batch(
+    tensors: list[torch.Tensor], device: torch.device, stream: torch.cuda.Stream | None = None
+) -> list[jax.Array]:
+    """Zero-copy jax arrays over ``tensors``, with one stream ordering for the batch.
+
+    For tensors already checked by the caller: on ``device`` (where ``batch_device_ok``),
+    contiguous, not requiring grad, of a dtype jax keeps as it is (float32, float16,
+    bfloat16, int32, bool), and not in pinned memory. ``stream``: ``torch_stream(device)``
+    when the caller has it already.
+    """
+    if device.type == "cpu":
+        jax_device, stream, dl_type = _local_cpu(), None, _KDL_CPU
+    else:
+        index = _cuda_index(device)
+        jax_device, jax_stream = _jax_gpu(index)
+        dl_type = _KDL_CUDA
+        ours = stream if stream is not None else torch_stream(device)
+        _order_after_torch(index, jax_stream, ours)
+        stream = jax_stream  # jax reads the tensors on its stream, after the event
+    arity = _fast_arities[0]
+    return [
+        _fast_from_dlpack(*(_to_capsule(t), jax_device, stream, None, dl_type)[:arity])
+        for t in tensors
+    ]
+
+
+def export_batch(
+    arrays, device: torch.device, stream: torch.cuda.Stream | None = None
+) -> list[torch.Tensor]:
+    """Zero-copy tensors over jax arrays on ``device``'s jax twin (where ``batch_device_ok``).
+
+    On CUDA, torch's current stream (``stream``, else looked up once for the batch) waits
+    for each array on the device; on CPU, each export waits for its array on the host.
+    """
+    if device.type == "cuda":
+        stream = (stream if stream is not None else torch_stream(device)).cuda_stream
+        if stream == 0 and torch.version.hip is None:
+            stream = 1  # DLPack's number for CUDA's legacy default stream
+    else:
+        stream = None
+    global _export_whole
+    if _export_whole:
+        try:
+            return [_from_capsule(_fast_to_dlpack(a, stream=stream)) for a in arrays]
+        except TypeError:  # a jaxlib that takes single-device buffers only
+            _export_whole = False
+    return [_from_capsule(_fast_to_dlpack(a.addressable_data(0), stream=stream)) for a in arrays]
+
+
+_export_whole = True  # jaxlib takes a single-device jax.Array as it is

@@ -111,6 +111,80 @@ def _is_wide(dtype: np.dtype) -> bool:
     return dtype == np.float64 and bool(jax.config.jax_enable_x64)
 
 
+def _check_host(threshold, min_val, max_val, *, wide: bool) -> np.ndarray:
+    """The checks of ``_checked_pack``, as a host callback: on values, once they exist."""
+    threshold, min_val, max_val = (
+        validation.host_scalar(name, np.asarray(value)[()], hint)
+        for name, value, hint in (
+            ("threshold", threshold, _FINITE_HINT),
+            ("min_val", min_val, _EMPTY_HINT),
+            ("max_val", max_val, _EMPTY_HINT),
+        )
+    )
+    check_scalars(threshold, min_val, max_val, wide)
+    return np.bool_(True)
+
+
+@functools.partial(jax.jit, static_argnames="wide")
+def _normalize_checked(targets, threshold, min_val, max_val, *, wide: bool):
+    """``_normalize`` whose scalars are checked on the host as soon as they are computed,
+    while the caller moves on: bad values fail the computation. A pure callback, not an
+    ``io_callback``, whose effect token would make the dispatch wait for them."""
+    ok = jax.pure_callback(
+        functools.partial(_check_host, wide=wide),
+        jax.ShapeDtypeStruct((), jnp.bool_),
+        threshold,
+        min_val,
+        max_val,
+    )
+    y = _math(targets, threshold, min_val, max_val)
+    # ok is True whenever the callback returns; the select makes the result depend on it.
+    return jnp.where(ok, y, jnp.zeros((), y.dtype))
+
+
+# Scalars given as jax arrays, checked and packed, by the identity of the arrays (jax arrays
+# are immutable, so the same objects hold the same values). Each entry keeps its arrays
+# alive, so an id is never reused while its entry is here.
+_ARRAY_PACKS: dict[tuple, tuple[tuple, jax.Array]] = {}
+_ARRAY_PACKS_SIZE = 16
+
+
+def _device_scalar(value) -> bool:
+    """A concrete 0-d jax array (not a tracer): its shape is known without reading it."""
+    return isinstance(value, jax.Array) and not validation.is_tracer(value) and value.ndim == 0
+
+
+def _pack_key(threshold, min_val, max_val, x64: bool, dtype) -> tuple:
+    # A float threshold by value (a sweep of thresholds over the same statistics), arrays by
+    # identity; the entry's objects are compared with ``is`` on a hit.
+    return (
+        threshold if type(threshold) is float else id(threshold),
+        id(min_val),
+        id(max_val),
+        x64,
+        dtype,
+    )
+
+
+def _normalize_device_scalars(targets, scalars: tuple, x64: bool):
+    """``normalize`` for scalars that are floats or 0-d jax arrays (at least one array),
+    seen for the first time: checked and packed once they are computed."""
+    wide = _is_wide(targets.dtype)
+    if not all(type(v) is float or v.is_ready() for v in scalars):
+        # Still being computed: checked on the host as they arrive, not waited for here.
+        return _normalize_checked(targets, *scalars, wide=wide)
+    threshold, min_val, max_val = validation.host_scalars(
+        ("threshold", scalars[0], _FINITE_HINT),
+        ("min_val", scalars[1], _EMPTY_HINT),
+        ("max_val", scalars[2], _EMPTY_HINT),
+    )
+    params = _checked_pack(threshold, min_val, max_val, x64, wide)  # raises for bad values
+    if len(_ARRAY_PACKS) >= _ARRAY_PACKS_SIZE:
+        del _ARRAY_PACKS[next(iter(_ARRAY_PACKS))]
+    _ARRAY_PACKS[_pack_key(*scalars, x64, targets.dtype)] = (scalars, params)
+    return _normalize_packed(targets, params)
+
+
 def normalize(
     targets: ArrayLike, threshold: ArrayLike, min_val: ArrayLike, max_val: ArrayLike
 ) -> jax.Array:
@@ -135,8 +209,14 @@ def normalize(
       min_val: the smallest raw score seen during validation.
       max_val: the largest raw score seen during validation.
 
-    Scalars given as jax arrays are fetched to the host (together, one sync) to be checked;
-    Python floats skip that round trip.
+    Scalars given as 0-d jax arrays (``stats.min``, ``stats.max``) are not read at every
+    call. The first call that sees those array objects reads and checks them on the host
+    when they are computed already (which does not wait), and keeps the checked values on
+    the device, keyed by the arrays' identity (jax arrays are immutable): later calls with
+    the same arrays read nothing. A call whose arrays are still being computed does not wait
+    for them either: the same checks run on the host as soon as the values exist (a jax host
+    callback in the call), and bad values fail the computation, so reading the result
+    raises jax's runtime error carrying the ``ValueError`` below. Never a silent NaN or 0.5.
 
     Returns:
       A jax array of the shape of ``targets``, with its dtype when floating (float16,
@@ -146,7 +226,8 @@ def normalize(
       ValueError: ``targets`` is not numeric, a scalar is not finite, or
         ``max_val < min_val`` (empty statistics are ``+inf``/``-inf``: run validation or load
         statistics first), or a scalar is beyond float32's range while the math runs in
-        float32. Scalars given as tracers, inside the caller's ``jit``, are not checked.
+        float32 (for jax-array scalars still being computed, when the result is read, see
+        above). Scalars given as tracers, inside the caller's ``jit``, are not checked.
     """
     targets = validation.as_array("targets", targets)
     x64 = bool(jax.config.jax_enable_x64)
@@ -154,6 +235,19 @@ def normalize(
         # The common per-batch call: host floats, checked and transferred once per value.
         params = _checked_pack(threshold, min_val, max_val, x64, _is_wide(targets.dtype))
         return _normalize_packed(targets, params)
+    hit = _ARRAY_PACKS.get(_pack_key(threshold, min_val, max_val, x64, targets.dtype))
+    if hit is not None:
+        held = hit[0]
+        if (
+            held[1] is min_val
+            and held[2] is max_val
+            and (held[0] is threshold or type(threshold) is float)
+        ):
+            # Statistics arrays seen, read and checked before: nothing to read.
+            return _normalize_packed(targets, hit[1])
+    scalars = (threshold, min_val, max_val)
+    if all(type(v) is float or _device_scalar(v) for v in scalars):
+        return _normalize_device_scalars(targets, scalars, x64)
     threshold, min_val, max_val = validation.host_scalars(
         ("threshold", threshold, _FINITE_HINT),
         ("min_val", min_val, _EMPTY_HINT),
