@@ -9,11 +9,12 @@
 # against float ones (probes/normalize_stats_probe.py). Needs jax with CUDA, torch with CUDA,
 # lightning, flax, pytest and hypothesis on the machine; run from the repository root:
 #   OUT=/tmp/gpu bash benchmarks/gpu_check.sh
-# Results land in $OUT: copy <machine>.json/.md into benchmarks/results/ to publish them
-# (a run of every case is what the README's "Targets on <machine>" table reads).
+# Results land in $OUT: copy <machine>.json/.md into benchmarks/results/ and run
+# `make bench-replot` to publish them (a run of every case is what the README's headline
+# block, docs/_generated/benchmarks.md and the plot read).
 # Knobs: TEST_TIMEOUT, BENCH_TIMEOUT and PROBE_TIMEOUT (seconds; 150 + 360 + 3 x 20 by
 # default, to fit one 10-minute device call), CASES (comma-separated, default every case; a
-# subset is not shown in the README), QUICK=1 for a smoke run of the harness on the GPU,
+# subset is published only for the cases the full run lacks), QUICK=1 for a smoke run of the harness on the GPU,
 # PROBES=0 to skip the probe.
 set -uo pipefail
 OUT=${OUT:-/tmp/jaxnorm-gpu-check}
