@@ -9,8 +9,6 @@ is caught by that check.
 
 from __future__ import annotations
 
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,6 +16,7 @@ import pytest
 from jax import lax
 
 import jaxnorm
+from tests import slow_producer
 
 N = 12  # images per batch: not a power of two, so the steady size is not a bucket
 
@@ -35,20 +34,8 @@ def _produce(seed, poison, steps):
 @pytest.fixture(scope="module")
 def producer():
     """``produce(seed, poison)``: a jitted producer that runs for at least 0.3 s here."""
-    fn = jax.jit(_produce, static_argnums=2)
-    steps = 16
-    while True:
-        jax.block_until_ready(fn(jnp.int32(0), jnp.bool_(False), steps))  # compile
-        start = time.perf_counter()
-        jax.block_until_ready(fn(jnp.int32(1), jnp.bool_(False), steps))
-        if time.perf_counter() - start >= 0.3:
-            break
-        steps *= 2
-
-    def produce(seed: int, poison: bool = False):
-        return fn(jnp.int32(seed), jnp.bool_(poison), steps)
-
-    return produce
+    produce = slow_producer.calibrated(_produce)
+    return lambda seed, poison=False: produce(seed, poison)
 
 
 def ready_outputs(produce, seed=100):

@@ -1,7 +1,6 @@
 """jaxnorm.normalize against the numpy reference of SPEC section 1."""
 
 import re
-import time
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +13,7 @@ from hypothesis.extra import numpy as hnp
 
 import jaxnorm
 from jaxnorm.testing import count_compiles
-from tests import compat, reference
+from tests import compat, reference, slow_producer
 
 # Output tolerance: a few ulp of float32 math, plus the final rounding to the dtype.
 ATOL = {np.float32: 1e-6, np.float16: 1e-3, ml_dtypes.bfloat16: 8e-3}
@@ -169,16 +168,8 @@ def slow_stats():
         lo, hi = m.min() - 1, m.max() + 1
         return jnp.where(swap, hi, lo), jnp.where(swap, lo, hi)
 
-    fn = jax.jit(body, static_argnums=2)
-    steps = 16
-    while True:
-        jax.block_until_ready(fn(jnp.int32(0), jnp.bool_(False), steps))  # compile
-        start = time.perf_counter()
-        jax.block_until_ready(fn(jnp.int32(1), jnp.bool_(False), steps))
-        if time.perf_counter() - start >= 0.3:
-            break
-        steps *= 2
-    return lambda seed, swap=False: fn(jnp.int32(seed), jnp.bool_(swap), steps)
+    produce = slow_producer.calibrated(body)
+    return lambda seed, swap=False: produce(seed, swap)
 
 
 def warm(x, slow_stats):

@@ -14,6 +14,16 @@ IMAGE_SIZE = 64
 N_GOOD, N_BAD = 16, 6
 SEED = 0
 KINDS = ("anomalib", "jaxnorm")  # whose PostProcessor
+# anomalib 2.7.0 PostProcessor's buffers and the fields its outputs carry.
+BUFFERS = (
+    "image_min",
+    "image_max",
+    "pixel_min",
+    "pixel_max",
+    "_image_threshold",
+    "_pixel_threshold",
+)
+FIELDS = ("pred_score", "anomaly_map", "pred_label", "pred_mask")
 MODELS = ("padim", "patchcore")
 
 

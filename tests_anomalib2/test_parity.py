@@ -21,18 +21,9 @@ import torch
 from anomalib.data import InferenceBatch
 from anomalib.deploy import ExportType
 from anomalib.post_processing import PostProcessor as AnomalibPostProcessor
+from common import BUFFERS, FIELDS
 
 from torch_compat.anomalib2 import PostProcessor
-
-BUFFERS = (
-    "image_min",
-    "image_max",
-    "pixel_min",
-    "pixel_max",
-    "_image_threshold",
-    "_pixel_threshold",
-)
-FIELDS = ("pred_score", "anomaly_map", "pred_label", "pred_mask")
 
 
 @pytest.fixture(scope="session")

@@ -17,21 +17,12 @@ import pytest
 import torch
 from anomalib.data import ImageBatch, InferenceBatch
 from anomalib.post_processing import PostProcessor as AnomalibPostProcessor
+from common import BUFFERS, FIELDS
 
 import jaxnorm
 from jaxnorm.testing import count_compiles
 from torch_compat import _postprocessor
 from torch_compat.anomalib2 import PostProcessor
-
-BUFFERS = (
-    "image_min",
-    "image_max",
-    "pixel_min",
-    "pixel_max",
-    "_image_threshold",
-    "_pixel_threshold",
-)
-FIELDS = ("pred_score", "anomaly_map", "pred_label", "pred_mask")
 
 
 def val_batch(seed, n=4, size=8, *, labels=True, score=True, amap=True, scale=3.0):

@@ -27,16 +27,10 @@ from torch.utils.data import DataLoader
 import jaxnorm
 from torch_compat.anomalib2 import PostProcessor
 
-warnings.filterwarnings("ignore", module="lightning|lightning_fabric|torchmetrics")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests_anomalib2/
+from common import BUFFERS  # noqa: E402
 
-BUFFERS = (
-    "image_min",
-    "image_max",
-    "pixel_min",
-    "pixel_max",
-    "_image_threshold",
-    "_pixel_threshold",
-)
+warnings.filterwarnings("ignore", module="lightning|lightning_fabric|torchmetrics")
 
 
 class Scores(LightningModule):
