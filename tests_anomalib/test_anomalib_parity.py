@@ -31,6 +31,7 @@ from PIL import Image
 from pytorch_lightning import Callback, Trainer, seed_everything
 
 import torch_compat
+from tests import synthetic_images
 
 CATEGORY = "synthetic"
 IMAGE_SIZE = 64
@@ -49,16 +50,10 @@ CALLBACKS = ("anomalib", "torch_compat")
 
 
 def _texture(rng: np.random.Generator) -> np.ndarray:
-    """A brushed-metal-like RGB image: smooth stripes plus noise."""
-    x = np.linspace(0, 6 * np.pi, IMAGE_SIZE)
-    stripes = 0.5 + 0.2 * np.sin(x[None, :] + rng.uniform(0, np.pi))
-    img = stripes + 0.05 * rng.standard_normal((IMAGE_SIZE, IMAGE_SIZE))
-    return np.repeat(img[..., None], 3, axis=-1)
+    return synthetic_images.texture(rng, IMAGE_SIZE)
 
 
-def _save(path: Path, img: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.clip(img * 255, 0, 255).astype(np.uint8)).save(path)
+_save = synthetic_images.save
 
 
 def write_mvtec(root: Path, seed: int = 0) -> None:
