@@ -776,3 +776,113 @@ def test_missing_statistics_raise_on_the_first_batch_that_could_take_a_plan():
     with pytest.raises(jaxnorm.StatisticsMissingError, match="no normalization statistics"):
         cb.on_test_batch_end(None, module, make_outputs(0, boxes=False), None, 0)
     assert cb._plan is None
+
+
+# -- the steady validation path ------------------------------------------------------------
+
+
+def _validation_counts(monkeypatch, cb):
+    """Counts full-path validation calls and batch imports of ``cb``."""
+    from torch_compat import _dlpack
+
+    counts = {"full": 0, "imports": 0}
+    real_full, real_import = cb.hook.on_validation_batch_end, _dlpack.import_batch
+
+    def full(*a, **k):
+        counts["full"] += 1
+        return real_full(*a, **k)
+
+    def imports(*a, **k):
+        counts["imports"] += 1
+        return real_import(*a, **k)
+
+    monkeypatch.setattr(cb.hook, "on_validation_batch_end", full)
+    monkeypatch.setattr(_dlpack, "import_batch", imports)
+    return counts
+
+
+@pytest.mark.parametrize("stats", ["shared", "separate"])
+def test_steady_validation_batches_import_once_and_fold_once(monkeypatch, stats, batch_exchange):
+    module, cb = Module(), MinMaxNormalizationCallback(stats=stats)
+    if stats == "separate":
+        module.normalization_metrics = torch_compat.MinMax(stats="separate")
+    cb.setup(None, module, "fit")
+    counts = _validation_counts(monkeypatch, cb)
+    batches = [make_outputs(500 + i, n=8, boxes=False) for i in range(7)]  # fresh tensors
+    with jaxnorm.testing.count_compiles() as log:
+        cb.on_validation_epoch_start(None, module)
+        cb.on_validation_batch_end(None, module, batches[0], None, 0)  # settles the plan
+        # The fold compiles for the fresh state, then once more for the state it returns.
+        cb.on_validation_batch_end(None, module, batches[1], None, 1)
+        settled = log.count
+        for i, b in enumerate(batches[2:], 2):
+            cb.on_validation_batch_end(None, module, b, None, i)
+        cb.on_validation_epoch_end(None, module)
+    assert counts == {"full": 1, "imports": len(batches) - 1}, counts
+    assert log.count == settled, log.names  # steady batches compile nothing more
+    raw = [to_numpy(b) for b in batches]
+    got = module.normalization_metrics.read()
+    if stats == "shared":
+        assert got["image"] == reference.min_max(*[r["anomaly_maps"] for r in raw])
+    else:
+        assert got["image"] == reference.min_max(*[r["pred_scores"] for r in raw])
+        assert got["pixel"] == reference.min_max(*[r["anomaly_maps"] for r in raw])
+    assert cb.hook.num_values["pixel"] == sum(r["anomaly_maps"].size for r in raw)
+
+
+def test_a_nonfinite_steady_validation_batch_raises_at_epoch_end():
+    batches = [make_outputs(600 + i, n=8, boxes=False) for i in range(4)]
+    batches[2]["anomaly_maps"][1, 0, 0, :3] = math.nan
+    module, cb = Module(), MinMaxNormalizationCallback()
+    cb.setup(None, module, "fit")
+    cb.on_validation_epoch_start(None, module)
+    for i, b in enumerate(batches):
+        cb.on_validation_batch_end(None, module, b, None, i)
+    with pytest.raises(jaxnorm.NonFiniteScoresError, match="3 non-finite.*'anomaly_maps'") as e:
+        cb.on_validation_epoch_end(None, module)
+    assert "validation batch 2" in str(e.value)
+    clean = [to_numpy(b)["anomaly_maps"] for i, b in enumerate(batches) if i != 2]
+    assert module.normalization_metrics.read()["image"] == reference.min_max(*clean)
+    # "omit": the same batches fold their finite values
+    module, cb = fitted(batches, nonfinite="omit")
+    maps = np.concatenate([to_numpy(b)["anomaly_maps"].ravel() for b in batches])
+    assert module.normalization_metrics.read()["image"] == reference.min_max(
+        maps[np.isfinite(maps)]
+    )
+    assert cb.hook.num_nonfinite["image"] == 3
+
+
+@pytest.mark.parametrize(
+    "change", ["size", "dtype", "boxes", "maps_gone", "scores_gone", "non_contiguous", "grad"]
+)
+def test_a_validation_batch_that_differs_from_the_plan_is_folded_right(
+    monkeypatch, change, has_plans
+):
+    module, cb = Module(), MinMaxNormalizationCallback()
+    cb.setup(None, module, "fit")
+    counts = _validation_counts(monkeypatch, cb)
+    first = [make_outputs(700 + i, n=8, boxes=False) for i in range(2)]
+    raw = make_outputs(800, n=8, boxes=False, scale=5.0)
+    if change == "size":
+        raw = make_outputs(800, n=4, boxes=False, scale=5.0)
+    elif change == "dtype":
+        raw = make_outputs(800, n=8, boxes=False, scale=5.0, dtype=torch.float64)
+    elif change == "boxes":
+        raw = make_outputs(800, n=8, scale=5.0)
+    elif change == "maps_gone":
+        del raw["anomaly_maps"]  # the statistics now come from pred_scores
+    elif change == "scores_gone":
+        del raw["pred_scores"]
+    elif change == "non_contiguous":
+        raw["anomaly_maps"] = raw["anomaly_maps"].transpose(2, 3)
+    elif change == "grad":
+        raw["anomaly_maps"].requires_grad_(True)
+    validate(cb, module, [*first, raw])
+    want = reference.min_max(*[reference.stats_source(to_numpy(b)) for b in [*first, raw]])
+    assert module.normalization_metrics.read()["image"] == pytest.approx(want, rel=1e-7)
+    # A changed layout leaves the plan (boxes, float64, non-contiguous, another key set,
+    # another size); a tensor that requires grad is the same layout, detached.
+    # The first batch settles the plan and the second takes it; without the direct DLPack
+    # calls (the floor) every batch takes the full path.
+    full = (1 if change == "grad" else 2) if has_plans else 3
+    assert counts["full"] == full, counts

@@ -17,7 +17,7 @@ from jaxnorm import MinMax as JaxMinMax
 from jaxnorm import MinMaxNormalizationHook, NonFiniteScoresError, NormalizationStats
 from jaxnorm._src import batching, hook_step
 from jaxnorm._src.hook import NonFinitePolicy
-from jaxnorm._src.outputs import NORMALIZED_KEYS, PIXEL, StatsMode
+from jaxnorm._src.outputs import NORMALIZED_KEYS, PIXEL, StatsMode, stats_sources
 from jaxnorm._src.validation import loaded_stats
 from torch_compat import _dlpack
 from torch_compat._allreduce import allreduce_stats, broadcast_from_rank0, ddp_active
@@ -173,32 +173,70 @@ _PLAN_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16})
 _NUMPY_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
-class _TestPlan:
-    """What every test batch of one layout needs, settled by the first batch of that layout.
+class _Plan:
+    """What every batch of one layout needs, settled by the first batch of that layout.
 
-    A test loop hands over batches of the same keys, dtypes, shapes and device, with the same
-    thresholds and statistics. The first such batch runs every check (thresholds and
-    statistics loaded and checked, keys, types, sizes), then leaves this plan behind. A later
-    batch that matches it (type, dtype, shape, device and layout compared on the host;
-    thresholds and statistics by identity and in-place version) skips what the first one
-    established, and costs one import per key with one stream ordering, one jitted call for
-    every key, and one zero-copy export per key. Anything else takes the full path, whose
-    errors name what is wrong. Only float tensors without ``box_scores``, needing no padding,
-    on a device with the direct DLPack calls (see ``_dlpack.batch_device_ok``) get a plan.
+    A loop hands over batches of the same keys, dtypes, shapes and device (and, in test and
+    predict, the same thresholds and statistics). The first such batch runs every check of
+    the full path, then leaves this plan behind. A later batch that matches it (type, dtype,
+    shape, device and layout compared on the host; thresholds and statistics by identity and
+    in-place version) skips what the first one established:
+
+    - test/predict: one import per key with one stream ordering, one jitted call for every
+      key, and one zero-copy export per key;
+    - validation: one import per key feeding the statistics, with one stream ordering, and
+      the hook's one jitted fold.
+
+    Anything else takes the full path, whose errors name what is wrong. Only float tensors
+    without ``box_scores``, needing no padding, on a device with the direct DLPack calls
+    (see ``_dlpack.batch_device_ok``) get a plan.
+
+    Attributes:
+      keys: the keys whose tensors cross to jax, in order.
+      present: every known output key the batch holds (validation: the shared statistics
+        read one of several, so the others' presence is part of the layout).
+      fn, params, sources: test/predict only: the jitted call, the packed thresholds and
+        statistics, and their torch sources (see ``MinMaxNormalizationHooks._sources``).
+      routes: validation only: ``outputs.stats_sources`` of the layout.
     """
 
-    __slots__ = ("keys", "layout", "others", "device", "pinned", "fn", "params", "sources")
+    __slots__ = (
+        "keys",
+        "layout",
+        "also",
+        "others",
+        "device",
+        "pinned",
+        "fn",
+        "params",
+        "sources",
+        "routes",
+    )
 
-    def __init__(self, keys, tensors, device, fn, params, sources) -> None:
+    def __init__(
+        self,
+        keys,
+        tensors,
+        device,
+        *,
+        present=None,
+        fn=None,
+        params=None,
+        sources=None,
+        routes=None,
+    ) -> None:
+        present = keys if present is None else present
         self.keys = keys
         self.layout = tuple((k, t.dtype, t.shape) for k, t in zip(keys, tensors, strict=True))
-        self.others = tuple(k for k in NORMALIZED_KEYS if k not in keys)
+        self.also = tuple(k for k in present if k not in keys)
+        self.others = tuple(k for k in NORMALIZED_KEYS if k not in present)
         self.device = device
         # DLPack labels pinned memory as CUDA host memory: those take to_jax's copy.
         self.pinned = device.type == "cpu" and _dlpack._cuda_available()
         self.fn = fn
         self.params = params
         self.sources = sources
+        self.routes = routes
 
     def tensors(self, outputs: Any) -> list[torch.Tensor] | None:
         """The batch's tensors when ``outputs`` matches the plan's layout, else ``None``."""
@@ -218,6 +256,9 @@ class _TestPlan:
             if self.pinned and t.is_pinned():
                 return None
             tensors.append(t.detach() if t.requires_grad else t)
+        for key in self.also:
+            if key not in outputs:
+                return None
         for key in self.others:
             if key in outputs:
                 return None
@@ -280,7 +321,8 @@ class MinMaxNormalizationHooks:
         )
         self._stats_source = _Watched()
         self._thresholds = {"image_threshold": _Watched(), "pixel_threshold": _Watched()}
-        self._plan: _TestPlan | None = None
+        self._plan: _Plan | None = None  # test and predict
+        self._validation_plan: _Plan | None = None
 
     # -- the statistics' home: pl_module.normalization_metrics -----------------------------
 
@@ -405,7 +447,7 @@ class MinMaxNormalizationHooks:
         if isinstance(metrics, MinMax):
             metrics.configure(self.hook.stats_mode)
         self._stats_source.forget()
-        self._plan = None
+        self._plan = self._validation_plan = None
 
     def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         """Resets the statistics, unless ``accumulate=True``.
@@ -441,8 +483,18 @@ class MinMaxNormalizationHooks:
     ) -> None:
         """Folds the batch's maps, else box scores, else image scores into the statistics."""
         del trainer, pl_module, batch, batch_idx, dataloader_idx
+        plan = self._validation_plan
+        if plan is not None:
+            tensors = plan.tensors(outputs)
+            if tensors is not None:
+                arrays = _dlpack.import_batch(tensors, plan.device)
+                self.hook._fold(dict(zip(plan.keys, arrays, strict=True)), {}, plan.routes)
+                return
+            self._validation_plan = None
         padded, n = _pad_rows(outputs, self.hook._buckets, batching.VALIDATION)
         self.hook.on_validation_batch_end(_JaxView(padded), valid_rows=n)
+        if n is None:
+            self._validation_plan = self._make_validation_plan(outputs)
 
     def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         """All-reduces the statistics under DDP and stores them in ``normalization_metrics``.
@@ -537,16 +589,11 @@ class MinMaxNormalizationHooks:
                 out = to_torch(normalized[key], like)
                 outputs[key] = out if rows is None else out[:rows]
 
-    def _make_plan(self, outputs: Any, pl_module: Any) -> _TestPlan | None:
-        """A plan for batches laid out as ``outputs``, or ``None`` where the full path stays.
-
-        Called with the thresholds and statistics loaded, on a batch that needs no padding.
-        Raises what ``hook.normalize_batch`` would for such a batch (statistics missing,
-        errors pending).
-        """
-        if type(outputs) is not dict:
-            return None
-        keys = tuple(key for key in NORMALIZED_KEYS if key in outputs)
+    def _plan_tensors(
+        self, outputs: Any, keys: tuple[str, ...], phase: str
+    ) -> tuple[list[torch.Tensor], torch.device] | None:
+        """The tensors of ``keys`` and their device when batches laid out as ``outputs`` can
+        take a plan in ``phase``, else ``None``."""
         if not keys or "box_scores" in keys:
             return None
         tensors = [outputs[key] for key in keys]
@@ -565,10 +612,40 @@ class MinMaxNormalizationHooks:
         # A batch of these shapes runs at its exact size (no padding by the shim or the hook).
         buckets = self.hook._buckets
         if any(
-            buckets.rows(batching.NORMALIZE, k, t.shape[0]) != t.shape[0]
+            buckets.rows(phase, k, t.shape[0]) != t.shape[0]
             for k, t in zip(keys, tensors, strict=True)
         ):
             return None
+        return tensors, device
+
+    def _make_validation_plan(self, outputs: Any) -> _Plan | None:
+        """A plan for validation batches laid out as ``outputs`` (just folded by the full
+        path, unpadded), or ``None`` where the full path stays."""
+        if type(outputs) is not dict:
+            return None
+        routes = tuple(stats_sources(outputs, self.hook.stats_mode))
+        keys = tuple(key for _, key in routes)
+        found = self._plan_tensors(outputs, keys, batching.VALIDATION)
+        if found is None:
+            return None
+        present = tuple(key for key in NORMALIZED_KEYS if key in outputs)
+        return _Plan(keys, found[0], found[1], present=present, routes=routes)
+
+    def _make_plan(self, outputs: Any, pl_module: Any) -> _Plan | None:
+        """A plan for test batches laid out as ``outputs``, or ``None`` where the full path
+        stays.
+
+        Called with the thresholds and statistics loaded, on a batch that needs no padding.
+        Raises what ``hook.normalize_batch`` would for such a batch (statistics missing,
+        errors pending).
+        """
+        if type(outputs) is not dict:
+            return None
+        keys = tuple(key for key in NORMALIZED_KEYS if key in outputs)
+        found = self._plan_tensors(outputs, keys, batching.NORMALIZE)
+        if found is None:
+            return None
+        tensors, device = found
         sources = self._sources(pl_module)
         if sources is None:
             return None
@@ -577,11 +654,10 @@ class MinMaxNormalizationHooks:
         shapes = tuple(tuple(t.shape) for t in tensors)
         dtypes = tuple(_NUMPY_DTYPES.get(t.dtype) for t in tensors)
         rowwise = device.type == "cpu" and hook_step.runs_rowwise(shapes, dtypes)
-        return _TestPlan(
-            keys, tensors, device, hook_step.normalize_positional(keys, rowwise), params, sources
-        )
+        fn = hook_step.normalize_positional(keys, rowwise)
+        return _Plan(keys, tensors, device, fn=fn, params=params, sources=sources)
 
-    def _run_plan(self, plan: _TestPlan, outputs: Any, pl_module: Any) -> bool:
+    def _run_plan(self, plan: _Plan, outputs: Any, pl_module: Any) -> bool:
         """Normalizes ``outputs`` in place by ``plan``; ``False`` (nothing done) when the
         batch or the hook's state does not match it."""
         hook = self.hook

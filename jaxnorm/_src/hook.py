@@ -308,13 +308,17 @@ class MinMaxNormalizationHook:
             values[key], n = self._buckets.pad(batching.VALIDATION, key, x)
             if n is not None:
                 rows[key] = np.int32(n)
+        self._fold(values, rows, routes)
+        return outputs
+
+    def _fold(self, values: dict, rows: dict, routes: tuple) -> None:
+        """One jitted fold of ``values`` (checked arrays, by key) along ``routes``."""
         self._state = hook_step.fold(
             self._state, values, rows, routes=routes, omit=self.nonfinite == "omit"
         )
         self._host = None
         self._invalidate()
         self._unchecked = self.nonfinite == "raise"
-        return outputs
 
     def on_validation_epoch_end(self) -> None:
         """Reports non-finite scores, and reduces the statistics across processes when a
