@@ -66,25 +66,14 @@ def run_ranks(tmp_path, val, test, **config):
         pickle.dump({"config": cfg, "val": val, "test": test, "world_size": WORLD_SIZE}, f)
     script = str(launch.REPO / "tests" / "workers" / "ddp_rank.py")
 
-    def commands(port):
-        return [
-            (
-                [script, str(tmp_path)],
-                launch.child_env(
-                    MASTER_ADDR="127.0.0.1",
-                    MASTER_PORT=str(port),
-                    WORLD_SIZE=str(WORLD_SIZE),
-                    RANK=str(rank),
-                    LOCAL_RANK=str(rank),
-                    NODE_RANK="0",
-                    OMP_NUM_THREADS="1",
-                    # Lightning < 2.4 (anomalib 0.x's) loads checkpoints without weights_only,
-                    # which torch >= 2.6 makes True and refuses Lightning's own checkpoints.
-                    TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1",
-                ),
-            )
-            for rank in range(WORLD_SIZE)
-        ]
+    commands = launch.ddp_commands(
+        script,
+        [str(tmp_path)],
+        WORLD_SIZE,
+        # Lightning < 2.4 (anomalib 0.x's) loads checkpoints without weights_only, which
+        # torch >= 2.6 makes True and refuses Lightning's own checkpoints.
+        TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1",
+    )
 
     finished = launch.run_group(commands, tmp_path / "logs", GROUP_TIMEOUT)
     assert finished.returncodes == [0] * WORLD_SIZE, finished.report()

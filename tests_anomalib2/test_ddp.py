@@ -46,22 +46,7 @@ def run_ranks(tmp_path, val):
     with open(tmp_path / "inputs.pkl", "wb") as f:
         pickle.dump({"val": val, "world_size": WORLD_SIZE, "timeout": COLLECTIVE_TIMEOUT}, f)
 
-    def commands(port):
-        return [
-            (
-                [str(WORKER), str(tmp_path)],
-                launch.child_env(
-                    MASTER_ADDR="127.0.0.1",
-                    MASTER_PORT=str(port),
-                    WORLD_SIZE=str(WORLD_SIZE),
-                    RANK=str(rank),
-                    LOCAL_RANK=str(rank),
-                    NODE_RANK="0",
-                    OMP_NUM_THREADS="1",
-                ),
-            )
-            for rank in range(WORLD_SIZE)
-        ]
+    commands = launch.ddp_commands(str(WORKER), [str(tmp_path)], WORLD_SIZE)
 
     finished = launch.run_group(commands, tmp_path / "logs", GROUP_TIMEOUT)
     assert finished.returncodes == [0] * WORLD_SIZE, finished.report()

@@ -52,6 +52,31 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def ddp_commands(script: str, args: list[str], world_size: int, **extra: str):
+    """``commands(port)`` for ``run_group``: ``script`` once per torch.distributed rank, each
+    with the ``env://`` rendezvous variables (one thread each) plus ``extra``."""
+
+    def commands(port: int) -> list[tuple[list[str], dict[str, str]]]:
+        return [
+            (
+                [script, *args],
+                child_env(
+                    MASTER_ADDR="127.0.0.1",
+                    MASTER_PORT=str(port),
+                    WORLD_SIZE=str(world_size),
+                    RANK=str(rank),
+                    LOCAL_RANK=str(rank),
+                    NODE_RANK="0",
+                    OMP_NUM_THREADS="1",
+                    **extra,
+                ),
+            )
+            for rank in range(world_size)
+        ]
+
+    return commands
+
+
 @dataclasses.dataclass
 class Finished:
     returncodes: list[int]
