@@ -10,7 +10,7 @@ from typing import Any, Literal
 import jax
 import numpy as np
 
-from jaxnorm._src import batching, errors, hook_step, persistence, ragged, validation
+from jaxnorm._src import batching, errors, hook_step, persistence, placement, ragged, validation
 from jaxnorm._src.minmax import MinMax
 from jaxnorm._src.outputs import (
     IMAGE,
@@ -97,6 +97,9 @@ class MinMaxNormalizationHook:
         self.nonfinite: NonFinitePolicy = nonfinite
         self.reducer = reducer
         self._thresholds: dict[str, float] = {}
+        # The state the last fold returned, and the placement it was folded at.
+        self._folded: hook_step.HookState | None = None
+        self._folded_at: jax.sharding.Sharding | None = None
         self._invalidate()
         self._buckets = batching.Buckets()
         self.image_threshold = image_threshold
@@ -313,9 +316,15 @@ class MinMaxNormalizationHook:
 
     def _fold(self, values: dict, rows: dict, routes: tuple) -> None:
         """One jitted fold of ``values`` (checked arrays, by key) along ``routes``."""
+        # A fresh or reloaded state is placed where the fold puts its output, so that the
+        # fold compiles once (see placement); the state the last fold returned is there.
+        state, target = self._state, placement.target(values.values())
+        if target is not None and not (state is self._folded and target == self._folded_at):
+            state = placement.place(state, target)
         self._state = hook_step.fold(
-            self._state, values, rows, routes=routes, omit=self.nonfinite == "omit"
+            state, values, rows, routes=routes, omit=self.nonfinite == "omit"
         )
+        self._folded, self._folded_at = self._state, target
         self._host = None
         self._invalidate()
         self._unchecked = self.nonfinite == "raise"

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxnorm._src import validation
+from jaxnorm._src import placement, validation
 
 ArrayLike = validation.ArrayLike
 
@@ -111,7 +111,10 @@ class MinMax:
         values = validation.as_array("values", values)
         if mask is not None:
             mask = validation.check_mask(mask, tuple(values.shape))
-        return _update(self, values, mask)
+        # A fresh state folding committed values: placed as its successors will be, so that
+        # the next update does not compile again.
+        state = placement.place(self, placement.target((values,)))
+        return _update(state, values, mask)
 
     def merge(self, other: MinMax) -> MinMax:
         """The state that has seen what ``self`` and ``other`` saw."""
