@@ -70,3 +70,43 @@ def test_minmax_update_compiles_once_for_committed_values(devices, where):
     assert log.count <= 1, log.names
     lo, hi = reference.min_max(*xs)
     assert (float(stats.min), float(stats.max)) == (lo, hi)
+
+
+# -- numpy layouts jax does not read as they are -------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [">f4", ">f2", ">i4", ">i8", ">f8", ">u2"])
+def test_big_endian_arrays_give_the_values_they_hold(dtype):
+    # jax read a non-native byte order as native bytes: >f4 [0, 1, 2] normalized to 0.25 each.
+    raw = np.array([[0, 1, 2], [3, 5, 4]], dtype)
+    native = raw.astype(np.float64)
+    want = reference.normalize(native, 1.5, 0.0, 5.0)
+    got = jaxnorm.normalize(raw, 1.5, 0.0, 5.0)
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-3)
+    stats = jaxnorm.MinMax.empty().update(raw)
+    assert (float(stats.min), float(stats.max)) == reference.min_max(native)
+
+    hook = jaxnorm.MinMaxNormalizationHook(image_threshold=1.5, pixel_threshold=2.5)
+    hook.on_validation_batch_end({"box_scores": [raw[0], raw[1, :2]], "pred_scores": raw[:, 0]})
+    assert hook.host_stats()["pixel"] == reference.min_max(native[0], native[1, :2])
+    out = hook.on_test_batch_end({"pred_scores": raw[:, 1], "box_scores": [raw[1]]})
+    lo, hi = reference.min_max(native[0], native[1, :2])
+    np.testing.assert_allclose(
+        np.asarray(out["pred_scores"]), reference.normalize(native[:, 1], 1.5, lo, hi), rtol=1e-3
+    )
+    np.testing.assert_allclose(
+        np.asarray(out["box_scores"][0]), reference.normalize(native[1], 2.5, lo, hi), rtol=1e-3
+    )
+
+
+def test_float64_beyond_float32_is_inf_without_a_numpy_warning():
+    # numpy's cast warned "overflow encountered in cast" (an error under filterwarnings=error).
+    raw = np.array([1e300, -1e300, 1.0, 2.0])
+    got = jaxnorm.normalize(raw, 1.0, 0.0, 2.0)
+    np.testing.assert_array_equal(np.asarray(got), [1.0, 0.0, 0.5, 1.0])
+    stats, n_bad = jaxnorm.MinMax.empty().update_and_count(raw)
+    assert (float(stats.min), float(stats.max), int(n_bad)) == (1.0, 2.0, 2)
+    hook = jaxnorm.MinMaxNormalizationHook(nonfinite="omit")
+    hook.on_validation_batch_end({"anomaly_maps": raw, "box_scores": [raw]})
+    assert hook.host_stats()["pixel"] == (1.0, 2.0)
+    assert hook.num_nonfinite == {"image": 2, "pixel": 2}
