@@ -110,3 +110,111 @@ def test_float64_beyond_float32_is_inf_without_a_numpy_warning():
     hook.on_validation_batch_end({"anomaly_maps": raw, "box_scores": [raw]})
     assert hook.host_stats()["pixel"] == (1.0, 2.0)
     assert hook.num_nonfinite == {"image": 2, "pixel": 2}
+
+
+# -- ragged box scores of mixed dtypes and shapes ------------------------------------------
+
+
+def _boxes():
+    return [
+        np.array([1], np.int64),
+        np.array([2.5], np.float16),
+        jax.numpy.array([3.0, 0.5], jax.numpy.bfloat16),
+        np.array([], np.float32),
+        np.array([4.0]),
+        np.float32(5.0),
+    ]
+
+
+@pytest.mark.parametrize("on_host", [False, True])
+def test_boxes_of_mixed_dtypes_fold_and_come_back_each_as_normalize_returns_it(on_host):
+    # bfloat16 beside float16 crashed in numpy's promotion; each box came back in the
+    # common dtype of the batch (an int box as float16), and a 0-d box as shape (1,).
+    boxes = _boxes()
+    flat = [np.asarray(b, np.float64).reshape(-1) for b in boxes]
+    hook = jaxnorm.MinMaxNormalizationHook(pixel_threshold=2.0)
+    hook.on_validation_batch_end({"box_scores": boxes})
+    lo, hi = reference.min_max(*flat)
+    assert hook.host_stats()["pixel"] == (lo, hi)
+    out = hook.normalize_batch({"box_scores": boxes}, boxes_on_host=on_host)["box_scores"]
+    assert len(out) == len(boxes)
+    for got, box, raw in zip(out, boxes, flat, strict=True):
+        alone = jaxnorm.normalize(box, 2.0, lo, hi)
+        assert (got.dtype, got.shape) == (alone.dtype, alone.shape)
+        np.testing.assert_allclose(
+            np.asarray(got, np.float64).reshape(-1),
+            reference.normalize(raw, 2.0, lo, hi),
+            rtol=1e-2,
+        )
+
+
+# -- MinMax edge cases -----------------------------------------------------------------------
+
+
+def test_reduce_of_a_stack_of_no_states_is_the_empty_state():
+    stacked = jaxnorm.MinMax(min=np.zeros((0,), np.float32), max=np.zeros((0,), np.float32))
+    reduced = stacked.reduce()
+    assert (float(reduced.min), float(reduced.max)) == (np.inf, -np.inf)
+    assert bool(reduced.is_empty)
+
+
+# -- persistence: what comes from outside ----------------------------------------------------
+
+
+def _trained(**kwargs):
+    hook = jaxnorm.MinMaxNormalizationHook(1.25, 2.5, **kwargs)
+    hook.on_validation_batch_end(
+        {
+            "anomaly_maps": np.array([[0.0, 4.0]], np.float32),
+            "pred_scores": np.array([1.0, 3.0], np.float32),
+        }
+    )
+    return hook
+
+
+@pytest.mark.parametrize("counts", ["x", [1], 3])
+def test_state_dict_counters_that_are_not_a_dict_are_named(counts):
+    state = dict(_trained().state_dict(), num_values=counts)
+    with pytest.raises(ValueError, match=r"state\['num_values'\].*expected a dict of counts"):
+        jaxnorm.MinMaxNormalizationHook().load_state_dict(state)
+
+
+def test_state_dict_stats_of_the_wrong_type_are_named():
+    state = dict(_trained().state_dict(), stats=[1, 2])
+    with pytest.raises(ValueError, match="'stats' is list"):
+        jaxnorm.MinMaxNormalizationHook().load_state_dict(state)
+
+
+def test_separate_statistics_loaded_into_a_shared_hook_are_all_kept():
+    # A shared hook exports one pair: the pixel statistics were dropped from its JSON.
+    saved = _trained(stats="separate")
+    for load in ("load_state_dict", "set_stats"):
+        hook = jaxnorm.MinMaxNormalizationHook()
+        if load == "load_state_dict":
+            hook.load_state_dict(saved.state_dict())
+        else:
+            hook.set_stats(saved.stats)
+        assert hook.stats_mode == "separate"
+        again = jaxnorm.MinMaxNormalizationHook.from_json(hook.to_json())
+        assert again.host_stats() == {"image": (1.0, 3.0), "pixel": (0.0, 4.0)}
+
+
+def test_load_json_refuses_an_int_source_instead_of_opening_a_file_descriptor():
+    with pytest.raises(ValueError, match="expected a path, a JSON string or a dict, got int"):
+        jaxnorm.MinMaxNormalizationHook().load_json(0)
+
+
+def test_load_json_bytes_and_bad_json_and_odd_keys(tmp_path):
+    text = _trained().to_json()
+    hook = jaxnorm.MinMaxNormalizationHook()
+    hook.load_json(text.encode())
+    assert hook.host_stats()["image"] == (0.0, 4.0)
+    with pytest.raises(ValueError, match="metadata: the JSON text given is not valid JSON"):
+        hook.load_json('{"min": 0, ')
+    path = tmp_path / "meta.json"
+    path.write_text("{oops")
+    with pytest.raises(ValueError, match="meta.json' is not valid JSON"):
+        hook.load_json(path)
+    with pytest.raises(ValueError, match="no 'min'/'max'"):
+        hook.load_json({1: 2, "a": 3})
+    assert hook.host_stats()["image"] == (0.0, 4.0)

@@ -176,7 +176,9 @@ class MinMaxNormalizationHook:
 
         A single ``MinMax`` sets both image and pixel statistics. They are read on the host
         and checked: a non-finite value (other than the empty pair ``+inf``/``-inf``), a
-        stacked state or ``max < min`` raises ``ValueError``.
+        stacked state or ``max < min`` raises ``ValueError``. Image and pixel statistics that
+        differ (from ``update_stats(..., mode="separate")``) make a shared hook separate, as
+        ``load_json`` does with separate metadata: a shared hook keeps one pair.
         """
         if isinstance(stats, MinMax):
             stats = NormalizationStats(image=stats, pixel=stats)
@@ -184,7 +186,9 @@ class MinMaxNormalizationHook:
             raise ValueError(
                 f"stats: expected NormalizationStats or MinMax, got {type(stats).__name__}."
             )
-        self._install(persistence.checked_stats("set_stats", persistence.host_pairs(stats)))
+        host = persistence.checked_stats("set_stats", persistence.host_pairs(stats))
+        self._install(host)
+        persistence.separate_if_differ(self, host)
 
     def _install(self, host: Mapping[str, tuple[float, float]]) -> None:
         """Puts checked host statistics on the device (one transfer) and caches them."""
@@ -451,7 +455,7 @@ class MinMaxNormalizationHook:
             y = normalized[key]
             if key == "box_scores":
                 out[key] = (
-                    ragged.split_host(y, lengths)
+                    ragged.split_host(y, lengths, outputs[key])
                     if boxes_on_host
                     else ragged.split(y, lengths, outputs[key])
                 )
@@ -513,8 +517,9 @@ class MinMaxNormalizationHook:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restores ``state_dict()`` output, also as the plain dicts that msgpack returns.
 
-        The statistics are checked like ``set_stats``'s; counters are optional (a state
-        saved without them restores zeros).
+        The statistics are checked like ``set_stats``'s (image and pixel statistics that
+        differ make a shared hook separate, as there); counters are optional (a state saved
+        without them restores zeros).
         """
         persistence.load_state_dict(self, state)
 

@@ -142,7 +142,11 @@ class MinMax:
                     "mapped axis name, reduce(axis_name='data'); otherwise stack per-device "
                     "states first (jax.tree.map(jnp.stack, ...)), or use merge."
                 )
-            return MinMax(min=jnp.min(self.min, axis=0), max=jnp.max(self.max, axis=0))
+            # initial: a stack of no states merges to the empty state, merge's identity.
+            return MinMax(
+                min=jnp.min(self.min, axis=0, initial=jnp.inf),
+                max=jnp.max(self.max, axis=0, initial=-jnp.inf),
+            )
         return MinMax(min=lax.pmin(self.min, axis_name), max=lax.pmax(self.max, axis_name))
 
     def __iter__(self):
