@@ -218,3 +218,23 @@ def test_load_json_bytes_and_bad_json_and_odd_keys(tmp_path):
     with pytest.raises(ValueError, match="no 'min'/'max'"):
         hook.load_json({1: 2, "a": 3})
     assert hook.host_stats()["image"] == (0.0, 4.0)
+
+
+# -- batch sizes: the documented bound of compilations ---------------------------------------
+
+
+def test_validation_compiles_at_most_log2_largest_plus_two_times():
+    # batching's bound: a power-of-two size run exactly and the same bucket reached by
+    # padding were two compilations of the fold (sizes without and with a row count).
+    rng = np.random.default_rng(3)
+    hook = jaxnorm.MinMaxNormalizationHook(nonfinite="omit")
+    sizes = [37, *range(1, 65), *range(64, 0, -1)]
+    seen = []
+    with count_compiles() as log:
+        for n in sizes:
+            x = rng.normal(size=(n, 3, 5)).astype(np.float32)
+            seen.append(x)
+            hook.on_validation_batch_end({"anomaly_maps": x})
+    assert log.count <= int(np.log2(64)) + 2, log.names
+    assert hook.host_stats()["pixel"] == reference.min_max(*seen)
+    assert hook.num_values["pixel"] == sum(x.size for x in seen)

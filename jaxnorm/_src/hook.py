@@ -312,7 +312,7 @@ class MinMaxNormalizationHook:
             if valid_rows is not None:
                 values[key], rows[key] = x, np.int32(_check_rows(key, x, valid_rows))
                 continue
-            values[key], n = self._buckets.pad(batching.VALIDATION, key, x)
+            values[key], n = self._buckets.pad(batching.VALIDATION, key, x, sized=True)
             if n is not None:
                 rows[key] = np.int32(n)
         self._fold(values, rows, routes)
