@@ -227,7 +227,10 @@ def normalize(
         ``max_val < min_val`` (empty statistics are ``+inf``/``-inf``: run validation or load
         statistics first), or a scalar is beyond float32's range while the math runs in
         float32 (for jax-array scalars still being computed, when the result is read, see
-        above). Scalars given as tracers, inside the caller's ``jit``, are not checked.
+        above). Scalars given as tracers, inside the caller's ``jit``, are not checked:
+        there, empty statistics (``+inf``/``-inf``) act as a zero range (0 below the
+        threshold, 0.5 at it, 1 above), so check ``stats.is_empty`` outside the ``jit``
+        (or pass the statistics as concrete arrays, which are checked).
     """
     targets = validation.as_array("targets", targets)
     x64 = bool(jax.config.jax_enable_x64)

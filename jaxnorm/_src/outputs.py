@@ -127,7 +127,13 @@ def normalize_outputs(
     """Returns a copy of ``outputs`` with scores, maps and boxes normalized: jittable.
 
     ``pred_scores`` use the image threshold and statistics, ``anomaly_maps`` and each array
-    of ``box_scores`` the pixel ones. Other keys pass through unchanged.
+    of ``box_scores`` the pixel ones. Other keys pass through unchanged, and a dict without
+    any of the three comes back as it is (the hook's ``normalize_batch`` raises instead).
+
+    Called eagerly, the thresholds and statistics are checked as ``jaxnorm.normalize``
+    checks them (empty statistics raise ``ValueError``). Inside ``jit`` they are tracers and
+    are not: empty statistics then act as a zero range, so check ``stats.image.is_empty``
+    and ``stats.pixel.is_empty`` before the loop.
     """
     thresholds = {IMAGE: image_threshold, PIXEL: pixel_threshold}
     out = dict(outputs)
