@@ -238,3 +238,15 @@ def test_validation_compiles_at_most_log2_largest_plus_two_times():
     assert log.count <= int(np.log2(64)) + 2, log.names
     assert hook.host_stats()["pixel"] == reference.min_max(*seen)
     assert hook.num_values["pixel"] == sum(x.size for x in seen)
+
+
+@pytest.mark.parametrize(
+    "out",
+    [None, (np.zeros(1), np.zeros(1), np.zeros(2, np.int64)), (np.zeros(2),) * 2, "abc"],
+    ids=["none", "short", "two", "str"],
+)
+def test_a_reducer_that_returns_the_wrong_layout_is_named(out):
+    hook = jaxnorm.MinMaxNormalizationHook(reducer=lambda mins, maxs, counts: out)
+    hook.on_validation_batch_end({"pred_scores": np.array([0.0, 2.0])})
+    with pytest.raises(ValueError, match=r"reducer returned .*expected \(mins, maxs, counts\)"):
+        hook.on_validation_epoch_end()

@@ -355,8 +355,8 @@ class MinMaxNormalizationHook:
         )
         record = hook_step.Record(counters)
         counts = np.array([record.num_values[IMAGE], record.rejected], np.int64)
-        mins, maxs, counts = reducer(
-            np.asarray(mins, np.float32), np.asarray(maxs, np.float32), counts
+        mins, maxs, counts = _reduced(
+            reducer(np.asarray(mins, np.float32), np.asarray(maxs, np.float32), counts)
         )
         self._unchecked = False
         self._state = state.with_counters(record.new_epoch())
@@ -567,6 +567,22 @@ class MinMaxNormalizationHook:
 
 
 _EMPTY_HOST = {IMAGE: (math.inf, -math.inf), PIXEL: (math.inf, -math.inf)}
+
+
+def _reduced(out) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A reducer's output, checked: three arrays of two values each."""
+    try:
+        mins, maxs, counts = (np.asarray(a) for a in out)
+        ok = mins.shape == maxs.shape == counts.shape == (2,) and counts.dtype.kind in "iuf"
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"reducer returned {out!r}; expected (mins, maxs, counts) like its arguments: "
+            "float arrays [image, pixel] reduced with min and max, and the integer counts "
+            "[n_values, n_nonfinite] summed (see jaxnorm.Reducer)."
+        )
+    return mins, maxs, counts
 
 
 def _is_function(value) -> bool:
