@@ -250,3 +250,26 @@ def test_a_reducer_that_returns_the_wrong_layout_is_named(out):
     hook.on_validation_batch_end({"pred_scores": np.array([0.0, 2.0])})
     with pytest.raises(ValueError, match=r"reducer returned .*expected \(mins, maxs, counts\)"):
         hook.on_validation_epoch_end()
+
+
+# -- empty batches ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("axis_type", ["Auto", "Explicit"])
+def test_empty_batches_sharded_over_a_mesh_normalize_to_empty(devices, axis_type):
+    # jax's select failed to lower on an empty array over an explicit mesh axis (the
+    # default of jax.make_mesh in recent jax): normalizing a 0-row batch raised.
+    kind = getattr(jax.sharding.AxisType, axis_type)
+    mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(kind,), devices=devices)
+    sharding = NamedSharding(mesh, P("data"))
+    empty = jax.device_put(np.zeros((0, 3), np.float32), sharding)
+    scores = jax.device_put(np.zeros((0,), np.float16), sharding)
+    got = jaxnorm.normalize(empty, 0.5, 0.0, 1.0)
+    assert (got.shape, got.dtype) == ((0, 3), np.float32)
+    hook = jaxnorm.MinMaxNormalizationHook.from_json('{"min": 0.0, "max": 1.0}')
+    out = hook.on_test_batch_end({"anomaly_maps": empty, "pred_scores": scores})
+    assert out["anomaly_maps"].shape == (0, 3)
+    assert (out["pred_scores"].shape, out["pred_scores"].dtype) == ((0,), np.float16)
+    hook.on_validation_epoch_start()
+    hook.on_validation_batch_end({"anomaly_maps": empty})
+    assert hook.host_stats()["pixel"] == (np.inf, -np.inf)

@@ -26,6 +26,10 @@ def output_dtype(dtype: np.dtype) -> np.dtype:
 
 def _math(targets, threshold, min_val, max_val):
     out_dtype = output_dtype(targets.dtype)
+    if targets.size == 0:
+        # Nothing to compute; and jax's select fails to lower on an empty array sharded
+        # over an explicit mesh axis ("Length of device assignment 1 ...").
+        return targets.astype(out_dtype)
     compute = jnp.promote_types(out_dtype, jnp.float32)
     x = targets.astype(compute)
     threshold = jnp.asarray(threshold, compute)
