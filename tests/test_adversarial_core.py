@@ -273,3 +273,27 @@ def test_empty_batches_sharded_over_a_mesh_normalize_to_empty(devices, axis_type
     hook.on_validation_epoch_start()
     hook.on_validation_batch_end({"anomaly_maps": empty})
     assert hook.host_stats()["pixel"] == (np.inf, -np.inf)
+
+
+@pytest.mark.parametrize("where", _PLACEMENTS)
+def test_nnx_metric_updates_compile_once_for_committed_values(devices, where):
+    # The metric's fresh count (uncommitted) plus a committed count compiled the addition
+    # again at the second update (and, on flax < 0.12, the [...] scatters too).
+    from jaxnorm.nnx import MinMaxMetric
+
+    sharding = _committed_placements(devices)[where]
+    rng = np.random.default_rng(4)
+    xs = [
+        rng.normal(size=(8, 13, 1 + _PLACEMENTS.index(where))).astype(np.float32) for _ in range(4)
+    ]
+    xs[2][0, 0, 0] = np.nan
+    metric = MinMaxMetric()
+    metric.update(anomaly_maps=jax.device_put(xs[0], sharding))
+    with count_compiles() as log:
+        for x in xs[1:]:
+            metric.update(anomaly_maps=jax.device_put(x, sharding))
+    assert log.count == 0, log.names
+    stats = metric.compute()
+    finite = [x[np.isfinite(x)] for x in xs]
+    assert (float(stats.min), float(stats.max)) == reference.min_max(*finite)
+    assert int(metric.num_nonfinite[...]) == 1
