@@ -297,3 +297,32 @@ def test_nnx_metric_updates_compile_once_for_committed_values(devices, where):
     finite = [x[np.isfinite(x)] for x in xs]
     assert (float(stats.min), float(stats.max)) == reference.min_max(*finite)
     assert int(metric.num_nonfinite[...]) == 1
+
+
+def test_batches_sharded_over_an_explicit_mesh_fold_and_normalize(devices):
+    # jax < 0.7 has no sharding rule for a scatter over an explicit mesh: the hook's fold
+    # (and the nnx metric's [...] assignment) raised ShardingTypeError on the floor's jax.
+    from jaxnorm.nnx import MinMaxMetric
+
+    kind = jax.sharding.AxisType.Explicit
+    mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(kind,), devices=devices)
+    sharding = NamedSharding(mesh, P("data"))
+    rng = np.random.default_rng(5)
+    raw = [rng.normal(size=(16, 3)).astype(np.float32) for _ in range(2)]
+    xs = [jax.device_put(x, sharding) for x in raw]
+    lo, hi = reference.min_max(*raw)
+    hook = jaxnorm.MinMaxNormalizationHook(pixel_threshold=0.25)
+    for x in xs:
+        hook.on_validation_batch_end({"anomaly_maps": x})
+    assert hook.host_stats()["pixel"] == (lo, hi)
+    assert hook.num_values["pixel"] == sum(x.size for x in raw)
+    out = hook.on_test_batch_end({"anomaly_maps": xs[0]})["anomaly_maps"]
+    np.testing.assert_allclose(
+        np.asarray(out), reference.normalize(raw[0], 0.25, lo, hi), rtol=1e-6, atol=1e-7
+    )
+    stats = jaxnorm.MinMax.empty().update(xs[0]).update(xs[1])
+    assert (float(stats.min), float(stats.max)) == (lo, hi)
+    metric = MinMaxMetric()
+    for x in xs:
+        metric.update(anomaly_maps=x)
+    assert (float(metric.compute().min), float(metric.compute().max)) == (lo, hi)
