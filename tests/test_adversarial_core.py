@@ -326,3 +326,35 @@ def test_batches_sharded_over_an_explicit_mesh_fold_and_normalize(devices):
     for x in xs:
         metric.update(anomaly_maps=x)
     assert (float(metric.compute().min), float(metric.compute().max)) == (lo, hi)
+
+
+# -- normalize: scalars of every host type beside device statistics --------------------------
+
+
+@pytest.mark.parametrize(
+    "threshold",
+    [0.5, np.float32(0.5), np.float64(0.5), 1, np.array(0.5), np.int8(1)],
+    ids=["float", "np.float32", "np.float64", "int", "0-d array", "np.int8"],
+)
+def test_a_host_threshold_beside_device_statistics_reads_them_once(threshold, monkeypatch):
+    # Any threshold but a Python float (numpy scalars, ints, 0-d arrays) read the statistics
+    # arrays back to the host at every call: a wait per batch.
+    from jaxnorm._src import validation
+
+    reads = []
+    real = validation.host_scalars
+    monkeypatch.setattr(validation, "host_scalars", lambda *a: reads.append(1) or real(*a))
+    stats = jax.block_until_ready(jaxnorm.MinMax.empty().update(jax.numpy.arange(5.0)))
+    x = jax.numpy.linspace(-1.0, 6.0, 9)
+    want = reference.normalize(np.asarray(x), float(threshold), 0.0, 4.0)
+    for _ in range(4):
+        got = jaxnorm.normalize(x, threshold, stats.min, stats.max)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6)
+    assert len(reads) <= 1
+
+
+@pytest.mark.parametrize("bad", [True, np.bool_(False), np.nan, np.float32(np.inf), "1", None])
+def test_bad_host_thresholds_beside_device_statistics_are_refused(bad):
+    stats = jaxnorm.MinMax.empty().update(jax.numpy.arange(5.0))
+    with pytest.raises(ValueError, match="threshold"):
+        jaxnorm.normalize(jax.numpy.ones(3), bad, stats.min, stats.max)

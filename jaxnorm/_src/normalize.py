@@ -189,6 +189,14 @@ def _normalize_device_scalars(targets, scalars: tuple, x64: bool):
     return _normalize_packed(targets, params)
 
 
+def _host_float(name: str, value, hint: str):
+    """``value`` as a checked Python float when it is a number on the host; jax arrays and
+    tracers unchanged."""
+    if type(value) is float or isinstance(value, jax.Array):
+        return value
+    return validation.host_scalar(name, value, hint)
+
+
 def normalize(
     targets: ArrayLike, threshold: ArrayLike, min_val: ArrayLike, max_val: ArrayLike
 ) -> jax.Array:
@@ -238,6 +246,17 @@ def normalize(
     """
     targets = validation.as_array("targets", targets)
     x64 = bool(jax.config.jax_enable_x64)
+    if not (type(threshold) is float and type(min_val) is float and type(max_val) is float):
+        # Host numbers (ints, numpy scalars and 0-d arrays) as floats, so that beside jax
+        # array statistics they take the paths that read those arrays once, not every call.
+        threshold, min_val, max_val = (
+            _host_float(name, value, hint)
+            for name, value, hint in (
+                ("threshold", threshold, _FINITE_HINT),
+                ("min_val", min_val, _EMPTY_HINT),
+                ("max_val", max_val, _EMPTY_HINT),
+            )
+        )
     if type(threshold) is float and type(min_val) is float and type(max_val) is float:
         # The common per-batch call: host floats, checked and transferred once per value.
         params = _checked_pack(threshold, min_val, max_val, x64, _is_wide(targets.dtype))
