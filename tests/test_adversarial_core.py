@@ -358,3 +358,12 @@ def test_bad_host_thresholds_beside_device_statistics_are_refused(bad):
     stats = jaxnorm.MinMax.empty().update(jax.numpy.arange(5.0))
     with pytest.raises(ValueError, match="threshold"):
         jaxnorm.normalize(jax.numpy.ones(3), bad, stats.min, stats.max)
+
+
+def test_repr_neither_raises_nor_swallows_a_pending_non_finite_error():
+    hook = jaxnorm.MinMaxNormalizationHook()
+    hook.on_validation_batch_end({"pred_scores": np.array([1.0, 2.0])})
+    hook.on_validation_batch_end({"pred_scores": np.array([np.nan, 5.0])})
+    assert "image=[1, 2]" in repr(hook)
+    with pytest.raises(jaxnorm.NonFiniteScoresError, match="'pred_scores'"):
+        hook.on_validation_epoch_end()

@@ -558,7 +558,10 @@ class MinMaxNormalizationHook:
         return hook
 
     def __repr__(self) -> str:
-        (ilo, ihi), (plo, phi) = self.host_stats()[IMAGE], self.host_stats()[PIXEL]
+        # Not host_stats(): a repr (a debugger, a log line) must neither raise nor consume
+        # the pending non-finite error that on_validation_epoch_end is to raise.
+        stats = self._read_stats()
+        (ilo, ihi), (plo, phi) = stats[IMAGE], stats[PIXEL]
         return (
             f"MinMaxNormalizationHook(image_threshold={self.image_threshold:g}, "
             f"pixel_threshold={self.pixel_threshold:g}, stats={self.stats_mode!r}, "
