@@ -367,3 +367,11 @@ def test_repr_neither_raises_nor_swallows_a_pending_non_finite_error():
     assert "image=[1, 2]" in repr(hook)
     with pytest.raises(jaxnorm.NonFiniteScoresError, match="'pred_scores'"):
         hook.on_validation_epoch_end()
+
+
+def test_masked_arrays_are_refused_naming_the_key():
+    masked = np.ma.array([[1.0, 1e9]], mask=[[False, True]])
+    with pytest.raises(ValueError, match="anomaly_maps: a numpy masked array"):
+        jaxnorm.MinMaxNormalizationHook().on_validation_batch_end({"anomaly_maps": masked})
+    with pytest.raises(ValueError, match="values: a numpy masked array.*mask=~arr.mask"):
+        jaxnorm.MinMax.empty().update(masked)

@@ -50,6 +50,12 @@ def as_array(name: str, values: ArrayLike) -> jax.Array | np.ndarray:
     """
     if isinstance(values, (jax.Array, np.ndarray)):
         arr = values
+        if isinstance(arr, np.ma.MaskedArray):
+            raise ValueError(
+                f"{name}: a numpy masked array (shape {tuple(arr.shape)}); jax reads its data "
+                "without the mask. Pass arr.data with MinMax.update(values, mask=~arr.mask), "
+                "or arr.filled(value)."
+            )
     elif isinstance(values, (bool, float, np.generic)):
         arr = np.asarray(values)
     elif isinstance(values, int):
