@@ -24,6 +24,8 @@ def target(values: Iterable) -> jax.sharding.Sharding | None:
     for x in values:
         if not isinstance(x, jax.Array) or validation.is_tracer(x) or not x.committed:
             continue
+        if not x.is_fully_addressable:
+            return None  # a global array across processes: jit places the state itself
         sharding = x.sharding
         if isinstance(sharding, SingleDeviceSharding):
             return sharding
