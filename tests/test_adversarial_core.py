@@ -375,3 +375,28 @@ def test_masked_arrays_are_refused_naming_the_key():
         jaxnorm.MinMaxNormalizationHook().on_validation_batch_end({"anomaly_maps": masked})
     with pytest.raises(ValueError, match="values: a numpy masked array.*mask=~arr.mask"):
         jaxnorm.MinMax.empty().update(masked)
+
+
+def test_hook_fold_compiles_once_across_reduced_and_reloaded_epochs(devices):
+    # A reducer's statistics and a loaded state are installed uncommitted beside committed
+    # counters: the next fold places them again instead of compiling for the mixed state.
+    sharding = jax.sharding.SingleDeviceSharding(devices[1])
+    rng = np.random.default_rng(6)
+    hook = jaxnorm.MinMaxNormalizationHook(accumulate=True, reducer=lambda *a: a)
+    saved = jaxnorm.MinMaxNormalizationHook()
+    saved.set_stats(jaxnorm.MinMax(min=np.float32(-9.0), max=np.float32(9.0)))
+    seen = []
+    with count_compiles() as log:
+        for epoch in range(3):
+            if epoch == 2:
+                hook.load_state_dict(saved.state_dict())
+            hook.on_validation_epoch_start()
+            for _ in range(2):
+                x = rng.normal(size=(8, 3, 5, 13)).astype(np.float32)
+                seen.append(x)
+                hook.on_validation_batch_end({"anomaly_maps": jax.device_put(x, sharding)})
+            hook.on_validation_epoch_end()
+    folds = [n for n in log.names if "fold" in n or n == "?"]
+    assert len(folds) <= 1, log.names
+    lo, hi = reference.min_max(*seen[4:], np.array([-9.0, 9.0]))
+    assert hook.host_stats()["pixel"] == (lo, hi)
