@@ -400,3 +400,24 @@ def test_hook_fold_compiles_once_across_reduced_and_reloaded_epochs(devices):
     assert len(folds) <= 1, log.names
     lo, hi = reference.min_max(*seen[4:], np.array([-9.0, 9.0]))
     assert hook.host_stats()["pixel"] == (lo, hi)
+
+
+# -- the functional API: what it is handed ----------------------------------------------------
+
+
+def test_functional_api_names_wrong_stats_and_outputs():
+    outputs = {"pred_scores": np.array([0.0, 1.0, 3.0])}
+    with pytest.raises(ValueError, match="update_stats: stats is a MinMax"):
+        jaxnorm.update_stats(jaxnorm.MinMax.empty(), outputs)
+    with pytest.raises(ValueError, match="outputs: expected a dict"):
+        jaxnorm.normalize_outputs([np.ones(2)], jaxnorm.NormalizationStats.empty(), 0.5, 0.5)
+    with pytest.raises(ValueError, match="which='pxel'"):
+        jaxnorm.NormalizationStats.empty().get("pxel")
+    with pytest.raises(TypeError, match="expected a NormalizationStats, got MinMax"):
+        jaxnorm.NormalizationStats.empty().merge(jaxnorm.MinMax.empty())
+    # A single MinMax serves image and pixel statistics, eagerly and under jit.
+    stats = jaxnorm.MinMax.empty().update(np.array([0.0, 4.0]))
+    want = reference.normalize(outputs["pred_scores"], 1.0, 0.0, 4.0)
+    for fn in (jaxnorm.normalize_outputs, jax.jit(jaxnorm.normalize_outputs)):
+        got = fn(outputs, stats, 1.0, 2.0)["pred_scores"]
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6)
