@@ -65,15 +65,22 @@ class Buckets:
         first = self._first.setdefault((phase, key), n)
         return n if n == first else bucket(n)
 
-    def pad(self, phase: str, key: str, x) -> tuple[object, int | None]:
-        """``(x or x padded along axis 0, the true leading size when padded, else None)``."""
+    def pad(self, phase: str, key: str, x, *, sized: bool = False) -> tuple[object, int | None]:
+        """``(x or x padded along axis 0, the true leading size when padded, else None)``.
+
+        Args:
+          sized: also give the size of a batch that fills its bucket exactly (a power of two
+            other than the first size), so that a call taking the size as an argument (the
+            validation fold) compiles once per bucket, not once padded and once exact.
+        """
         shape = x.shape
         if not shape:
             return x, None
         n = shape[0]
         rows = self.rows(phase, key, n)
         if rows == n or not _single_device(x):
-            return x, None
+            exact = sized and n != self._first[(phase, key)] and _single_device(x)
+            return x, (n if exact else None)
         if _on_host(x):
             host = np.asarray(x)
             padded = np.zeros((rows, *host.shape[1:]), host.dtype)

@@ -19,3 +19,16 @@ def optimizer_update(optimizer: nnx.Optimizer, model: nnx.Module, grads) -> None
         optimizer.update(model, grads)
     else:  # pragma: no cover - depends on the flax
         optimizer.update(grads)
+
+
+def set_variable(variable: nnx.Variable, value) -> None:
+    """Replaces an ``nnx.Variable``'s whole value, on any flax.
+
+    ``variable[...] = value`` is a scatter (an extra dispatch, compiled again when the
+    placement of the value changes) on flax before 0.12, whose ``.value`` setter is plain;
+    flax >= 0.12 deprecates that setter for ``set_value``.
+    """
+    if hasattr(variable, "set_value"):
+        variable.set_value(value)
+    else:  # pragma: no cover - depends on the flax
+        variable.value = value

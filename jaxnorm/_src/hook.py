@@ -10,7 +10,7 @@ from typing import Any, Literal
 import jax
 import numpy as np
 
-from jaxnorm._src import batching, errors, hook_step, persistence, ragged, validation
+from jaxnorm._src import batching, errors, hook_step, persistence, placement, ragged, validation
 from jaxnorm._src.minmax import MinMax
 from jaxnorm._src.outputs import (
     IMAGE,
@@ -97,6 +97,9 @@ class MinMaxNormalizationHook:
         self.nonfinite: NonFinitePolicy = nonfinite
         self.reducer = reducer
         self._thresholds: dict[str, float] = {}
+        # The state the last fold returned, and the placement it was folded at.
+        self._folded: hook_step.HookState | None = None
+        self._folded_at: jax.sharding.Sharding | None = None
         self._invalidate()
         self._buckets = batching.Buckets()
         self.image_threshold = image_threshold
@@ -173,7 +176,9 @@ class MinMaxNormalizationHook:
 
         A single ``MinMax`` sets both image and pixel statistics. They are read on the host
         and checked: a non-finite value (other than the empty pair ``+inf``/``-inf``), a
-        stacked state or ``max < min`` raises ``ValueError``.
+        stacked state or ``max < min`` raises ``ValueError``. Image and pixel statistics that
+        differ (from ``update_stats(..., mode="separate")``) make a shared hook separate, as
+        ``load_json`` does with separate metadata: a shared hook keeps one pair.
         """
         if isinstance(stats, MinMax):
             stats = NormalizationStats(image=stats, pixel=stats)
@@ -181,7 +186,9 @@ class MinMaxNormalizationHook:
             raise ValueError(
                 f"stats: expected NormalizationStats or MinMax, got {type(stats).__name__}."
             )
-        self._install(persistence.checked_stats("set_stats", persistence.host_pairs(stats)))
+        host = persistence.checked_stats("set_stats", persistence.host_pairs(stats))
+        self._install(host)
+        persistence.separate_if_differ(self, host)
 
     def _install(self, host: Mapping[str, tuple[float, float]]) -> None:
         """Puts checked host statistics on the device (one transfer) and caches them."""
@@ -305,7 +312,7 @@ class MinMaxNormalizationHook:
             if valid_rows is not None:
                 values[key], rows[key] = x, np.int32(_check_rows(key, x, valid_rows))
                 continue
-            values[key], n = self._buckets.pad(batching.VALIDATION, key, x)
+            values[key], n = self._buckets.pad(batching.VALIDATION, key, x, sized=True)
             if n is not None:
                 rows[key] = np.int32(n)
         self._fold(values, rows, routes)
@@ -313,9 +320,15 @@ class MinMaxNormalizationHook:
 
     def _fold(self, values: dict, rows: dict, routes: tuple) -> None:
         """One jitted fold of ``values`` (checked arrays, by key) along ``routes``."""
+        # A fresh or reloaded state is placed where the fold puts its output, so that the
+        # fold compiles once (see placement); the state the last fold returned is there.
+        state, target = self._state, placement.target(values.values())
+        if target is not None and not (state is self._folded and target == self._folded_at):
+            state = placement.place(state, target)
         self._state = hook_step.fold(
-            self._state, values, rows, routes=routes, omit=self.nonfinite == "omit"
+            state, values, rows, routes=routes, omit=self.nonfinite == "omit"
         )
+        self._folded, self._folded_at = self._state, target
         self._host = None
         self._invalidate()
         self._unchecked = self.nonfinite == "raise"
@@ -342,8 +355,8 @@ class MinMaxNormalizationHook:
         )
         record = hook_step.Record(counters)
         counts = np.array([record.num_values[IMAGE], record.rejected], np.int64)
-        mins, maxs, counts = reducer(
-            np.asarray(mins, np.float32), np.asarray(maxs, np.float32), counts
+        mins, maxs, counts = _reduced(
+            reducer(np.asarray(mins, np.float32), np.asarray(maxs, np.float32), counts)
         )
         self._unchecked = False
         self._state = state.with_counters(record.new_epoch())
@@ -442,7 +455,7 @@ class MinMaxNormalizationHook:
             y = normalized[key]
             if key == "box_scores":
                 out[key] = (
-                    ragged.split_host(y, lengths)
+                    ragged.split_host(y, lengths, outputs[key])
                     if boxes_on_host
                     else ragged.split(y, lengths, outputs[key])
                 )
@@ -504,8 +517,9 @@ class MinMaxNormalizationHook:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restores ``state_dict()`` output, also as the plain dicts that msgpack returns.
 
-        The statistics are checked like ``set_stats``'s; counters are optional (a state
-        saved without them restores zeros).
+        The statistics are checked like ``set_stats``'s (image and pixel statistics that
+        differ make a shared hook separate, as there); counters are optional (a state saved
+        without them restores zeros).
         """
         persistence.load_state_dict(self, state)
 
@@ -544,7 +558,10 @@ class MinMaxNormalizationHook:
         return hook
 
     def __repr__(self) -> str:
-        (ilo, ihi), (plo, phi) = self.host_stats()[IMAGE], self.host_stats()[PIXEL]
+        # Not host_stats(): a repr (a debugger, a log line) must neither raise nor consume
+        # the pending non-finite error that on_validation_epoch_end is to raise.
+        stats = self._read_stats()
+        (ilo, ihi), (plo, phi) = stats[IMAGE], stats[PIXEL]
         return (
             f"MinMaxNormalizationHook(image_threshold={self.image_threshold:g}, "
             f"pixel_threshold={self.pixel_threshold:g}, stats={self.stats_mode!r}, "
@@ -553,6 +570,22 @@ class MinMaxNormalizationHook:
 
 
 _EMPTY_HOST = {IMAGE: (math.inf, -math.inf), PIXEL: (math.inf, -math.inf)}
+
+
+def _reduced(out) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A reducer's output, checked: three arrays of two values each."""
+    try:
+        mins, maxs, counts = (np.asarray(a) for a in out)
+        ok = mins.shape == maxs.shape == counts.shape == (2,) and counts.dtype.kind in "iuf"
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"reducer returned {out!r}; expected (mins, maxs, counts) like its arguments: "
+            "float arrays [image, pixel] reduced with min and max, and the integer counts "
+            "[n_values, n_nonfinite] summed (see jaxnorm.Reducer)."
+        )
+    return mins, maxs, counts
 
 
 def _is_function(value) -> bool:

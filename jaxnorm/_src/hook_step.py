@@ -183,7 +183,9 @@ def fold(
     pairs = c[:BATCH].reshape(5, 2)
     low = pairs[:, 1] + inc
     high = pairs[:, 0] + (low < inc).astype(jnp.uint32)
-    misc = misc.at[0].set(batch + 1)
+    # Not misc.at[0].set: jax before 0.7 has no sharding rule for a scatter over an
+    # explicitly sharded mesh, where a state folded with such values lives.
+    misc = jnp.concatenate([(batch + 1)[None], misc[1:]])
     c = jnp.concatenate([jnp.stack([high, low], axis=1).reshape(-1), misc])
 
     return HookState(stats=NormalizationStats(image=stats[IMAGE], pixel=stats[PIXEL]), counters=c)

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxnorm._src import validation
+from jaxnorm._src import placement, validation
 
 ArrayLike = validation.ArrayLike
 
@@ -111,7 +111,10 @@ class MinMax:
         values = validation.as_array("values", values)
         if mask is not None:
             mask = validation.check_mask(mask, tuple(values.shape))
-        return _update(self, values, mask)
+        # A fresh state folding committed values: placed as its successors will be, so that
+        # the next update does not compile again.
+        state = placement.place(self, placement.target((values,)))
+        return _update(state, values, mask)
 
     def merge(self, other: MinMax) -> MinMax:
         """The state that has seen what ``self`` and ``other`` saw."""
@@ -139,7 +142,11 @@ class MinMax:
                     "mapped axis name, reduce(axis_name='data'); otherwise stack per-device "
                     "states first (jax.tree.map(jnp.stack, ...)), or use merge."
                 )
-            return MinMax(min=jnp.min(self.min, axis=0), max=jnp.max(self.max, axis=0))
+            # initial: a stack of no states merges to the empty state, merge's identity.
+            return MinMax(
+                min=jnp.min(self.min, axis=0, initial=jnp.inf),
+                max=jnp.max(self.max, axis=0, initial=-jnp.inf),
+            )
         return MinMax(min=lax.pmin(self.min, axis_name), max=lax.pmax(self.max, axis_name))
 
     def __iter__(self):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxnorm._src import placement
+from jaxnorm._src.compat import set_variable
 from jaxnorm._src.minmax import MinMax
 
 
@@ -58,9 +60,9 @@ class MinMaxMetric(nnx.Metric):
     def reset(self) -> None:
         """Forgets every value seen: back to ``MinMax.empty()``."""
         empty = MinMax.empty()
-        self.min[...] = empty.min
-        self.max[...] = empty.max
-        self.num_nonfinite[...] = jnp.zeros((), jnp.uint32)
+        set_variable(self.min, empty.min)
+        set_variable(self.max, empty.max)
+        set_variable(self.num_nonfinite, jnp.zeros((), jnp.uint32))
 
     def update(self, **kwargs) -> None:
         """Folds ``kwargs[argname]`` (where ``kwargs[mask_argname]`` is true) into the state.
@@ -85,10 +87,16 @@ class MinMaxMetric(nnx.Metric):
             if mask.dtype != jnp.bool_:
                 # nnx's metrics multiply by the mask, so they accept 0/1 masks of any dtype.
                 mask = mask != 0
-        state, n_bad = self.compute().update_and_count(kwargs[self.argname], mask)
-        self.min[...] = state.min
-        self.max[...] = state.max
-        self.num_nonfinite[...] = self.num_nonfinite[...] + n_bad
+        values = kwargs[self.argname]
+        # Placed with the values, as MinMax.update places its state: a fresh count added to
+        # a committed one would compile the addition again at the next update.
+        state, count = placement.place(
+            (self.compute(), self.num_nonfinite[...]), placement.target((values,))
+        )
+        state, n_bad = state.update_and_count(values, mask)
+        set_variable(self.min, state.min)
+        set_variable(self.max, state.max)
+        set_variable(self.num_nonfinite, count + n_bad)
 
     def compute(self) -> MinMax:
         """Returns the statistics as a ``jaxnorm.MinMax`` (``.min``, ``.max``).
@@ -101,7 +109,7 @@ class MinMaxMetric(nnx.Metric):
     def merge(self, other: MinMaxMetric | MinMax) -> None:
         """Folds another metric's (or a ``MinMax``'s) statistics into this one, in place."""
         if isinstance(other, MinMaxMetric):
-            self.num_nonfinite[...] = self.num_nonfinite[...] + other.num_nonfinite[...]
+            set_variable(self.num_nonfinite, self.num_nonfinite[...] + other.num_nonfinite[...])
             other = other.compute()
         if not isinstance(other, MinMax):
             raise TypeError(
@@ -109,5 +117,5 @@ class MinMaxMetric(nnx.Metric):
                 f"{type(other).__name__}."
             )
         state = self.compute().merge(other)
-        self.min[...] = state.min
-        self.max[...] = state.max
+        set_variable(self.min, state.min)
+        set_variable(self.max, state.max)

@@ -26,6 +26,10 @@ def output_dtype(dtype: np.dtype) -> np.dtype:
 
 def _math(targets, threshold, min_val, max_val):
     out_dtype = output_dtype(targets.dtype)
+    if targets.size == 0:
+        # Nothing to compute; and jax's select fails to lower on an empty array sharded
+        # over an explicit mesh axis ("Length of device assignment 1 ...").
+        return targets.astype(out_dtype)
     compute = jnp.promote_types(out_dtype, jnp.float32)
     x = targets.astype(compute)
     threshold = jnp.asarray(threshold, compute)
@@ -185,6 +189,14 @@ def _normalize_device_scalars(targets, scalars: tuple, x64: bool):
     return _normalize_packed(targets, params)
 
 
+def _host_float(name: str, value, hint: str):
+    """``value`` as a checked Python float when it is a number on the host; jax arrays and
+    tracers unchanged."""
+    if type(value) is float or isinstance(value, jax.Array):
+        return value
+    return validation.host_scalar(name, value, hint)
+
+
 def normalize(
     targets: ArrayLike, threshold: ArrayLike, min_val: ArrayLike, max_val: ArrayLike
 ) -> jax.Array:
@@ -227,10 +239,24 @@ def normalize(
         ``max_val < min_val`` (empty statistics are ``+inf``/``-inf``: run validation or load
         statistics first), or a scalar is beyond float32's range while the math runs in
         float32 (for jax-array scalars still being computed, when the result is read, see
-        above). Scalars given as tracers, inside the caller's ``jit``, are not checked.
+        above). Scalars given as tracers, inside the caller's ``jit``, are not checked:
+        there, empty statistics (``+inf``/``-inf``) act as a zero range (0 below the
+        threshold, 0.5 at it, 1 above), so check ``stats.is_empty`` outside the ``jit``
+        (or pass the statistics as concrete arrays, which are checked).
     """
     targets = validation.as_array("targets", targets)
     x64 = bool(jax.config.jax_enable_x64)
+    if not (type(threshold) is float and type(min_val) is float and type(max_val) is float):
+        # Host numbers (ints, numpy scalars and 0-d arrays) as floats, so that beside jax
+        # array statistics they take the paths that read those arrays once, not every call.
+        threshold, min_val, max_val = (
+            _host_float(name, value, hint)
+            for name, value, hint in (
+                ("threshold", threshold, _FINITE_HINT),
+                ("min_val", min_val, _EMPTY_HINT),
+                ("max_val", max_val, _EMPTY_HINT),
+            )
+        )
     if type(threshold) is float and type(min_val) is float and type(max_val) is float:
         # The common per-batch call: host floats, checked and transferred once per value.
         params = _checked_pack(threshold, min_val, max_val, x64, _is_wide(targets.dtype))

@@ -85,6 +85,11 @@ class NormalizationStats:
 
     def merge(self, other: NormalizationStats) -> NormalizationStats:
         """The statistics that have seen what ``self`` and ``other`` saw."""
+        if not isinstance(other, NormalizationStats):
+            raise TypeError(
+                f"NormalizationStats.merge: expected a NormalizationStats, got "
+                f"{type(other).__name__}; wrap a MinMax m as NormalizationStats(m, m)."
+            )
         return NormalizationStats(self.image.merge(other.image), self.pixel.merge(other.pixel))
 
     def reduce(self, axis_name=None) -> NormalizationStats:
@@ -93,7 +98,23 @@ class NormalizationStats:
 
     def get(self, which: str) -> MinMax:
         """The ``MinMax`` of ``which``: ``"image"`` or ``"pixel"``."""
-        return self.image if which == IMAGE else self.pixel
+        if which == IMAGE:
+            return self.image
+        if which == PIXEL:
+            return self.pixel
+        raise ValueError(f"which={which!r}: expected {IMAGE!r} or {PIXEL!r}.")
+
+
+def _as_stats(stats, where: str) -> NormalizationStats:
+    """``stats`` as ``NormalizationStats``; a ``MinMax`` is shared by image and pixel."""
+    if isinstance(stats, MinMax):
+        return NormalizationStats(image=stats, pixel=stats)
+    if not isinstance(stats, NormalizationStats):
+        raise ValueError(
+            f"{where}: stats is a {type(stats).__name__}; expected jaxnorm.NormalizationStats "
+            "(start from NormalizationStats.empty()) or a jaxnorm.MinMax."
+        )
+    return stats
 
 
 def update_stats(
@@ -106,6 +127,12 @@ def update_stats(
     a ``box_scores`` list is concatenated as traced, so its lengths are part of the compiled
     shape; the hook buckets them instead.
     """
+    if not isinstance(stats, NormalizationStats):
+        raise ValueError(
+            f"update_stats: stats is a {type(stats).__name__}; expected "
+            "jaxnorm.NormalizationStats (start from NormalizationStats.empty(); fold a single "
+            "MinMax with MinMax.update)."
+        )
     new = {IMAGE: stats.image, PIXEL: stats.pixel}
     for which, key in stats_sources(outputs, check_stats_mode(mode)):
         values = outputs[key]
@@ -120,15 +147,27 @@ def update_stats(
 
 def normalize_outputs(
     outputs: Mapping,
-    stats: NormalizationStats,
+    stats: NormalizationStats | MinMax,
     image_threshold,
     pixel_threshold,
 ) -> dict:
     """Returns a copy of ``outputs`` with scores, maps and boxes normalized: jittable.
 
     ``pred_scores`` use the image threshold and statistics, ``anomaly_maps`` and each array
-    of ``box_scores`` the pixel ones. Other keys pass through unchanged.
+    of ``box_scores`` the pixel ones (a single ``MinMax`` as ``stats`` serves both). Other
+    keys pass through unchanged, and a dict without
+    any of the three comes back as it is (the hook's ``normalize_batch`` raises instead).
+
+    Called eagerly, the thresholds and statistics are checked as ``jaxnorm.normalize``
+    checks them (empty statistics raise ``ValueError``). Inside ``jit`` they are tracers and
+    are not: empty statistics then act as a zero range, so check ``stats.image.is_empty``
+    and ``stats.pixel.is_empty`` before the loop.
     """
+    if not isinstance(outputs, Mapping):
+        raise ValueError(
+            f"outputs: expected a dict of model outputs, got {type(outputs).__name__}."
+        )
+    stats = _as_stats(stats, "normalize_outputs")
     thresholds = {IMAGE: image_threshold, PIXEL: pixel_threshold}
     out = dict(outputs)
     for key, which in NORMALIZED_KEYS.items():

@@ -56,13 +56,25 @@ def load_state_dict(hook: MinMaxNormalizationHook, state: Mapping[str, Any]) -> 
         else:
             pairs = {w: (stats[w]["min"], stats[w]["max"]) for w in _WHICH}
         thresholds = (state["image_threshold"], state["pixel_threshold"])
-    except (KeyError, TypeError) as e:
+    except KeyError as e:
         raise ValueError(
             f"state: expected the layout of MinMaxNormalizationHook.state_dict(), missing {e}."
         ) from None
+    except TypeError:
+        raise ValueError(
+            "state: expected the layout of MinMaxNormalizationHook.state_dict(): 'stats' is "
+            f"{type(state['stats']).__name__}, not NormalizationStats or "
+            "{'image': {'min': ..., 'max': ...}, 'pixel': {...}}."
+        ) from None
     counts = {}
     for name in ("num_values", "num_nonfinite"):
-        c = state.get(name) or {}
+        c = state.get(name)
+        c = {} if c is None else c
+        if not isinstance(c, Mapping):
+            raise ValueError(
+                f"state['{name}'] is {c!r} ({type(c).__name__}); expected a dict of counts "
+                "{'image': n, 'pixel': n}, as state_dict() writes (or leave it out)."
+            )
         counts[name] = {w: _host_count(f"state['{name}']['{w}']", c.get(w, 0)) for w in _WHICH}
     image_threshold, pixel_threshold = (
         check_threshold(f"state['{w}_threshold']", t)
@@ -72,8 +84,17 @@ def load_state_dict(hook: MinMaxNormalizationHook, state: Mapping[str, Any]) -> 
     # Everything is checked: nothing below raises, so a bad state changes nothing.
     hook._set_state(hook_step.HookState.initial(None, **counts))
     hook._install(host)
+    separate_if_differ(hook, host)
     hook.image_threshold = image_threshold
     hook.pixel_threshold = pixel_threshold
+
+
+def separate_if_differ(hook: MinMaxNormalizationHook, host: Mapping[str, tuple]) -> None:
+    """Makes a shared hook separate when its new image and pixel statistics differ (saved
+    by a separate hook): shared mode folds, saves and exports one pair, and would drop the
+    pixel statistics."""
+    if host[IMAGE] != host[PIXEL]:
+        hook.stats_mode = "separate"
 
 
 # -- JSON metadata --------------------------------------------------------------------------
@@ -107,11 +128,21 @@ def load_json(hook: MinMaxNormalizationHook, source: str | os.PathLike | Mapping
     """``hook.load_json(source)``: see ``MinMaxNormalizationHook.load_json``."""
     if isinstance(source, Mapping):
         meta = source
-    elif isinstance(source, str) and source.lstrip()[:1] in ("{", "["):
-        meta = json.loads(source)
+    elif isinstance(source, (str, bytes, bytearray)) and source.lstrip()[:1] in (
+        "{",
+        "[",
+        b"{",
+        b"[",
+    ):
+        meta = _parse_json(source, "the JSON text given")
+    elif isinstance(source, (str, bytes, os.PathLike)):
+        with open(source, "rb") as f:
+            meta = _parse_json(f.read(), f"'{os.fsdecode(source)}'")
     else:
-        with open(source) as f:
-            meta = json.load(f)
+        # An int would be opened as a file descriptor, and closed.
+        raise ValueError(
+            f"metadata: expected a path, a JSON string or a dict, got {type(source).__name__}."
+        )
     if not isinstance(meta, Mapping):
         raise ValueError(
             f"metadata: expected a JSON object with 'min'/'max' (or 'pred_scores.min', "
@@ -131,7 +162,7 @@ def load_json(hook: MinMaxNormalizationHook, source: str | os.PathLike | Mapping
     else:
         raise ValueError(
             f"metadata: no 'min'/'max' (or 'pred_scores.min', 'anomaly_maps.min') keys "
-            f"among {sorted(meta)}; export it with MinMaxNormalizationHook.to_json()."
+            f"among {sorted(map(str, meta))}; export it with MinMaxNormalizationHook.to_json()."
         )
     thresholds = {
         w: check_threshold(f"metadata '{w}_threshold'", meta[f"{w}_threshold"])
@@ -195,6 +226,16 @@ def _fetch(v):
             v = v.addressable_data(0)
         return np.asarray(jax.device_get(v))
     return v
+
+
+def _parse_json(text: str | bytes, where: str):
+    try:
+        return json.loads(text)
+    except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
+        raise ValueError(
+            f"metadata: {where} is not valid JSON ({e}); pass the output of "
+            "MinMaxNormalizationHook.to_json() or anomalib's metadata.json."
+        ) from None
 
 
 def _finite(v: float) -> float | None:

@@ -9,12 +9,14 @@ slicing on device would compile once per slice length.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
 import numpy as np
 
 from jaxnorm._src import validation
+from jaxnorm._src.normalize import output_dtype
 
 MIN_BUCKET = 64
 
@@ -51,24 +53,52 @@ def concat_padded(boxes: Sequence) -> tuple[np.ndarray, list[int]]:
     # np.asarray of a CPU array is a view; jax.device_get batches accelerator transfers.
     host = [np.asarray(b).reshape(-1) for b in (boxes if on_host else jax.device_get(list(boxes)))]
     lengths = [h.size for h in host]
-    dtype = np.result_type(*host) if host else np.float32
+    try:
+        dtype = np.result_type(*host) if host else np.float32
+    except TypeError:  # numpy has no common type for some pairs (bfloat16 and float16)
+        dtype = np.dtype(np.float32)
     padded = np.zeros(bucket(sum(lengths)), dtype)
     if host:
         np.concatenate(host, out=padded[: sum(lengths)])
     return validation.host_ints_ok(padded), lengths
 
 
-def split_host(padded: jax.Array, lengths: Sequence[int]) -> list[np.ndarray]:
-    """Splits ``padded[:sum(lengths)]`` into per-image, writable numpy arrays."""
+def split_host(
+    padded: jax.Array, lengths: Sequence[int], like: Sequence | None = None
+) -> list[np.ndarray]:
+    """Splits ``padded[:sum(lengths)]`` into per-image, writable numpy arrays.
+
+    With ``like`` (the boxes they were computed from), each piece takes the dtype and shape
+    that ``normalize`` gives its box (boxes of mixed dtypes are normalized in their common
+    dtype).
+    """
     # np.array copies once (a small array): the pieces are writable, unlike views of a
     # jax array's read-only host buffer, so torch can wrap them without a copy each.
     host = np.array(padded)[: sum(lengths)]
-    return np.split(host, np.cumsum(lengths)[:-1]) if lengths else []
+    pieces = np.split(host, np.cumsum(lengths)[:-1]) if lengths else []
+    if like is not None:
+        # Each piece as ``normalize`` returns its box: in its dtype, and 0-d for a 0-d box.
+        for i, b in enumerate(like):
+            dtype = _box_dtype(b.dtype if hasattr(b, "dtype") else np.asarray(b).dtype)
+            if pieces[i].dtype != dtype:
+                pieces[i] = pieces[i].astype(dtype)
+            if np.ndim(b) == 0:
+                pieces[i] = pieces[i].reshape(())
+    return pieces
+
+
+@functools.lru_cache(maxsize=64)
+def _box_dtype(dtype: np.dtype) -> np.dtype:
+    """The dtype ``normalize`` returns for a box of ``dtype`` (as jax holds it: native, and
+    float64 is float32 when x64 is off)."""
+    native = dtype.newbyteorder("=")  # jax holds native byte order only (see as_array)
+    return output_dtype(np.dtype(jax.dtypes.canonicalize_dtype(native)))
 
 
 def split(padded: jax.Array, lengths: Sequence[int], like: Sequence) -> list[jax.Array]:
-    """Splits ``padded[:sum(lengths)]`` back into per-image arrays on ``like``'s devices."""
-    pieces = split_host(padded, lengths)
+    """Splits ``padded[:sum(lengths)]`` back into per-image arrays on ``like``'s devices,
+    each with the dtype ``normalize`` gives its box."""
+    pieces = split_host(padded, lengths, like)
     devices = {next(iter(b.devices())) for b in like if isinstance(b, jax.Array)}
     if len(devices) <= 1:  # the usual case: one transfer call for the whole list
         return jax.device_put(pieces, next(iter(devices), None))

@@ -38,15 +38,24 @@ def _is_real(dtype: np.dtype) -> bool:
 def as_array(name: str, values: ArrayLike) -> jax.Array | np.ndarray:
     """Returns ``values`` as a jax or numpy array with a real numeric dtype.
 
-    Integers wider than 32 bits (numpy int64/uint64, Python ints beyond int32) become float32
-    on the host when x64 is off: jax would wrap them around to int32 silently. Large
-    integers then round to the nearest float32, as any score does.
+    numpy arrays are made ready for jax on the host (see ``host_ints_ok``): a non-native
+    byte order (``>f4`` on a little-endian machine) is swapped, since jax would read the bytes
+    as native ones; with x64 off, integers wider than 32 bits become float32 (jax would wrap
+    them around to int32 silently; large ones round to the nearest float32, as any score
+    does), and float64 becomes float32, where a value beyond float32's range is +-inf (as
+    jax's own conversion gives, without numpy's overflow warning).
 
     Raises:
       ValueError: ``values`` is not an array or number, or its dtype is not a real number.
     """
     if isinstance(values, (jax.Array, np.ndarray)):
         arr = values
+        if isinstance(arr, np.ma.MaskedArray):
+            raise ValueError(
+                f"{name}: a numpy masked array (shape {tuple(arr.shape)}); jax reads its data "
+                "without the mask. Pass arr.data with MinMax.update(values, mask=~arr.mask), "
+                "or arr.filled(value)."
+            )
     elif isinstance(values, (bool, float, np.generic)):
         arr = np.asarray(values)
     elif isinstance(values, int):
@@ -60,16 +69,20 @@ def as_array(name: str, values: ArrayLike) -> jax.Array | np.ndarray:
             f"{name}: dtype {dtype} (shape {tuple(arr.shape)}) is not a real number type; "
             "cast it to a floating dtype such as float32 first."
         )
-    if dtype.itemsize == 8 and dtype.kind in "iu" and isinstance(arr, np.ndarray):
-        if not jax.config.jax_enable_x64:
-            arr = arr.astype(np.float32)
+    if isinstance(arr, np.ndarray):
+        arr = host_ints_ok(arr)
     return arr
 
 
 def host_ints_ok(arr: np.ndarray) -> np.ndarray:
-    """``arr`` with 64-bit integers as float32 when x64 is off (see ``as_array``)."""
-    if arr.dtype.itemsize == 8 and arr.dtype.kind in "iu" and not jax.config.jax_enable_x64:
-        return arr.astype(np.float32)
+    """``arr`` as jax reads it faithfully: native byte order and, when x64 is off, 64-bit
+    integers and floats as float32 (see ``as_array``)."""
+    dtype = arr.dtype
+    if not dtype.isnative:
+        arr = arr.astype(dtype.newbyteorder("="))
+    if dtype.itemsize == 8 and dtype.kind in "iuf" and not jax.config.jax_enable_x64:
+        with np.errstate(over="ignore"):  # beyond float32: +-inf, counted as non-finite
+            arr = arr.astype(np.float32)
     return arr
 
 
