@@ -43,7 +43,7 @@ def _check_tensor(key: str, value: Any) -> torch.Tensor:
 class _JaxView(Mapping):
     """The normalized keys of a step's outputs, converted to jax on first access."""
 
-    __slots__ = ("_outputs", "_keys", "_cache")
+    __slots__ = ("_outputs", "_keys", "_cache", "devices")
 
     def __init__(self, outputs: Any) -> None:
         if not isinstance(outputs, Mapping):
@@ -54,6 +54,7 @@ class _JaxView(Mapping):
         self._outputs = outputs
         self._keys = [key for key in NORMALIZED_KEYS if key in outputs]
         self._cache: dict[str, Any] = {}
+        self.devices: set[torch.device] = set()  # of the tensors converted so far
 
     def __getitem__(self, key: str) -> Any:
         if key not in self._cache:
@@ -61,13 +62,16 @@ class _JaxView(Mapping):
                 raise KeyError(key)
             value = self._outputs[key]
             if key == "box_scores" and isinstance(value, (list, tuple)):
+                tensors = [_check_tensor(f"{key}[{i}]", b) for i, b in enumerate(value)]
                 self._cache[key] = [
-                    to_jax(_check_tensor(f"{key}[{i}]", b), name=f"outputs['{key}'][{i}]")
-                    for i, b in enumerate(value)
+                    to_jax(b, name=f"outputs['{key}'][{i}]") for i, b in enumerate(tensors)
                 ]
+                self.devices.update(b.device for b in tensors)
             else:
                 # Anything else goes to the hook, which names what is wrong with it.
-                self._cache[key] = to_jax(_check_tensor(key, value), name=f"outputs['{key}']")
+                t = _check_tensor(key, value)
+                self._cache[key] = to_jax(t, name=f"outputs['{key}']")
+                self.devices.add(t.device)
         return self._cache[key]
 
     def __contains__(self, key: object) -> bool:
@@ -114,10 +118,12 @@ def _pad_rows(outputs: Any, buckets: batching.Buckets, phase: str) -> tuple[Any,
 
 
 class _Watched:
-    """Remembers which tensors (and which in-place versions of them) host values came from.
+    """Remembers which tensors (and which contents of them, see ``_version``) host values
+    came from.
 
-    Reading a CUDA tensor's value on the host waits for the GPU; comparing identities and
-    version counters does not, so unchanged thresholds and statistics are never read again.
+    Reading a CUDA tensor's value on the host waits for the GPU; comparing identities,
+    storages and version counters does not, so unchanged thresholds and statistics on an
+    accelerator are never read again.
     """
 
     __slots__ = ("tensors", "versions")
@@ -141,16 +147,33 @@ class _Watched:
         self.remember((), None)
 
 
+def _on_host(value: torch.Tensor) -> bool:
+    """Whether reading ``value`` waits for no device (a test stands in accelerators here)."""
+    return value.is_cpu
+
+
 def _version(value: Any) -> Any:
-    """What tells an in-place write of ``value`` apart; ``None``: unknown, read it again."""
+    """What tells a change of ``value``'s contents apart without waiting for a device;
+    ``None``: unknown, read it again.
+
+    On the CPU the value itself, read (~0.2 us): it sees every write, also those that leave
+    the version counter as it was (through ``.data``, a numpy alias, inference mode) or swap
+    the storage (``t.data = ...``). On an accelerator a read would wait for the device at
+    every batch, so the storage and the in-place version counter decide, and for inference
+    tensors (no counter) the storage alone (anomalib replaces its thresholds and states
+    rather than writing them).
+    """
     if not isinstance(value, torch.Tensor):
         return None
+    if _on_host(value):
+        try:
+            number = value.item()
+        except RuntimeError:  # not one number: the caller reads it and names the problem
+            return None
+        return number if number == number else "nan"  # NaN == NaN, as a key
     if value.is_inference():
-        # Inference tensors keep no version counter. On the CPU a read costs nothing; on an
-        # accelerator it would wait for the device at every batch, so there the tensor's
-        # identity decides (anomalib replaces its thresholds and states, not writes them).
-        return None if value.device.type == "cpu" else "inference"
-    return value._version
+        return ("inference", value.data_ptr())
+    return (value._version, value.data_ptr())
 
 
 def _versions(tensors: tuple) -> tuple | None:
@@ -340,9 +363,9 @@ class MinMaxNormalizationHooks:
         return metrics
 
     def _sources(self, pl_module: Any) -> tuple | None:
-        """The thresholds' and statistics' objects with their in-place versions, for a plan to
-        compare by identity; ``None`` when a version is unknown (e.g. a float threshold, an
-        inference tensor on the CPU): such sources are read at every batch."""
+        """The thresholds' and statistics' objects and their contents' keys (``_version``),
+        for a plan to compare (objects by identity, keys by equality); ``None`` when a key
+        is unknown (e.g. a float threshold): such sources are read at every batch."""
         metrics = getattr(pl_module, ATTRIBUTE, None)
         objects = [metrics, getattr(metrics, "min", None), getattr(metrics, "max", None)]
         if self.hook.stats_mode == "separate":
@@ -355,16 +378,15 @@ class MinMaxNormalizationHooks:
             if version is None and value is not None:
                 return None
             versions.append(version)
-        return (*objects, *versions)
+        return tuple(objects), tuple(versions)
 
     def _sources_unchanged(self, pl_module: Any, sources: tuple) -> bool:
         now = self._sources(pl_module)
-        return (
-            now is not None
-            and len(now) == len(sources)
-            and all(
-                a is b or (type(a) is int and a == b) for a, b in zip(now, sources, strict=True)
-            )
+        if now is None:
+            return False
+        (objects, versions), (was_objects, was_versions) = now, sources
+        return versions == was_versions and all(
+            a is b for a, b in zip(objects, was_objects, strict=True)
         )
 
     def _load_stats(self, pl_module: Any) -> None:
@@ -489,12 +511,26 @@ class MinMaxNormalizationHooks:
             if tensors is not None:
                 arrays = _dlpack.import_batch(tensors, plan.device)
                 self.hook._fold(dict(zip(plan.keys, arrays, strict=True)), {}, plan.routes)
+                self._release(plan.device)
                 return
             self._validation_plan = None
         padded, n = _pad_rows(outputs, self.hook._buckets, batching.VALIDATION)
-        self.hook.on_validation_batch_end(_JaxView(padded), valid_rows=n)
+        view = _JaxView(padded)
+        self.hook.on_validation_batch_end(view, valid_rows=n)
+        for device in view.devices:
+            self._release(device)
         if n is None:
             self._validation_plan = self._make_validation_plan(outputs)
+
+    def _release(self, device: torch.device) -> None:
+        """Hands the batch's tensors back to torch once the fold has read them.
+
+        The fold reads them zero-copy and asynchronously; a caller may write an output
+        tensor in place once the hook has returned (a reused buffer, the same tensor sent
+        again), as anomalib's synchronous update allowed. On CUDA torch's stream waits for
+        the fold (no host wait); on the CPU the host does.
+        """
+        _dlpack.wait_for(self.hook._state.counters, device)
 
     def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         """All-reduces the statistics under DDP and stores them in ``normalization_metrics``.

@@ -356,3 +356,21 @@ def export_batch(
 
 
 _export_whole = True  # jaxlib takes a single-device jax.Array as it is
+
+
+def wait_for(array: jax.Array, device: torch.device) -> None:
+    """Orders torch's later work on ``device`` after the jax computation that made ``array``.
+
+    Once that computation is done, jax has read the tensors it imported zero-copy from
+    ``device``: torch may then write them in place, or reuse their memory. On CUDA, torch's
+    current stream waits for ``array`` (an event, as an export orders it: the host does not
+    wait); on the CPU there are no streams, so the host waits. Tensors of a device jax
+    cannot read went through host memory (``to_jax``'s copy): nothing to order.
+    """
+    if device.type == "cpu":
+        array.block_until_ready()
+    elif jax_reads_device(device):
+        if batch_device_ok(device):
+            export_batch([array], device)
+        else:
+            torch.from_dlpack(array)  # the public export orders torch's current stream too
