@@ -234,3 +234,69 @@ def test_odd_tensors_give_anomalibs_values_dtype_and_device(odd):
                 atol=4e-3 if t.dtype in (torch.float16, torch.bfloat16) else 1e-6,
                 err_msg=key,
             )
+
+
+# -- box scores of other shapes, and a tensor in place of the list --------------------------
+
+
+def test_box_entries_of_any_shape_come_back_in_their_shape():
+    """anomalib concatenates (k,) and (k, 1) entries alike (torch.cat) and normalizes each
+    entry as it is: a 0-d entry stays 0-d."""
+    boxes = [torch.rand(2, 1) * 3, torch.rand(0, 1), torch.rand(()) * 3, torch.rand(3) * 3]
+    val = {"pred_scores": torch.rand(4), "box_scores": [b.clone() for b in boxes]}
+    module, cb = h.fitted([val])
+    lo, hi = reference.min_max(*[b.numpy() for b in boxes])
+    assert module.normalization_metrics.read()["image"] == pytest.approx((lo, hi), rel=1e-7)
+    cb.on_test_start(None, module)
+    outputs = {"pred_scores": torch.rand(4), "box_scores": [b.clone() for b in boxes]}
+    cb.on_test_batch_end(None, module, outputs, None, 0)
+    for got, b in zip(outputs["box_scores"], boxes, strict=True):
+        assert got.shape == b.shape and got.dtype == b.dtype
+        np.testing.assert_allclose(
+            got.numpy(), reference.normalize(b.numpy(), PIXEL_T, lo, hi), atol=1e-6
+        )
+
+
+def test_a_box_scores_tensor_instead_of_a_list_is_named_as_such():
+    module, cb = h.fitted([h.make_outputs(0)])
+    outputs = {"pred_scores": torch.rand(4), "box_scores": torch.rand(4, 3)}
+    with pytest.raises(ValueError, match=r"got one tensor of shape \(4, 3\); wrap the"):
+        cb.on_validation_batch_end(None, module, outputs, None, 0)
+    with pytest.raises(ValueError, match=r"got one tensor of shape \(4, 3\); wrap the"):
+        cb.on_test_batch_end(None, module, outputs, None, 0)
+
+
+# -- thresholds that are not tensors --------------------------------------------------------
+
+
+class _Plain:
+    """A threshold object whose ``value`` is whatever it is given (not an nn.Module)."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+@pytest.mark.parametrize("value", [0.25, 2, np.float32(0.75)], ids=["float", "int", "numpy"])
+def test_number_thresholds_are_read_once_and_keep_the_steady_path(value, has_plans):
+    module, cb = h.fitted([h.make_outputs(s, n=8, boxes=False) for s in range(2)])
+    del module.image_threshold
+    module.image_threshold = _Plain(value)
+    cb.on_test_start(None, module)
+    for i in range(3):
+        _normalize_and_check(module, cb, seed=40 + i)
+    assert (cb._plan is not None) == has_plans
+    module.image_threshold.value = 1.75  # a new value: seen at the next batch
+    _normalize_and_check(module, cb, seed=50)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [torch.tensor(float("nan")), torch.tensor(-float("inf")), torch.tensor(1e300).double(), True],
+    ids=["nan", "inf", "beyond_float32", "bool"],
+)
+def test_unusable_thresholds_name_where_they_came_from(value):
+    module, cb = h.fitted([h.make_outputs(0)])
+    del module.pixel_threshold
+    module.pixel_threshold = _Plain(value)
+    with pytest.raises(ValueError, match=r"^pl_module\.pixel_threshold\.value: "):
+        cb.on_test_batch_end(None, module, h.make_outputs(1), None, 0)

@@ -11,6 +11,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 import torch
 
 from jaxnorm import MinMax as JaxMinMax
@@ -63,10 +64,19 @@ class _JaxView(Mapping):
             value = self._outputs[key]
             if key == "box_scores" and isinstance(value, (list, tuple)):
                 tensors = [_check_tensor(f"{key}[{i}]", b) for i, b in enumerate(value)]
+                # Flat, as anomalib's torch.cat takes (k, 1) or (k,) entries alike; each
+                # comes back in its own shape.
                 self._cache[key] = [
-                    to_jax(b, name=f"outputs['{key}'][{i}]") for i, b in enumerate(tensors)
+                    to_jax(b.reshape(-1), name=f"outputs['{key}'][{i}]")
+                    for i, b in enumerate(tensors)
                 ]
                 self.devices.update(b.device for b in tensors)
+            elif key == "box_scores" and isinstance(value, torch.Tensor):
+                raise ValueError(
+                    f"outputs['box_scores']: expected a list with one tensor of box scores "
+                    f"per image (anomalib's outputs protocol), got one tensor of shape "
+                    f"{tuple(value.shape)}; wrap the per-image tensors in a list."
+                )
             else:
                 # Anything else goes to the hook, which names what is wrong with it.
                 t = _check_tensor(key, value)
@@ -156,24 +166,27 @@ def _version(value: Any) -> Any:
     """What tells a change of ``value``'s contents apart without waiting for a device;
     ``None``: unknown, read it again.
 
-    On the CPU the value itself, read (~0.2 us): it sees every write, also those that leave
-    the version counter as it was (through ``.data``, a numpy alias, inference mode) or swap
-    the storage (``t.data = ...``). On an accelerator a read would wait for the device at
-    every batch, so the storage and the in-place version counter decide, and for inference
-    tensors (no counter) the storage alone (anomalib replaces its thresholds and states
-    rather than writing them).
+    On the CPU (and for Python or numpy numbers) the value itself, read (~0.2 us): it sees
+    every write, also those that leave the version counter as it was (through ``.data``, a
+    numpy alias, inference mode) or swap the storage (``t.data = ...``). On an accelerator
+    a read would wait for the device at every batch, so the storage and the in-place
+    version counter decide, and for inference tensors (no counter) the storage alone
+    (anomalib replaces its thresholds and states rather than writing them).
     """
-    if not isinstance(value, torch.Tensor):
-        return None
-    if _on_host(value):
+    if isinstance(value, torch.Tensor) and not _on_host(value):
+        if value.is_inference():
+            return ("inference", value.data_ptr())
+        return (value._version, value.data_ptr())
+    if isinstance(value, (torch.Tensor, np.ndarray, np.generic)):
         try:
             number = value.item()
-        except RuntimeError:  # not one number: the caller reads it and names the problem
+        except (RuntimeError, ValueError):  # not one number: the caller reads and names it
             return None
-        return number if number == number else "nan"  # NaN == NaN, as a key
-    if value.is_inference():
-        return ("inference", value.data_ptr())
-    return (value._version, value.data_ptr())
+    elif isinstance(value, (int, float)):
+        number = value
+    else:
+        return None
+    return number if number == number else "nan"  # NaN keys compare equal
 
 
 def _versions(tensors: tuple) -> tuple | None:
@@ -365,7 +378,8 @@ class MinMaxNormalizationHooks:
     def _sources(self, pl_module: Any) -> tuple | None:
         """The thresholds' and statistics' objects and their contents' keys (``_version``),
         for a plan to compare (objects by identity, keys by equality); ``None`` when a key
-        is unknown (e.g. a float threshold): such sources are read at every batch."""
+        is unknown (e.g. a tensor that is not one number): such sources are read at every
+        batch."""
         metrics = getattr(pl_module, ATTRIBUTE, None)
         objects = [metrics, getattr(metrics, "min", None), getattr(metrics, "max", None)]
         if self.hook.stats_mode == "separate":
@@ -457,7 +471,10 @@ class MinMaxNormalizationHooks:
                 number = value.item()
             else:
                 number = value
-            setattr(self.hook, name, number)
+            try:
+                setattr(self.hook, name, number)
+            except ValueError as error:
+                raise ValueError(f"pl_module.{name}.value: {error}") from None
             watched.remember((value,), versions)
 
     # -- Lightning hooks -------------------------------------------------------------------
@@ -619,7 +636,8 @@ class MinMaxNormalizationHooks:
             like = outputs[key]
             if key == "box_scores" and isinstance(like, (list, tuple)):
                 outputs[key] = [
-                    host_to_torch(n, b) for n, b in zip(normalized[key], like, strict=True)
+                    host_to_torch(n, b).reshape(b.shape)
+                    for n, b in zip(normalized[key], like, strict=True)
                 ]
             else:
                 out = to_torch(normalized[key], like)
