@@ -300,3 +300,26 @@ def test_unusable_thresholds_name_where_they_came_from(value):
     module.pixel_threshold = _Plain(value)
     with pytest.raises(ValueError, match=r"^pl_module\.pixel_threshold\.value: "):
         cb.on_test_batch_end(None, module, h.make_outputs(1), None, 0)
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device and a CUDA build of torch"
+)
+@pytest.mark.filterwarnings("ignore::torch_compat.HostCopyWarning")
+def test_cuda_validation_tensor_written_right_after_the_hook():
+    """On CUDA, torch's stream waits for the fold before its next write (no host wait): the
+    fold, queued behind a slow torch producer, still reads what was handed over."""
+    g = torch.Generator().manual_seed(0)
+    sources = [(torch.rand((16, 1, 256, 256), generator=g) * (i + 1)).cuda() for i in range(4)]
+    buffer = torch.empty_like(sources[0])
+    module, cb = h.Module().cuda(), h.MinMaxNormalizationCallback()
+    cb.setup(None, module, "fit")
+    cb.on_validation_epoch_start(None, module)
+    for i, source in enumerate(sources):
+        torch.cuda._sleep(50_000_000)  # the fold starts well after the hook returns
+        buffer.copy_(source)
+        cb.on_validation_batch_end(None, module, {"anomaly_maps": buffer}, None, i)
+        buffer.fill_(1e6)
+    cb.on_validation_epoch_end(None, module)
+    want = reference.min_max(*[s.cpu().numpy() for s in sources])
+    assert module.normalization_metrics.read()["image"] == pytest.approx(want, rel=1e-7)

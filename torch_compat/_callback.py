@@ -216,7 +216,7 @@ class _Plan:
     predict, the same thresholds and statistics). The first such batch runs every check of
     the full path, then leaves this plan behind. A later batch that matches it (type, dtype,
     shape, device and layout compared on the host; thresholds and statistics by identity and
-    in-place version) skips what the first one established:
+    ``_version``) skips what the first one established:
 
     - test/predict: one import per key with one stream ordering, one jitted call for every
       key, and one zero-copy export per key;
