@@ -323,3 +323,30 @@ def test_cuda_validation_tensor_written_right_after_the_hook():
     cb.on_validation_epoch_end(None, module)
     want = reference.min_max(*[s.cpu().numpy() for s in sources])
     assert module.normalization_metrics.read()["image"] == pytest.approx(want, rel=1e-7)
+
+
+def test_jax_is_never_handed_misaligned_cpu_memory(monkeypatch):
+    """A view with a storage offset is copied by torch before jax sees it: jax would copy it
+    anyway, and jaxlib 0.6/0.7 log a warning for each such tensor, at every batch."""
+    handed = []
+
+    def spy(real):
+        def record(t, *args):
+            handed.append(t.data_ptr() % _dlpack.CPU_ALIGNMENT)
+            return real(t, *args)
+
+        return record
+
+    monkeypatch.setattr(_dlpack, "_to_capsule", spy(_dlpack._to_capsule))  # the steady path
+    monkeypatch.setattr(_dlpack, "_from_dlpack", spy(_dlpack._from_dlpack))  # to_jax
+    batches = []
+    for seed in range(4):
+        outputs = h.make_outputs(seed, n=8, boxes=False)
+        _storage_offset(outputs)
+        batches.append(outputs)
+    module, cb = h.fitted(batches[:2])
+    want = reference.min_max(*[b["anomaly_maps"].numpy() for b in batches[:2]])
+    assert module.normalization_metrics.read()["image"] == pytest.approx(want, rel=1e-7)
+    for i, outputs in enumerate(batches[2:]):
+        cb.on_test_batch_end(None, module, outputs, None, i)
+    assert handed and not any(handed), handed

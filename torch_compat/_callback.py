@@ -242,6 +242,7 @@ class _Plan:
         "also",
         "others",
         "device",
+        "cpu",
         "pinned",
         "fn",
         "params",
@@ -267,8 +268,9 @@ class _Plan:
         self.also = tuple(k for k in present if k not in keys)
         self.others = tuple(k for k in NORMALIZED_KEYS if k not in present)
         self.device = device
+        self.cpu = device.type == "cpu"
         # DLPack labels pinned memory as CUDA host memory: those take to_jax's copy.
-        self.pinned = device.type == "cpu" and _dlpack._cuda_available()
+        self.pinned = self.cpu and _dlpack._cuda_available()
         self.fn = fn
         self.params = params
         self.sources = sources
@@ -291,7 +293,10 @@ class _Plan:
                 return None
             if self.pinned and t.is_pinned():
                 return None
-            tensors.append(t.detach() if t.requires_grad else t)
+            t = t.detach() if t.requires_grad else t
+            if self.cpu and t.data_ptr() % _dlpack.CPU_ALIGNMENT:
+                t = t.clone()  # a storage offset: copied here rather than by jax (to_jax)
+            tensors.append(t)
         for key in self.also:
             if key not in outputs:
                 return None
