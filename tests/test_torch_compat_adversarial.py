@@ -13,12 +13,20 @@ import numpy as np
 import pytest
 import torch
 
-from tests import reference
+from tests import compat, reference
 from tests import test_torch_compat_hooks as h
+from tests import test_torch_compat_lightning as lt
 from torch_compat import _dlpack
 
 IMAGE_T, PIXEL_T = h.IMAGE_T, h.PIXEL_T
 has_plans = h.has_plans  # the fixture: whether this jaxlib has the steady path's calls
+
+
+def lt_marks(test):
+    """The Lightning test module's warning filters (advice meant for real training runs)."""
+    for mark in lt.pytestmark:
+        test = mark(test)
+    return test
 
 
 def _settled(n=8):
@@ -350,3 +358,70 @@ def test_jax_is_never_handed_misaligned_cpu_memory(monkeypatch):
     for i, outputs in enumerate(batches[2:]):
         cb.on_test_batch_end(None, module, outputs, None, i)
     assert handed and not any(handed), handed
+
+
+# -- through a real Trainer -----------------------------------------------------------------
+
+
+class _ReusingLogic:
+    """A module that writes every validation step's maps into one buffer, and clears the
+    buffer in its own ``on_validation_batch_end`` (Lightning calls it right after the
+    callbacks'); that sets an adaptive image threshold in inference mode at validation
+    epoch end, as anomalib's ``AnomalyScoreThreshold.compute`` does; and that tests and
+    predicts on two dataloaders of different layouts (maps and scores; scores only)."""
+
+    def __init__(self):
+        super().__init__(n_batches=3)
+        self.buffer = torch.zeros((8, 1, 96, 96))
+        self.handed: list[torch.Tensor] = []
+
+    def validation_step(self, batch, batch_idx):
+        g = torch.Generator().manual_seed(batch_idx)
+        self.buffer.copy_(torch.randn(self.buffer.shape, generator=g) * (batch_idx + 1))
+        self.handed.append(self.buffer.clone())
+        return {"anomaly_maps": self.buffer, "pred_scores": self.buffer.amax((1, 2, 3))}
+
+    def on_validation_batch_end(self, outputs, batch, batch_idx, dataloader_idx=0):
+        self.buffer.fill_(1e6)  # the model's scratch space, reused at once
+
+    def on_validation_epoch_end(self):
+        self.image_threshold.value = torch.linspace(0, 2, 5)[torch.tensor(3)]  # 1.5
+
+    def _layout(self, key, seed, dataloader_idx):
+        outputs = h.make_outputs(seed, n=4, scale=4.0, boxes=False)
+        if dataloader_idx == 1:
+            del outputs["anomaly_maps"]
+        self.raw.setdefault(key, []).append(h.clone(outputs))
+        return outputs
+
+    def test_step(self, batch, batch_idx, dataloader_idx=0):
+        return self._layout(("test", 0), 100 * dataloader_idx + batch_idx, dataloader_idx)
+
+    def predict_step(self, batch, batch_idx, dataloader_idx=0):
+        return self._layout(("predict", 0), 50 + 100 * dataloader_idx + batch_idx, dataloader_idx)
+
+    def test_dataloader(self):
+        return [self._indices(), self._indices()]
+
+    predict_dataloader = test_dataloader
+
+
+@lt_marks
+def test_a_trainer_with_a_reused_buffer_an_inference_threshold_and_two_layouts():
+    ns = lt.namespace(compat.ANY_NAMESPACE)
+    module = type("Reusing", (_ReusingLogic, ns.Module), {})()
+    recorder = ns.Recorder()
+    trainer = ns.Trainer(**lt.TRAINER, callbacks=[ns.Callback(), recorder])
+    trainer.validate(module, verbose=False)
+    lo, hi = reference.min_max(*[t.numpy() for t in module.handed])
+    assert module.normalization_metrics.read()["image"] == pytest.approx((lo, hi), rel=1e-7)
+    assert module.image_threshold.value.is_inference()
+
+    trainer.test(module, verbose=False)
+    assert len(recorder.tested) == 6
+    for got, raw in zip(recorder.tested, module.raw[("test", 0)], strict=True):
+        h.assert_matches_reference(got, raw, 1.5, PIXEL_T, lo, hi)
+    predicted = [p for per_loader in trainer.predict(module) for p in per_loader]
+    assert len(predicted) == 6
+    for got, raw in zip(predicted, module.raw[("predict", 0)], strict=True):
+        h.assert_matches_reference(got, raw, 1.5, PIXEL_T, lo, hi)
