@@ -582,8 +582,21 @@ def test_unchanged_thresholds_and_stats_are_not_read_again_per_batch(monkeypatch
     assert CountingTensor.reads == 5
 
 
-def test_inference_tensors_off_the_cpu_are_keyed_by_storage():
+def test_inference_tensors_off_the_cpu_are_keyed_by_identity():
     version = torch_compat._callback._version
+    assert version(torch.tensor(1.0)) == 0
+    with torch.inference_mode():
+        on_cpu, elsewhere = torch.tensor(1.0), torch.empty((), device="meta")
+    assert version(on_cpu) is None  # no version counter; reading it costs nothing
+    assert version(elsewhere) == "inference"  # reading it would wait for the device
+    watched = torch_compat._callback._Watched()
+    watched.remember((elsewhere,), (version(elsewhere),))
+    assert watched.unchanged((elsewhere,), ("inference",))
+    assert not watched.unchanged((torch.empty((), device="meta"),), ("inference",))
+
+
+def test_inference_tensors_off_the_cpu_are_keyed_by_storage():
+    version = torch_compat._callback._contents
     with torch.inference_mode():
         elsewhere = torch.empty((), device="meta")
     assert version(elsewhere) == ("inference", elsewhere.data_ptr())
@@ -596,7 +609,7 @@ def test_inference_tensors_off_the_cpu_are_keyed_by_storage():
 def test_cpu_sources_are_keyed_by_value():
     """A CPU read costs nothing: its value is the key, so writes the version counter misses
     are seen; NaN keys compare equal, and what is not one number is read (and named)."""
-    version = torch_compat._callback._version
+    version = torch_compat._callback._contents
     t = torch.tensor(1.5)
     assert version(t) == 1.5
     t.data.fill_(2.5)  # through .data: the version counter is not bumped

@@ -128,8 +128,8 @@ def _pad_rows(outputs: Any, buckets: batching.Buckets, phase: str) -> tuple[Any,
 
 
 class _Watched:
-    """Remembers which tensors (and which contents of them, see ``_version``) host values
-    came from.
+    """Remembers which tensors (and which contents of them: ``_contents``, or in-place
+    versions: ``_version``) host values came from.
 
     Reading a CUDA tensor's value on the host waits for the GPU; comparing identities,
     storages and version counters does not, so unchanged thresholds and statistics on an
@@ -163,6 +163,25 @@ def _on_host(value: torch.Tensor) -> bool:
 
 
 def _version(value: Any) -> Any:
+    """What tells an in-place write of ``value`` apart, without reading it; ``None``:
+    unknown, read it again. (anomalib 2's PostProcessor keys its buffers by this; the
+    callback by ``_contents``.)"""
+    if not isinstance(value, torch.Tensor):
+        return None
+    if value.is_inference():
+        # Inference tensors keep no version counter. On the CPU a read costs nothing; on an
+        # accelerator it would wait for the device at every batch, so there the tensor's
+        # identity decides (anomalib replaces its thresholds and states, not writes them).
+        return None if value.device.type == "cpu" else "inference"
+    return value._version
+
+
+def _versions(tensors: tuple) -> tuple | None:
+    versions = tuple(_version(t) for t in tensors)
+    return None if None in versions else versions
+
+
+def _contents(value: Any) -> Any:
     """What tells a change of ``value``'s contents apart without waiting for a device;
     ``None``: unknown, read it again.
 
@@ -189,9 +208,9 @@ def _version(value: Any) -> Any:
     return number if number == number else "nan"  # NaN keys compare equal
 
 
-def _versions(tensors: tuple) -> tuple | None:
-    versions = tuple(_version(t) for t in tensors)
-    return None if None in versions else versions
+def _contents_of(tensors: tuple) -> tuple | None:
+    keys = tuple(_contents(t) for t in tensors)
+    return None if None in keys else keys
 
 
 def _check_not_meta(source: str, key: str, value: Any) -> None:
@@ -216,7 +235,7 @@ class _Plan:
     predict, the same thresholds and statistics). The first such batch runs every check of
     the full path, then leaves this plan behind. A later batch that matches it (type, dtype,
     shape, device and layout compared on the host; thresholds and statistics by identity and
-    ``_version``) skips what the first one established:
+    ``_contents``) skips what the first one established:
 
     - test/predict: one import per key with one stream ordering, one jitted call for every
       key, and one zero-copy export per key;
@@ -381,7 +400,7 @@ class MinMaxNormalizationHooks:
         return metrics
 
     def _sources(self, pl_module: Any) -> tuple | None:
-        """The thresholds' and statistics' objects and their contents' keys (``_version``),
+        """The thresholds' and statistics' objects and their contents' keys (``_contents``),
         for a plan to compare (objects by identity, keys by equality); ``None`` when a key
         is unknown (e.g. a tensor that is not one number): such sources are read at every
         batch."""
@@ -393,7 +412,7 @@ class MinMaxNormalizationHooks:
             objects.append(getattr(getattr(pl_module, name, None), "value", None))
         versions = []
         for value in objects[1:]:
-            version = None if value is None else _version(value)
+            version = None if value is None else _contents(value)
             if version is None and value is not None:
                 return None
             versions.append(version)
@@ -420,7 +439,7 @@ class MinMaxNormalizationHooks:
             metrics = self._metrics(pl_module)
         pairs = stat_tensors(metrics, self.hook.stats_mode)  # raises, naming what is there
         tensors = tuple(t for pair in pairs.values() for _, t in pair)
-        versions = _versions(tensors)
+        versions = _contents_of(tensors)
         if self._stats_source.unchanged(tensors, versions):
             return
         source = "checkpoint" if getattr(metrics, "loaded_from_checkpoint", False) else ATTRIBUTE
@@ -463,7 +482,7 @@ class MinMaxNormalizationHooks:
                 raise AttributeError(
                     f"pl_module.{name}.value is missing; {_ATTRIBUTE_HINT}"
                 ) from None
-            versions = _versions((value,))
+            versions = _contents_of((value,))
             if watched.unchanged((value,), versions):
                 continue
             if isinstance(value, torch.Tensor):
@@ -573,7 +592,7 @@ class MinMaxNormalizationHooks:
         write_stats(metrics, self.hook.stats_mode, self.hook.host_stats())
         pairs = stat_tensors(metrics, self.hook.stats_mode)
         tensors = tuple(t for pair in pairs.values() for _, t in pair)
-        self._stats_source.remember(tensors, _versions(tensors))
+        self._stats_source.remember(tensors, _contents_of(tensors))
         if error is not None:
             raise error
 
