@@ -7,6 +7,7 @@ This module imports no Lightning namespace: ``torch_compat.pytorch_lightning`` a
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -157,9 +158,8 @@ class _Watched:
         self.remember((), None)
 
 
-def _on_host(value: torch.Tensor) -> bool:
-    """Whether reading ``value`` waits for no device (a test stands in accelerators here)."""
-    return value.is_cpu
+# Whether reading a tensor waits for no device (a test stands in accelerators here).
+_on_host = operator.attrgetter("is_cpu")
 
 
 def _version(value: Any) -> Any:
@@ -192,15 +192,19 @@ def _contents(value: Any) -> Any:
     version counter decide, and for inference tensors (no counter) the storage alone
     (anomalib replaces its thresholds and states rather than writing them).
     """
-    if isinstance(value, torch.Tensor) and not _on_host(value):
-        if value.is_inference():
-            return ("inference", value.data_ptr())
-        return (value._version, value.data_ptr())
-    if isinstance(value, (torch.Tensor, np.ndarray, np.generic)):
+    if isinstance(value, torch.Tensor):
+        if not _on_host(value):
+            if value.is_inference():
+                return ("inference", value.data_ptr())
+            return (value._version, value.data_ptr())
         try:
             number = value.item()
-        except (RuntimeError, ValueError):  # not one number: the caller reads and names it
+        except RuntimeError:  # not one number: the caller reads it and names the problem
             return None
+    elif isinstance(value, (np.ndarray, np.generic)):
+        if value.size != 1:
+            return None
+        number = value.item()
     elif isinstance(value, (int, float)):
         number = value
     else:
