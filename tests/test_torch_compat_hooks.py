@@ -562,7 +562,10 @@ class CountingTensor(torch.Tensor):
         return super().item()
 
 
-def test_unchanged_thresholds_and_stats_are_not_read_again_per_batch():
+def test_unchanged_thresholds_and_stats_are_not_read_again_per_batch(monkeypatch):
+    # As on an accelerator, where a read waits for the device (CPU values are read: see
+    # test_cpu_sources_are_keyed_by_value).
+    monkeypatch.setattr(torch_compat._callback, "_on_host", lambda t: False)
     module, cb = fitted([make_outputs(0)])
     for threshold in (module.image_threshold, module.pixel_threshold):
         threshold.value = threshold.value.as_subclass(CountingTensor)
@@ -590,6 +593,33 @@ def test_inference_tensors_off_the_cpu_are_keyed_by_identity():
     watched.remember((elsewhere,), (version(elsewhere),))
     assert watched.unchanged((elsewhere,), ("inference",))
     assert not watched.unchanged((torch.empty((), device="meta"),), ("inference",))
+
+
+def test_inference_tensors_off_the_cpu_are_keyed_by_storage():
+    version = torch_compat._callback._contents
+    with torch.inference_mode():
+        elsewhere = torch.empty((), device="meta")
+    assert version(elsewhere) == ("inference", elsewhere.data_ptr())
+    watched = torch_compat._callback._Watched()
+    watched.remember((elsewhere,), (version(elsewhere),))
+    assert watched.unchanged((elsewhere,), (version(elsewhere),))
+    assert not watched.unchanged((torch.empty((), device="meta"),), (version(elsewhere),))
+
+
+def test_cpu_sources_are_keyed_by_value():
+    """A CPU read costs nothing: its value is the key, so writes the version counter misses
+    are seen; NaN keys compare equal, and what is not one number is read (and named)."""
+    version = torch_compat._callback._contents
+    t = torch.tensor(1.5)
+    assert version(t) == 1.5
+    t.data.fill_(2.5)  # through .data: the version counter is not bumped
+    t.numpy()[...] = 3.5  # nor through a numpy alias
+    assert t._version == 0 and version(t) == 3.5
+    with torch.inference_mode():
+        inference = torch.tensor(0.25)
+    assert version(inference) == 0.25
+    assert version(torch.tensor(math.nan)) == version(torch.tensor(-math.nan))
+    assert version(torch.zeros(2)) is None
 
 
 def test_random_batch_sizes_compile_logarithmically_through_the_callback():

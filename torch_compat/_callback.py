@@ -7,10 +7,12 @@ This module imports no Lightning namespace: ``torch_compat.pytorch_lightning`` a
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 import torch
 
 from jaxnorm import MinMax as JaxMinMax
@@ -43,7 +45,7 @@ def _check_tensor(key: str, value: Any) -> torch.Tensor:
 class _JaxView(Mapping):
     """The normalized keys of a step's outputs, converted to jax on first access."""
 
-    __slots__ = ("_outputs", "_keys", "_cache")
+    __slots__ = ("_outputs", "_keys", "_cache", "devices")
 
     def __init__(self, outputs: Any) -> None:
         if not isinstance(outputs, Mapping):
@@ -54,6 +56,7 @@ class _JaxView(Mapping):
         self._outputs = outputs
         self._keys = [key for key in NORMALIZED_KEYS if key in outputs]
         self._cache: dict[str, Any] = {}
+        self.devices: set[torch.device] = set()  # of the tensors converted so far
 
     def __getitem__(self, key: str) -> Any:
         if key not in self._cache:
@@ -61,13 +64,25 @@ class _JaxView(Mapping):
                 raise KeyError(key)
             value = self._outputs[key]
             if key == "box_scores" and isinstance(value, (list, tuple)):
+                tensors = [_check_tensor(f"{key}[{i}]", b) for i, b in enumerate(value)]
+                # Flat, as anomalib's torch.cat takes (k, 1) or (k,) entries alike; each
+                # comes back in its own shape.
                 self._cache[key] = [
-                    to_jax(_check_tensor(f"{key}[{i}]", b), name=f"outputs['{key}'][{i}]")
-                    for i, b in enumerate(value)
+                    to_jax(b.reshape(-1), name=f"outputs['{key}'][{i}]")
+                    for i, b in enumerate(tensors)
                 ]
+                self.devices.update(b.device for b in tensors)
+            elif key == "box_scores" and isinstance(value, torch.Tensor):
+                raise ValueError(
+                    f"outputs['box_scores']: expected a list with one tensor of box scores "
+                    f"per image (anomalib's outputs protocol), got one tensor of shape "
+                    f"{tuple(value.shape)}; wrap the per-image tensors in a list."
+                )
             else:
                 # Anything else goes to the hook, which names what is wrong with it.
-                self._cache[key] = to_jax(_check_tensor(key, value), name=f"outputs['{key}']")
+                t = _check_tensor(key, value)
+                self._cache[key] = to_jax(t, name=f"outputs['{key}']")
+                self.devices.add(t.device)
         return self._cache[key]
 
     def __contains__(self, key: object) -> bool:
@@ -114,10 +129,12 @@ def _pad_rows(outputs: Any, buckets: batching.Buckets, phase: str) -> tuple[Any,
 
 
 class _Watched:
-    """Remembers which tensors (and which in-place versions of them) host values came from.
+    """Remembers which tensors (and which contents of them: ``_contents``, or in-place
+    versions: ``_version``) host values came from.
 
-    Reading a CUDA tensor's value on the host waits for the GPU; comparing identities and
-    version counters does not, so unchanged thresholds and statistics are never read again.
+    Reading a CUDA tensor's value on the host waits for the GPU; comparing identities,
+    storages and version counters does not, so unchanged thresholds and statistics on an
+    accelerator are never read again.
     """
 
     __slots__ = ("tensors", "versions")
@@ -141,8 +158,14 @@ class _Watched:
         self.remember((), None)
 
 
+# Whether reading a tensor waits for no device (a test stands in accelerators here).
+_on_host = operator.attrgetter("is_cpu")
+
+
 def _version(value: Any) -> Any:
-    """What tells an in-place write of ``value`` apart; ``None``: unknown, read it again."""
+    """What tells an in-place write of ``value`` apart, without reading it; ``None``:
+    unknown, read it again. (anomalib 2's PostProcessor keys its buffers by this; the
+    callback by ``_contents``.)"""
     if not isinstance(value, torch.Tensor):
         return None
     if value.is_inference():
@@ -156,6 +179,42 @@ def _version(value: Any) -> Any:
 def _versions(tensors: tuple) -> tuple | None:
     versions = tuple(_version(t) for t in tensors)
     return None if None in versions else versions
+
+
+def _contents(value: Any) -> Any:
+    """What tells a change of ``value``'s contents apart without waiting for a device;
+    ``None``: unknown, read it again.
+
+    On the CPU (and for Python or numpy numbers) the value itself, read (~0.2 us): it sees
+    every write, also those that leave the version counter as it was (through ``.data``, a
+    numpy alias, inference mode) or swap the storage (``t.data = ...``). On an accelerator
+    a read would wait for the device at every batch, so the storage and the in-place
+    version counter decide, and for inference tensors (no counter) the storage alone
+    (anomalib replaces its thresholds and states rather than writing them).
+    """
+    if isinstance(value, torch.Tensor):
+        if not _on_host(value):
+            if value.is_inference():
+                return ("inference", value.data_ptr())
+            return (value._version, value.data_ptr())
+        try:
+            number = value.item()
+        except RuntimeError:  # not one number: the caller reads it and names the problem
+            return None
+    elif isinstance(value, (np.ndarray, np.generic)):
+        if value.size != 1:
+            return None
+        number = value.item()
+    elif isinstance(value, (int, float)):
+        number = value
+    else:
+        return None
+    return number if number == number else "nan"  # NaN keys compare equal
+
+
+def _contents_of(tensors: tuple) -> tuple | None:
+    keys = tuple(_contents(t) for t in tensors)
+    return None if None in keys else keys
 
 
 def _check_not_meta(source: str, key: str, value: Any) -> None:
@@ -180,7 +239,7 @@ class _Plan:
     predict, the same thresholds and statistics). The first such batch runs every check of
     the full path, then leaves this plan behind. A later batch that matches it (type, dtype,
     shape, device and layout compared on the host; thresholds and statistics by identity and
-    in-place version) skips what the first one established:
+    ``_contents``) skips what the first one established:
 
     - test/predict: one import per key with one stream ordering, one jitted call for every
       key, and one zero-copy export per key;
@@ -206,6 +265,7 @@ class _Plan:
         "also",
         "others",
         "device",
+        "cpu",
         "pinned",
         "fn",
         "params",
@@ -231,8 +291,9 @@ class _Plan:
         self.also = tuple(k for k in present if k not in keys)
         self.others = tuple(k for k in NORMALIZED_KEYS if k not in present)
         self.device = device
+        self.cpu = device.type == "cpu"
         # DLPack labels pinned memory as CUDA host memory: those take to_jax's copy.
-        self.pinned = device.type == "cpu" and _dlpack._cuda_available()
+        self.pinned = self.cpu and _dlpack._cuda_available()
         self.fn = fn
         self.params = params
         self.sources = sources
@@ -255,7 +316,10 @@ class _Plan:
                 return None
             if self.pinned and t.is_pinned():
                 return None
-            tensors.append(t.detach() if t.requires_grad else t)
+            t = t.detach() if t.requires_grad else t
+            if self.cpu and t.data_ptr() % _dlpack.CPU_ALIGNMENT:
+                t = t.clone()  # a storage offset: copied here rather than by jax (to_jax)
+            tensors.append(t)
         for key in self.also:
             if key not in outputs:
                 return None
@@ -340,9 +404,10 @@ class MinMaxNormalizationHooks:
         return metrics
 
     def _sources(self, pl_module: Any) -> tuple | None:
-        """The thresholds' and statistics' objects with their in-place versions, for a plan to
-        compare by identity; ``None`` when a version is unknown (e.g. a float threshold, an
-        inference tensor on the CPU): such sources are read at every batch."""
+        """The thresholds' and statistics' objects and their contents' keys (``_contents``),
+        for a plan to compare (objects by identity, keys by equality); ``None`` when a key
+        is unknown (e.g. a tensor that is not one number): such sources are read at every
+        batch."""
         metrics = getattr(pl_module, ATTRIBUTE, None)
         objects = [metrics, getattr(metrics, "min", None), getattr(metrics, "max", None)]
         if self.hook.stats_mode == "separate":
@@ -351,20 +416,19 @@ class MinMaxNormalizationHooks:
             objects.append(getattr(getattr(pl_module, name, None), "value", None))
         versions = []
         for value in objects[1:]:
-            version = None if value is None else _version(value)
+            version = None if value is None else _contents(value)
             if version is None and value is not None:
                 return None
             versions.append(version)
-        return (*objects, *versions)
+        return tuple(objects), tuple(versions)
 
     def _sources_unchanged(self, pl_module: Any, sources: tuple) -> bool:
         now = self._sources(pl_module)
-        return (
-            now is not None
-            and len(now) == len(sources)
-            and all(
-                a is b or (type(a) is int and a == b) for a, b in zip(now, sources, strict=True)
-            )
+        if now is None:
+            return False
+        (objects, versions), (was_objects, was_versions) = now, sources
+        return versions == was_versions and all(
+            a is b for a, b in zip(objects, was_objects, strict=True)
         )
 
     def _load_stats(self, pl_module: Any) -> None:
@@ -379,7 +443,7 @@ class MinMaxNormalizationHooks:
             metrics = self._metrics(pl_module)
         pairs = stat_tensors(metrics, self.hook.stats_mode)  # raises, naming what is there
         tensors = tuple(t for pair in pairs.values() for _, t in pair)
-        versions = _versions(tensors)
+        versions = _contents_of(tensors)
         if self._stats_source.unchanged(tensors, versions):
             return
         source = "checkpoint" if getattr(metrics, "loaded_from_checkpoint", False) else ATTRIBUTE
@@ -422,7 +486,7 @@ class MinMaxNormalizationHooks:
                 raise AttributeError(
                     f"pl_module.{name}.value is missing; {_ATTRIBUTE_HINT}"
                 ) from None
-            versions = _versions((value,))
+            versions = _contents_of((value,))
             if watched.unchanged((value,), versions):
                 continue
             if isinstance(value, torch.Tensor):
@@ -435,7 +499,10 @@ class MinMaxNormalizationHooks:
                 number = value.item()
             else:
                 number = value
-            setattr(self.hook, name, number)
+            try:
+                setattr(self.hook, name, number)
+            except ValueError as error:
+                raise ValueError(f"pl_module.{name}.value: {error}") from None
             watched.remember((value,), versions)
 
     # -- Lightning hooks -------------------------------------------------------------------
@@ -489,12 +556,26 @@ class MinMaxNormalizationHooks:
             if tensors is not None:
                 arrays = _dlpack.import_batch(tensors, plan.device)
                 self.hook._fold(dict(zip(plan.keys, arrays, strict=True)), {}, plan.routes)
+                self._release(plan.device)
                 return
             self._validation_plan = None
         padded, n = _pad_rows(outputs, self.hook._buckets, batching.VALIDATION)
-        self.hook.on_validation_batch_end(_JaxView(padded), valid_rows=n)
+        view = _JaxView(padded)
+        self.hook.on_validation_batch_end(view, valid_rows=n)
+        for device in view.devices:
+            self._release(device)
         if n is None:
             self._validation_plan = self._make_validation_plan(outputs)
+
+    def _release(self, device: torch.device) -> None:
+        """Hands the batch's tensors back to torch once the fold has read them.
+
+        The fold reads them zero-copy and asynchronously; a caller may write an output
+        tensor in place once the hook has returned (a reused buffer, the same tensor sent
+        again), as anomalib's synchronous update allowed. On CUDA torch's stream waits for
+        the fold (no host wait); on the CPU the host does.
+        """
+        _dlpack.wait_for(self.hook._state.counters, device)
 
     def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         """All-reduces the statistics under DDP and stores them in ``normalization_metrics``.
@@ -515,7 +596,7 @@ class MinMaxNormalizationHooks:
         write_stats(metrics, self.hook.stats_mode, self.hook.host_stats())
         pairs = stat_tensors(metrics, self.hook.stats_mode)
         tensors = tuple(t for pair in pairs.values() for _, t in pair)
-        self._stats_source.remember(tensors, _versions(tensors))
+        self._stats_source.remember(tensors, _contents_of(tensors))
         if error is not None:
             raise error
 
@@ -583,7 +664,8 @@ class MinMaxNormalizationHooks:
             like = outputs[key]
             if key == "box_scores" and isinstance(like, (list, tuple)):
                 outputs[key] = [
-                    host_to_torch(n, b) for n, b in zip(normalized[key], like, strict=True)
+                    host_to_torch(n, b).reshape(b.shape)
+                    for n, b in zip(normalized[key], like, strict=True)
                 ]
             else:
                 out = to_torch(normalized[key], like)

@@ -5,8 +5,9 @@
 ``to_torch`` hands a jax result back the same way and restores the tensor's dtype and device.
 
 Copies happen only where they must:
-  - a non-contiguous tensor is made contiguous, and a misaligned one (a view with an offset)
-    is copied by jax; so is a pinned CPU tensor;
+  - a non-contiguous tensor is made contiguous, and a misaligned CPU one (a view with a
+    storage offset) is copied by torch (jax would copy it, and jaxlib 0.6/0.7 log a warning
+    per tensor); so is a pinned CPU tensor;
   - float64 is narrowed to float32 unless jax runs with ``jax_enable_x64`` (the result is cast
     back to float64);
   - a tensor on a device jax cannot read (CUDA while jax is CPU-only, MPS, XPU...) goes
@@ -80,6 +81,10 @@ _FAST_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16, torch.in
 _WIDE_INTS = frozenset(dt for dt in (torch.int64, getattr(torch, "uint64", None)) if dt is not None)
 
 _BFLOAT16 = np.dtype(jax.numpy.bfloat16)
+
+# jax's CPU client reads DLPack memory in place only at this alignment (torch's CPU allocator
+# gives it); a view that starts elsewhere (a storage offset) is copied.
+CPU_ALIGNMENT = 64
 
 
 class HostCopyWarning(UserWarning):
@@ -221,6 +226,8 @@ def to_jax(tensor: torch.Tensor, *, name: str = "tensor") -> jax.Array:
         t = t.float()
     if not t.is_contiguous():
         t = t.contiguous()
+    elif t.is_cpu and t.data_ptr() % CPU_ALIGNMENT:
+        t = t.clone()  # jax would copy it too, and jaxlib 0.6/0.7 log a warning each time
     return _from_dlpack(t)
 
 
@@ -356,3 +363,21 @@ def export_batch(
 
 
 _export_whole = True  # jaxlib takes a single-device jax.Array as it is
+
+
+def wait_for(array: jax.Array, device: torch.device) -> None:
+    """Orders torch's later work on ``device`` after the jax computation that made ``array``.
+
+    Once that computation is done, jax has read the tensors it imported zero-copy from
+    ``device``: torch may then write them in place, or reuse their memory. On CUDA, torch's
+    current stream waits for ``array`` (an event, as an export orders it: the host does not
+    wait); on the CPU there are no streams, so the host waits. Tensors of a device jax
+    cannot read went through host memory (``to_jax``'s copy): nothing to order.
+    """
+    if device.type == "cpu":
+        array.block_until_ready()
+    elif jax_reads_device(device):
+        if batch_device_ok(device):
+            export_batch([array], device)
+        else:
+            torch.from_dlpack(array)  # the public export orders torch's current stream too
