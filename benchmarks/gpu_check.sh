@@ -6,13 +6,14 @@
 # issues 11's and 14's GPU targets, then the shim's per-batch probe (test and validation,
 # fresh tensors each batch, against anomalib 0.7's callback, with the steps of the steady
 # test path timed apart), at tiny and real map sizes, and normalize with jax-array statistics
-# against float ones (probes/normalize_stats_probe.py). Needs jax with CUDA, torch with CUDA,
+# against float ones (probes/normalize_stats_probe.py), and the CUDA exchange's stream
+# orderings and alignment (probes/cuda_exchange_probe.py). Needs jax with CUDA, torch with CUDA,
 # lightning, flax, pytest and hypothesis on the machine; run from the repository root:
 #   OUT=/tmp/gpu bash benchmarks/gpu_check.sh
 # Results land in $OUT: copy <machine>.json/.md into benchmarks/results/ and run
 # `make bench-replot` to publish them (a run of every case is what the README's headline
 # block, docs/_generated/benchmarks.md and the plot read).
-# Knobs: TEST_TIMEOUT, BENCH_TIMEOUT and PROBE_TIMEOUT (seconds; 150 + 360 + 3 x 20 by
+# Knobs: TEST_TIMEOUT, BENCH_TIMEOUT and PROBE_TIMEOUT (seconds; 150 + 360 + 4 x 20 by
 # default, to fit one 10-minute device call), CASES (comma-separated, default every case; a
 # subset is published only for the cases the full run lacks), QUICK=1 for a smoke run of the harness on the GPU,
 # PROBES=0 to skip the probe.
@@ -50,5 +51,7 @@ if [[ "${PROBES:-1}" == 1 ]]; then
   done
   timeout "${PROBE_TIMEOUT:-20}" python3 benchmarks/probes/normalize_stats_probe.py --rounds 7 \
     2>&1 | tee -a "$OUT/shim_probe.log"
+  timeout "${PROBE_TIMEOUT:-20}" python3 benchmarks/probes/cuda_exchange_probe.py 2>&1 \
+    | tee "$OUT/cuda_exchange_probe.log"
   echo "probe: done after $((SECONDS - start)) s"
 fi

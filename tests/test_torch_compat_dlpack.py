@@ -306,3 +306,49 @@ def test_cuda_steady_batches_through_the_callback_wait_for_torchs_writes():
         )
     if _dlpack.batch_device_ok(outputs["pred_scores"].device):
         assert cb._plan is not None  # the later batches took the steady path
+
+
+@requires_cuda
+@pytest.mark.parametrize("offset", [1, 64])  # 4 and 256 bytes into the storage
+def test_cuda_views_with_a_storage_offset_are_copied_before_jax_reads_them(offset):
+    """XLA:GPU refuses a misaligned entry parameter when it runs (no copy, unlike its CPU
+    client): to_jax and the callback's steady path hand jax an aligned copy instead."""
+    if not _dlpack.jax_reads_device(torch.device("cuda")):
+        pytest.skip("jax has no GPU backend here")
+    base = torch.arange(32 * 65, dtype=torch.float32, device="cuda")
+    view = base[offset : offset + 32 * 64].view(32, 64)
+    assert view.is_contiguous() and _dlpack.misaligned(view) == (offset == 1)
+    a = to_jax(view)
+    assert a.unsafe_buffer_pointer() % _dlpack.CUDA_ALIGNMENT == 0
+    np.testing.assert_array_equal(np.asarray(jax.jit(lambda x: x * 2)(a)), 2 * view.cpu().numpy())
+
+
+def _offset_copy(t: torch.Tensor, offset: int = 1) -> torch.Tensor:
+    """``t``'s values in a contiguous view that starts ``offset`` elements into its storage."""
+    base = torch.empty(t.numel() + offset, dtype=t.dtype, device=t.device)
+    view = base[offset:].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+@requires_cuda
+@pytest.mark.filterwarnings("ignore::torch_compat.HostCopyWarning")
+def test_cuda_misaligned_outputs_through_the_callback_full_and_steady_paths():
+    from tests import test_torch_compat_hooks as h
+
+    module = h.Module().cuda()
+    cb = h.MinMaxNormalizationCallback()
+    cb.setup(None, module, "fit")
+    val = [
+        {k: _offset_copy(v.cuda()) for k, v in h.make_outputs(i, boxes=False).items()}
+        for i in range(3)
+    ]
+    h.validate(cb, module, val)
+    lo, hi = module.normalization_metrics.read()["image"]
+    for seed in (1, 2, 3):  # the first batch leaves a plan, the later ones take it
+        raw = h.make_outputs(seed, boxes=False)
+        outputs = {k: _offset_copy(v.cuda()) for k, v in raw.items()}
+        cb.on_test_batch_end(None, module, outputs, None, 0)
+        h.assert_matches_reference(
+            {k: v.cpu() for k, v in outputs.items()}, raw, h.IMAGE_T, h.PIXEL_T, lo, hi
+        )

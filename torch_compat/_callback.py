@@ -317,8 +317,8 @@ class _Plan:
             if self.pinned and t.is_pinned():
                 return None
             t = t.detach() if t.requires_grad else t
-            if self.cpu and t.data_ptr() % _dlpack.CPU_ALIGNMENT:
-                t = t.clone()  # a storage offset: copied here rather than by jax (to_jax)
+            if _dlpack.misaligned(t):
+                t = t.clone()  # a storage offset: copied here, as to_jax does
             tensors.append(t)
         for key in self.also:
             if key not in outputs:

@@ -5,9 +5,9 @@
 ``to_torch`` hands a jax result back the same way and restores the tensor's dtype and device.
 
 Copies happen only where they must:
-  - a non-contiguous tensor is made contiguous, and a misaligned CPU one (a view with a
-    storage offset) is copied by torch (jax would copy it, and jaxlib 0.6/0.7 log a warning
-    per tensor); so is a pinned CPU tensor;
+  - a non-contiguous tensor is made contiguous, and a misaligned one (a view with a storage
+    offset, see ``CPU_ALIGNMENT``) is copied by torch: on the CPU jax would copy it anyway,
+    and XLA:GPU refuses it; so is a pinned CPU tensor;
   - float64 is narrowed to float32 unless jax runs with ``jax_enable_x64`` (the result is cast
     back to float64);
   - a tensor on a device jax cannot read (CUDA while jax is CPU-only, MPS, XPU...) goes
@@ -82,9 +82,18 @@ _WIDE_INTS = frozenset(dt for dt in (torch.int64, getattr(torch, "uint64", None)
 
 _BFLOAT16 = np.dtype(jax.numpy.bfloat16)
 
-# jax's CPU client reads DLPack memory in place only at this alignment (torch's CPU allocator
-# gives it); a view that starts elsewhere (a storage offset) is copied.
+# Where jax reads DLPack memory in place. Its CPU client copies a buffer that does not start at
+# 64 bytes (and jaxlib 0.6/0.7 log a warning each time); XLA:GPU copies nothing and refuses a
+# misaligned entry parameter when the computation runs (16 bytes in XLA's sources; 256 here,
+# a margin that torch's CUDA allocator meets with its 512-byte blocks). So a view that starts
+# elsewhere (a storage offset: ``t[1:]``, a ``split`` chunk) is copied by torch first.
 CPU_ALIGNMENT = 64
+CUDA_ALIGNMENT = 256
+
+
+def misaligned(t: torch.Tensor) -> bool:
+    """Whether jax would copy (CPU) or refuse (CUDA) ``t``'s memory as it is."""
+    return t.data_ptr() % (CPU_ALIGNMENT if t.is_cpu else CUDA_ALIGNMENT) != 0
 
 
 class HostCopyWarning(UserWarning):
@@ -122,8 +131,8 @@ def _jax_gpu(index: int) -> tuple[jax.Device | None, int | None]:
         return None, None
     device = matches[0]
     try:
-        # Fixed per device (PJRT's external-ready-event stream); jax.dlpack.from_dlpack asks
-        # for it at every call.
+        # PJRT hands out its external-ready-event streams round-robin (4 per device) and
+        # accepts any of them: one is kept, where jax.dlpack.from_dlpack asks at every call.
         stream = device.get_stream_for_external_ready_events()
     except Exception:  # noqa: BLE001  UNIMPLEMENTED on some backends: no stream, as jax does
         stream = None
@@ -226,8 +235,8 @@ def to_jax(tensor: torch.Tensor, *, name: str = "tensor") -> jax.Array:
         t = t.float()
     if not t.is_contiguous():
         t = t.contiguous()
-    elif t.is_cpu and t.data_ptr() % CPU_ALIGNMENT:
-        t = t.clone()  # jax would copy it too, and jaxlib 0.6/0.7 log a warning each time
+    elif misaligned(t):
+        t = t.clone()  # see CPU_ALIGNMENT: a fresh tensor starts aligned
     return _from_dlpack(t)
 
 
@@ -285,7 +294,7 @@ def _cuda_index(device: torch.device) -> int:
 
 @functools.cache
 def _jax_stream_as_torch(index: int, stream: int) -> torch.cuda.ExternalStream:
-    # jax's external-ready-events stream is fixed per device: wrap it once.
+    # The external-ready-events stream kept per device by _jax_gpu: wrap it once.
     return torch.cuda.ExternalStream(stream, device=torch.device("cuda", index))
 
 
