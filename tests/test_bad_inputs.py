@@ -87,6 +87,28 @@ def test_empty_pair_still_means_no_statistics():
         hook.on_test_start()
 
 
+@pytest.mark.parametrize("stats", ["shared", "separate"])
+def test_all_scores_omitted_says_validation_ran_and_how_many_were_left_out(stats):
+    hook = jaxnorm.MinMaxNormalizationHook(nonfinite="omit", stats=stats)
+    hook.on_validation_epoch_start()
+    hook.on_validation_batch_end(
+        {
+            "pred_scores": np.full(4, np.nan, np.float32),
+            "anomaly_maps": np.full((4, 1, 2, 2), np.inf, np.float32),
+        }
+    )
+    hook.on_validation_epoch_end()
+    # shared statistics come from the maps (16 values); separate ones name the image pair
+    count = 16 if stats == "shared" else 4
+    with pytest.raises(
+        jaxnorm.StatisticsMissingError, match=f"validation ran, but all {count} of its scores"
+    ):
+        hook.on_test_start()
+    fresh = jaxnorm.MinMaxNormalizationHook(nonfinite="omit", stats=stats)
+    with pytest.raises(jaxnorm.StatisticsMissingError, match="run validation"):
+        fresh.on_test_start()
+
+
 def test_normalize_rejects_nonfinite_statistics_on_every_path():
     x = np.ones(3, np.float32)
     for lo, hi in ((jnp.float32(jnp.nan), jnp.float32(1)), (np.float32(0), np.float32(np.inf))):

@@ -475,6 +475,11 @@ class MinMaxNormalizationHook:
             )
         return self._params
 
+    def _omitted(self, which: str) -> int:
+        """How many non-finite scores validation left out of the ``which`` statistics (the
+        shared ones are counted under both names); read on the host, on the error path only."""
+        return hook_step.Record(self._state.counters).num_nonfinite[which]
+
     def _check_stats(self, keys) -> None:
         self._raise_pending()
         needed = {NORMALIZED_KEYS[k] for k in keys}
@@ -491,6 +496,15 @@ class MinMaxNormalizationHook:
                     if self.stats_mode == "separate"
                     else ""
                 )
+                omitted = self._omitted(which)
+                if omitted:
+                    raise errors.StatisticsMissingError(
+                        f"no {label}normalization statistics: validation ran, but all "
+                        f"{omitted} of its scores were NaN or infinite and "
+                        "nonfinite='omit' left them out; fix the model's outputs (or load "
+                        "statistics with load_state_dict, load_json, set_stats) before test "
+                        "or predict; normalizing now would turn every score into 0.5."
+                    )
                 raise errors.StatisticsMissingError(
                     f"no {label}normalization statistics{seen}: run validation "
                     "(on_validation_batch_end) or load statistics (load_state_dict, "
