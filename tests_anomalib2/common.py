@@ -53,7 +53,8 @@ def write_folder(root: Path, seed: int = SEED) -> Path:
     return root
 
 
-def datamodule(root: Path):
+def datamodule(root: Path, masks: bool = True):
+    """The ``Folder`` datamodule; ``masks=False``: labels only, as a classification dataset."""
     from anomalib.data import Folder
 
     return Folder(
@@ -61,7 +62,7 @@ def datamodule(root: Path):
         root=root,
         normal_dir="good",
         abnormal_dir="bad",
-        mask_dir="mask",
+        mask_dir="mask" if masks else None,
         normal_split_ratio=0.25,
         train_batch_size=4,
         eval_batch_size=4,
@@ -83,15 +84,21 @@ class Spec:
     """One anomalib 2 image model, made small: its class name in ``anomalib.models`` and the
     constructor's arguments (no weights to download: ``pre_trained=False``), and whether it
     returns an ``anomaly_map`` (classification-only models return ``pred_score`` alone, so
-    their pixel buffers stay NaN, anomalib 2's "not set")."""
+    their pixel buffers stay NaN, anomalib 2's "not set"), and whether the dataset has masks
+    (without them the pixel threshold stays NaN, and anomalib's threshold matching uses the
+    image threshold for the maps)."""
 
     cls: str
     kwargs: dict
     maps: bool = True
+    masks: bool = True
 
 
+PADIM = {"backbone": "resnet18", "layers": ["layer1", "layer2"]}
 SPECS = {
-    "padim": Spec("Padim", {"backbone": "resnet18", "layers": ["layer1", "layer2"]}),
+    "padim": Spec("Padim", PADIM),
+    # maps, and a dataset without masks
+    "padim-no-masks": Spec("Padim", PADIM, masks=False),
     "patchcore": Spec(
         "Patchcore",
         # k-center greedy is slow on 2 cores
@@ -173,11 +180,12 @@ def train(name: str, kind: str, data: Path, out: Path) -> Run:
     m = model(name, kind)
     e = engine(out)
     seed_everything(SEED, workers=True)
-    e.fit(m, datamodule=datamodule(data))
+    masks = SPECS[name].masks
+    e.fit(m, datamodule=datamodule(data, masks))
     ckpt = Path(e.trainer.checkpoint_callback.best_model_path)
     seed_everything(SEED, workers=True)
-    (metrics,) = e.test(m, datamodule=datamodule(data))
-    predictions = e.predict(m, datamodule=datamodule(data))
+    (metrics,) = e.test(m, datamodule=datamodule(data, masks))
+    predictions = e.predict(m, datamodule=datamodule(data, masks))
     return Run(name, kind, m, e, ckpt, metrics, predictions, out)
 
 
