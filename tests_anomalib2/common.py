@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,6 @@ BUFFERS = (
     "_pixel_threshold",
 )
 FIELDS = ("pred_score", "anomaly_map", "pred_label", "pred_mask")
-MODELS = ("padim", "patchcore")
 
 
 def _texture(rng: np.random.Generator) -> np.ndarray:
@@ -53,7 +53,8 @@ def write_folder(root: Path, seed: int = SEED) -> Path:
     return root
 
 
-def datamodule(root: Path):
+def datamodule(root: Path, masks: bool = True):
+    """The ``Folder`` datamodule; ``masks=False``: labels only, as a classification dataset."""
     from anomalib.data import Folder
 
     return Folder(
@@ -61,7 +62,7 @@ def datamodule(root: Path):
         root=root,
         normal_dir="good",
         abnormal_dir="bad",
-        mask_dir="mask",
+        mask_dir="mask" if masks else None,
         normal_split_ratio=0.25,
         train_batch_size=4,
         eval_batch_size=4,
@@ -78,31 +79,71 @@ def post_processor(kind: str):
     return PostProcessor()
 
 
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """One anomalib 2 image model, made small: its class name in ``anomalib.models`` and the
+    constructor's arguments (no weights to download: ``pre_trained=False``), and whether it
+    returns an ``anomaly_map`` (classification-only models return ``pred_score`` alone, so
+    their pixel buffers stay NaN, anomalib 2's "not set"), and whether the dataset has masks
+    (without them the pixel threshold stays NaN, and anomalib's threshold matching uses the
+    image threshold for the maps)."""
+
+    cls: str
+    kwargs: dict
+    maps: bool = True
+    masks: bool = True
+
+
+PADIM = {"backbone": "resnet18", "layers": ["layer1", "layer2"]}
+SPECS = {
+    "padim": Spec("Padim", PADIM),
+    # maps, and a dataset without masks
+    "padim-no-masks": Spec("Padim", PADIM, masks=False),
+    "patchcore": Spec(
+        "Patchcore",
+        # k-center greedy is slow on 2 cores
+        {"backbone": "resnet18", "layers": ["layer2", "layer3"], "coreset_sampling_ratio": 0.02},
+    ),
+    # Image scores only (a narrow range, ~0.007 wide): the pixel buffers stay NaN.
+    "dfkde": Spec("Dfkde", {"backbone": "resnet18", "n_pca_components": 4}, maps=False),
+    # A GAN trained from scratch, image scores only, which the model min-max normalizes
+    # again itself in its own validation and test batch-end hooks (after the
+    # post-processor's); raw scores span ~0.002.
+    "ganomaly": Spec("Ganomaly", {"batch_size": 4}, maps=False),
+    # Trained by gradient descent (one epoch); scores all negative, shaped (N, 1).
+    "fastflow": Spec("Fastflow", {"backbone": "resnet18"}),
+    # Encoder-decoder distillation, trained for one epoch; scores shaped (N, 1).
+    "reverse_distillation": Spec("ReverseDistillation", {"backbone": "resnet18"}),
+}
+MODELS = tuple(SPECS)
+
+
 def model(name: str, kind: str):
-    """Padim or PatchCore, resnet18 without pretrained weights, 64x64, with ``kind``'s
-    PostProcessor; made right after seeding, so both kinds start from the same weights."""
-    from anomalib.models import Padim, Patchcore
+    """``name``'s model at 64x64 with ``kind``'s PostProcessor; made right after seeding, so
+    both kinds start from the same weights."""
+    import anomalib.models
     from lightning.pytorch import seed_everything
 
+    spec = SPECS[name]
+    cls = getattr(anomalib.models, spec.cls)
+    kwargs = dict(spec.kwargs)
+    if "pre_trained" in inspect.signature(cls.__init__).parameters:
+        kwargs["pre_trained"] = False
     seed_everything(SEED, workers=True)
-    if name == "padim":
-        return Padim(
-            backbone="resnet18",
-            layers=["layer1", "layer2"],
-            pre_trained=False,
-            pre_processor=Padim.configure_pre_processor(image_size=(IMAGE_SIZE, IMAGE_SIZE)),
-            post_processor=post_processor(kind),
-            visualizer=False,
-        )
-    return Patchcore(
-        backbone="resnet18",
-        layers=["layer2", "layer3"],
-        pre_trained=False,
-        coreset_sampling_ratio=0.02,  # k-center greedy is slow on 2 cores
-        pre_processor=Patchcore.configure_pre_processor(image_size=(IMAGE_SIZE, IMAGE_SIZE)),
+    return cls(
+        **kwargs,
+        pre_processor=pre_processor(name),
         post_processor=post_processor(kind),
         visualizer=False,
     )
+
+
+def pre_processor(name: str):
+    """``name``'s own pre-processor, at 64x64."""
+    import anomalib.models
+
+    cls = getattr(anomalib.models, SPECS[name].cls)
+    return cls.configure_pre_processor(image_size=(IMAGE_SIZE, IMAGE_SIZE))
 
 
 def engine(root: Path):
@@ -139,11 +180,12 @@ def train(name: str, kind: str, data: Path, out: Path) -> Run:
     m = model(name, kind)
     e = engine(out)
     seed_everything(SEED, workers=True)
-    e.fit(m, datamodule=datamodule(data))
+    masks = SPECS[name].masks
+    e.fit(m, datamodule=datamodule(data, masks))
     ckpt = Path(e.trainer.checkpoint_callback.best_model_path)
     seed_everything(SEED, workers=True)
-    (metrics,) = e.test(m, datamodule=datamodule(data))
-    predictions = e.predict(m, datamodule=datamodule(data))
+    (metrics,) = e.test(m, datamodule=datamodule(data, masks))
+    predictions = e.predict(m, datamodule=datamodule(data, masks))
     return Run(name, kind, m, e, ckpt, metrics, predictions, out)
 
 
