@@ -421,3 +421,23 @@ def test_functional_api_names_wrong_stats_and_outputs():
     for fn in (jaxnorm.normalize_outputs, jax.jit(jaxnorm.normalize_outputs)):
         got = fn(outputs, stats, 1.0, 2.0)["pred_scores"]
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_hook_that_folded_committed_values_copies_and_pickles(devices, how):
+    # The fold's placement cache holds a sharding, whose device does not pickle.
+    import copy
+    import pickle
+
+    rng = np.random.default_rng(7)
+    batches = [rng.normal(size=(4, 1, 8, 8)).astype(np.float32) for _ in range(3)]
+    hook = jaxnorm.MinMaxNormalizationHook()
+    hook.on_validation_epoch_start()
+    for b in batches[:2]:
+        hook.on_validation_batch_end({"anomaly_maps": jax.device_put(b, devices[1])})
+    twin = copy.deepcopy(hook) if how == "deepcopy" else pickle.loads(pickle.dumps(hook))
+    for h in (hook, twin):
+        h.on_validation_batch_end({"anomaly_maps": jax.device_put(batches[2], devices[1])})
+        h.on_validation_epoch_end()
+        lo, hi = h.host_stats()["image"]
+        assert (lo, hi) == reference.min_max(*batches)

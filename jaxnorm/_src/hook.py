@@ -571,6 +571,13 @@ class MinMaxNormalizationHook:
         hook.load_json(source)
         return hook
 
+    def __getstate__(self) -> dict:
+        # Copies and pickles drop the placement cache of ``_fold``: jax's devices do not
+        # pickle, and a copy places its state again at its first fold.
+        state = self.__dict__.copy()
+        state["_folded"] = state["_folded_at"] = None
+        return state
+
     def __repr__(self) -> str:
         # Not host_stats(): a repr (a debugger, a log line) must neither raise nor consume
         # the pending non-finite error that on_validation_epoch_end is to raise.
