@@ -326,3 +326,26 @@ def test_unusable_buffers_are_named_before_any_batch_is_normalized(values, match
     # NaN is anomalib's "not set", not an error
     set_buffers(ours, {**STATS, "image_max": NAN, "_pixel_threshold": NAN})
     ours.on_test_batch_end(None, None, batch(fields))
+
+
+def test_validation_scores_written_in_place_after_the_hook_are_folded_as_handed_over():
+    """A model that reuses its output buffers overwrites them right after the hook returns:
+    anomalib's metrics update synchronously, and our fold, which reads the tensors
+    zero-copy and asynchronously, must also see what was handed over."""
+    g = torch.Generator().manual_seed(0)
+    sources = [torch.rand(16, 192, 192, generator=g) * (i + 1) for i in range(8)]
+    maps, scores = torch.empty_like(sources[0]), torch.empty(16)
+    images = torch.zeros(16, 3, 192, 192)
+    pp = PostProcessor(enable_thresholding=False)
+    for source in sources:
+        maps.copy_(source)
+        scores.copy_(source.flatten(1).amax(1))
+        pp.on_validation_batch_end(
+            None, None, ImageBatch(image=images, pred_score=scores, anomaly_map=maps)
+        )
+        maps.fill_(1e6)  # the caller's next write, before jax may have read them
+        scores.fill_(1e6)
+    pp.on_validation_epoch_end(None, None)
+    everything = np.stack([s.numpy() for s in sources])
+    assert pp.pixel_max.item() == everything.max() and pp.pixel_min.item() == everything.min()
+    assert pp.image_max.item() == everything.reshape(8, 16, -1).max(-1).max()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import jax.numpy as jnp
@@ -126,6 +126,19 @@ def _pad_rows(outputs: Any, buckets: batching.Buckets, phase: str) -> tuple[Any,
             t = outputs[key].detach()
             padded[key] = torch.cat([t, t.new_zeros((rows - n, *t.shape[1:]))])
     return padded, n
+
+
+def hand_back(hook: MinMaxNormalizationHook, devices: Iterable[torch.device]) -> None:
+    """Hands a validation batch's tensors on ``devices`` back to torch once ``hook``'s last
+    fold has read them.
+
+    The fold reads them zero-copy and asynchronously; a caller may write an output tensor in
+    place once the hook has returned (a reused buffer, the same tensor sent again), as
+    anomalib's synchronous update allowed. On CUDA torch's stream waits for the fold (no
+    host wait); on the CPU the host does.
+    """
+    for device in devices:
+        _dlpack.wait_for(hook._state.counters, device)
 
 
 class _Watched:
@@ -556,26 +569,15 @@ class MinMaxNormalizationHooks:
             if tensors is not None:
                 arrays = _dlpack.import_batch(tensors, plan.device)
                 self.hook._fold(dict(zip(plan.keys, arrays, strict=True)), {}, plan.routes)
-                self._release(plan.device)
+                hand_back(self.hook, (plan.device,))
                 return
             self._validation_plan = None
         padded, n = _pad_rows(outputs, self.hook._buckets, batching.VALIDATION)
         view = _JaxView(padded)
         self.hook.on_validation_batch_end(view, valid_rows=n)
-        for device in view.devices:
-            self._release(device)
+        hand_back(self.hook, view.devices)
         if n is None:
             self._validation_plan = self._make_validation_plan(outputs)
-
-    def _release(self, device: torch.device) -> None:
-        """Hands the batch's tensors back to torch once the fold has read them.
-
-        The fold reads them zero-copy and asynchronously; a caller may write an output
-        tensor in place once the hook has returned (a reused buffer, the same tensor sent
-        again), as anomalib's synchronous update allowed. On CUDA torch's stream waits for
-        the fold (no host wait); on the CPU the host does.
-        """
-        _dlpack.wait_for(self.hook._state.counters, device)
 
     def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         """All-reduces the statistics under DDP and stores them in ``normalization_metrics``.

@@ -21,7 +21,7 @@ from jaxnorm._src import batching, normalize_v2, persistence, validation
 from jaxnorm._src.hook import NonFinitePolicy
 from jaxnorm._src.outputs import IMAGE, PIXEL
 from torch_compat._allreduce import allreduce_stats, ddp_active
-from torch_compat._callback import _JaxView, _pad_rows, _versions, _Watched
+from torch_compat._callback import _JaxView, _pad_rows, _versions, _Watched, hand_back
 from torch_compat._dlpack import to_jax
 from torch_compat._minmax import write_in_place
 
@@ -110,7 +110,9 @@ class JaxState:
         if not present:
             return  # anomalib's metrics skip a batch without the field
         padded, rows = _pad_rows(present, self.hook._buckets, batching.VALIDATION)
-        self.hook.on_validation_batch_end(_JaxView(padded), valid_rows=rows)
+        view = _JaxView(padded)
+        self.hook.on_validation_batch_end(view, valid_rows=rows)
+        hand_back(self.hook, view.devices)  # anomalib's update is synchronous: see hand_back
 
     def store(self, module: torch.nn.Module) -> None:
         """Validation epoch end: reduce over DDP ranks, write anomalib's buffers, reset.
