@@ -129,24 +129,37 @@ def test_cuda_round_trip(dtype):
     assert torch.equal(back.cpu(), t.cpu().float().to(dtype) if dtype == torch.float64 else t.cpu())
 
 
+def _offset_copy(t: torch.Tensor, offset: int = 1) -> torch.Tensor:
+    """``t``'s values in a contiguous view that starts ``offset`` elements into its storage."""
+    base = torch.empty(t.numel() + offset, dtype=t.dtype, device=t.device)
+    view = base[offset:].view(t.shape)
+    view.copy_(t)
+    return view
+
+
 @requires_cuda
 @pytest.mark.filterwarnings("ignore::torch_compat.HostCopyWarning")
-def test_cuda_outputs_through_the_callback():
+@pytest.mark.parametrize("layout", ["allocated", "storage_offset"])
+def test_cuda_outputs_through_the_callback(layout):
+    """Fresh CUDA tensors, or views 4 bytes into their storage (XLA:GPU refuses misaligned
+    entry parameters: the callback copies them), on the full path and then the steady one."""
     from tests import test_torch_compat_hooks as h
 
+    place = (lambda t: t.cuda()) if layout == "allocated" else (lambda t: _offset_copy(t.cuda()))
     module = h.Module().cuda()
     cb = h.MinMaxNormalizationCallback()
     cb.setup(None, module, "fit")
-    val = {k: v.cuda() for k, v in h.make_outputs(0, boxes=False).items()}
-    h.validate(cb, module, [val])
+    val = [{k: place(v) for k, v in h.make_outputs(i, boxes=False).items()} for i in range(3)]
+    h.validate(cb, module, val)
     lo, hi = module.normalization_metrics.read()["image"]
-    raw = h.make_outputs(1, boxes=False)
-    outputs = {k: v.cuda() for k, v in raw.items()}
-    cb.on_test_batch_end(None, module, outputs, None, 0)
-    assert outputs["anomaly_maps"].is_cuda and outputs["pred_scores"].is_cuda
-    h.assert_matches_reference(
-        {k: v.cpu() for k, v in outputs.items()}, raw, h.IMAGE_T, h.PIXEL_T, lo, hi
-    )
+    for seed in (1, 2, 3):  # the first batch leaves a plan, the later ones take it
+        raw = h.make_outputs(seed, boxes=False)
+        outputs = {k: place(v) for k, v in raw.items()}
+        cb.on_test_batch_end(None, module, outputs, None, 0)
+        assert outputs["anomaly_maps"].is_cuda and outputs["pred_scores"].is_cuda
+        h.assert_matches_reference(
+            {k: v.cpu() for k, v in outputs.items()}, raw, h.IMAGE_T, h.PIXEL_T, lo, hi
+        )
 
 
 @requires_cuda
@@ -321,34 +334,3 @@ def test_cuda_views_with_a_storage_offset_are_copied_before_jax_reads_them(offse
     a = to_jax(view)
     assert a.unsafe_buffer_pointer() % _dlpack.CUDA_ALIGNMENT == 0
     np.testing.assert_array_equal(np.asarray(jax.jit(lambda x: x * 2)(a)), 2 * view.cpu().numpy())
-
-
-def _offset_copy(t: torch.Tensor, offset: int = 1) -> torch.Tensor:
-    """``t``'s values in a contiguous view that starts ``offset`` elements into its storage."""
-    base = torch.empty(t.numel() + offset, dtype=t.dtype, device=t.device)
-    view = base[offset:].view(t.shape)
-    view.copy_(t)
-    return view
-
-
-@requires_cuda
-@pytest.mark.filterwarnings("ignore::torch_compat.HostCopyWarning")
-def test_cuda_misaligned_outputs_through_the_callback_full_and_steady_paths():
-    from tests import test_torch_compat_hooks as h
-
-    module = h.Module().cuda()
-    cb = h.MinMaxNormalizationCallback()
-    cb.setup(None, module, "fit")
-    val = [
-        {k: _offset_copy(v.cuda()) for k, v in h.make_outputs(i, boxes=False).items()}
-        for i in range(3)
-    ]
-    h.validate(cb, module, val)
-    lo, hi = module.normalization_metrics.read()["image"]
-    for seed in (1, 2, 3):  # the first batch leaves a plan, the later ones take it
-        raw = h.make_outputs(seed, boxes=False)
-        outputs = {k: _offset_copy(v.cuda()) for k, v in raw.items()}
-        cb.on_test_batch_end(None, module, outputs, None, 0)
-        h.assert_matches_reference(
-            {k: v.cpu() for k, v in outputs.items()}, raw, h.IMAGE_T, h.PIXEL_T, lo, hi
-        )
