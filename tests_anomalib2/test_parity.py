@@ -4,7 +4,8 @@ Each model of ``common.SPECS`` is trained twice on a synthetic ``Folder`` datase
 writes, from the same seed: once with anomalib's ``PostProcessor``, once with ours (the
 one-line swap). Everything a user gets must be the same: test metrics, the post-processor's
 buffers, every predict output, checkpoints (loaded both ways), ``forward`` on an
-``InferenceBatch``, and the TORCH export, which must load and run where jax is not installed.
+``InferenceBatch``, the TORCH export, which must load and run where jax is not installed,
+and the ONNX export, which must be anomalib's graph.
 
 The models: Padim and PatchCore (fitted without gradients, maps and scores); Dfkde and
 Ganomaly (image scores only, so the pixel buffers stay NaN; Ganomaly is a GAN trained from
@@ -26,6 +27,7 @@ import sys
 import textwrap
 
 import common
+import numpy as np
 import pytest
 import torch
 from anomalib.data import InferenceBatch
@@ -243,3 +245,39 @@ def test_torch_export_loads_and_runs_without_jax(runs, name, tmp_path):
         assert_same_tensor(got[field], want[field], field)
     # exporting did not change the model that was exported
     assert type(ours.model.post_processor) is PostProcessor
+
+
+@pytest.mark.parametrize("name", common.MODELS)
+def test_onnx_export_is_anomalibs_graph_and_runs_the_same(runs, name, tmp_path):
+    """``Engine.export(..., ExportType.ONNX)``: anomalib 2.7 exports through ``torch.export``
+    (``dynamo=True``), where ``forward`` takes anomalib's torch formula. The exported graph
+    must be anomalib's, node for node, and onnxruntime must give the same outputs. (An
+    OpenVINO export converts this ONNX file, so it is the same too.)"""
+    import onnx
+    import onnxruntime
+
+    graphs, outputs = {}, {}
+    for run in (runs(name, "jaxnorm"), runs(name, "anomalib")):
+        path = run.engine.export(
+            run.model,
+            ExportType.ONNX,
+            export_root=tmp_path / run.kind,
+            input_size=(common.IMAGE_SIZE, common.IMAGE_SIZE),
+        )
+        graph = onnx.load(str(path)).graph
+        graphs[run.kind] = [(n.op_type, list(n.input), list(n.output)) for n in graph.node]
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        names = [o.name for o in session.get_outputs()]
+        # Some models export with a fixed batch size (Dfkde: 2), whichever PostProcessor.
+        batch = session.get_inputs()[0].shape[0]
+        x = common.images(batch if isinstance(batch, int) else 3).numpy()
+        outputs[run.kind] = dict(zip(names, session.run(None, {"input": x}), strict=True))
+    assert graphs["jaxnorm"] == graphs["anomalib"]
+    assert outputs["jaxnorm"].keys() == outputs["anomalib"].keys()
+    assert "pred_score" in outputs["jaxnorm"]
+    for field, want in outputs["anomalib"].items():
+        got = outputs["jaxnorm"][field]
+        assert got.dtype == want.dtype and got.shape == want.shape, field
+        assert np.array_equal(got, want, equal_nan=want.dtype.kind == "f"), field
+    # exporting did not change the model that was exported
+    assert type(runs(name, "jaxnorm").model.post_processor) is PostProcessor
