@@ -7,7 +7,8 @@ of anomalib's ``MinMaxNormalizationCallback`` (the one-line swap of the README),
 same seed. Everything a user gets must be the same: ``trainer.test`` metrics, every normalized
 test and predict output, the checkpoint's keys and statistics, and the checkpoint reloads
 (``trainer.test(ckpt_path=...)``, anomalib's ``LoadModelCallback`` as its ``tools/train.py``
-does, and ``load_from_checkpoint``) with either callback and either run's checkpoint.
+does, and ``load_from_checkpoint``) with either callback and either run's checkpoint, and
+anomalib's deploy flow (``export``'s metadata, then ``TorchInferencer``).
 
 The cases (``CASES``) cover the three tasks and the outputs' kinds: image scores only
 (dfkde, ganomaly: classification), maps without masks (dfm: classification), maps with masks
@@ -400,3 +401,44 @@ def test_reload(runs, ckpt_from, callback, how, tmp_path):
     what = f"{ckpt_from} checkpoint tested with the {callback} callback through {how}"
     assert_same_metrics(metrics, want.metrics, what)
     assert_same_outputs(outputs, want.recorder.test, what)
+
+
+# --- export and inference: anomalib's deploy flow ------------------------------------------
+
+
+def test_exported_metadata_and_torch_inferencer_match(runs, tmp_path):
+    """anomalib's ``export`` (as its ``ExportCallback`` calls it after training) reads the
+    statistics from ``pl_module.normalization_metrics.state_dict()`` into the deployed
+    model's metadata, and ``TorchInferencer`` normalizes with them: both must be anomalib's."""
+    from anomalib.deploy import ExportMode, TorchInferencer, export
+
+    exported, predicted = {}, {}
+    image = next(Path(runs["anomalib"].config.dataset.path).rglob(f"test/{DEFECT}/*.png"))
+    for which, run in runs.items():
+        root = tmp_path / which
+        export(
+            task=run.datamodule.test_data.task,
+            transform=run.datamodule.test_data.transform.to_dict(),
+            input_size=(IMAGE_SIZE, IMAGE_SIZE),
+            model=run.model,
+            export_mode=ExportMode.TORCH,
+            export_root=root,
+        )
+        path = root / "weights" / "torch" / "model.pt"
+        exported[which] = torch.load(path, map_location="cpu", weights_only=False)["metadata"]
+        predicted[which] = TorchInferencer(path=path, device="cpu").predict(image=str(image))
+    got, want = exported["torch_compat"], exported["anomalib"]
+    assert {"min", "max", "image_threshold", "pixel_threshold"} <= set(want)
+    assert sorted(got) == sorted(want)
+    for key in ("min", "max", "image_threshold", "pixel_threshold"):
+        assert type(got[key]) is type(want[key]) and got[key] == want[key], key
+    fields = ("pred_score", "pred_label", "anomaly_map", "pred_mask", "pred_boxes")
+    for field in fields:
+        g, w = getattr(predicted["torch_compat"], field), getattr(predicted["anomalib"], field)
+        if isinstance(w, np.ndarray):
+            assert isinstance(g, np.ndarray) and g.shape == w.shape, field
+            np.testing.assert_array_equal(g, w, err_msg=field)
+        else:
+            assert g == w, field
+    # the inferencer normalized the score: it lies in [0, 1]
+    assert 0.0 <= float(predicted["anomalib"].pred_score) <= 1.0
