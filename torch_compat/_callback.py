@@ -245,6 +245,38 @@ _PLAN_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16})
 _NUMPY_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
+def _exchangeable(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as ``import_batch`` takes it: detached, and copied when jax could not read its
+    memory in place (a storage offset), as ``to_jax`` does."""
+    t = t.detach() if t.requires_grad else t
+    return t.clone() if _dlpack.misaligned(t) else t
+
+
+def batch_device(tensors: list[Any]) -> torch.device | None:
+    """The one device of ``tensors`` when ``_dlpack.import_batch`` can take them (after
+    ``_exchangeable``); ``None`` where ``to_jax`` must take them one by one (another type or
+    dtype, 0-d, devices that differ, not contiguous, pinned memory, or no direct DLPack calls
+    on this jaxlib)."""
+    if not tensors or type(tensors[0]) is not torch.Tensor:
+        return None
+    device = tensors[0].device
+    for t in tensors:
+        if (
+            type(t) is not torch.Tensor
+            or t.dtype not in _PLAN_DTYPES
+            or t.ndim == 0
+            or t.device != device
+            or not t.is_contiguous()
+        ):
+            return None
+    if not _dlpack.batch_device_ok(device):
+        return None
+    # DLPack labels pinned memory as CUDA host memory: those take to_jax's copy.
+    if device.type == "cpu" and _dlpack._cuda_available() and any(t.is_pinned() for t in tensors):
+        return None
+    return device
+
+
 class _Plan:
     """What every batch of one layout needs, settled by the first batch of that layout.
 
@@ -329,10 +361,7 @@ class _Plan:
                 return None
             if self.pinned and t.is_pinned():
                 return None
-            t = t.detach() if t.requires_grad else t
-            if _dlpack.misaligned(t):
-                t = t.clone()  # a storage offset: copied here, as to_jax does
-            tensors.append(t)
+            tensors.append(_exchangeable(t))
         for key in self.also:
             if key not in outputs:
                 return None
@@ -340,6 +369,65 @@ class _Plan:
             if key in outputs:
                 return None
         return tensors
+
+
+def plan_tensors(
+    hook: MinMaxNormalizationHook, outputs: Any, keys: tuple[str, ...], phase: str
+) -> tuple[list[torch.Tensor], torch.device] | None:
+    """The tensors of ``keys`` and their device when batches laid out as ``outputs`` can take
+    a plan in ``phase``, else ``None``."""
+    if not keys or "box_scores" in keys:
+        return None
+    tensors = [outputs[key] for key in keys]
+    device = batch_device(tensors)
+    if device is None:
+        return None
+    # A batch of these shapes runs at its exact size (no padding by the shim or the hook).
+    buckets = hook._buckets
+    if any(
+        buckets.rows(phase, k, t.shape[0]) != t.shape[0] for k, t in zip(keys, tensors, strict=True)
+    ):
+        return None
+    return tensors, device
+
+
+def validation_plan(hook: MinMaxNormalizationHook, outputs: Any) -> _Plan | None:
+    """A plan for validation batches laid out as ``outputs`` (just folded by the full path,
+    unpadded), or ``None`` where the full path stays."""
+    if type(outputs) is not dict:
+        return None
+    routes = tuple(stats_sources(outputs, hook.stats_mode))
+    keys = tuple(key for _, key in routes)
+    found = plan_tensors(hook, outputs, keys, batching.VALIDATION)
+    if found is None:
+        return None
+    present = tuple(key for key in NORMALIZED_KEYS if key in outputs)
+    return _Plan(keys, found[0], found[1], present=present, routes=routes)
+
+
+def fold_validation_batch(
+    hook: MinMaxNormalizationHook, outputs: Any, plan: _Plan | None
+) -> _Plan | None:
+    """Folds one validation batch's outputs into ``hook``; returns the plan for the next.
+
+    A batch that matches ``plan`` takes the steady path: one import per key feeding the
+    statistics (one stream ordering) and the hook's one jitted fold. Any other batch takes
+    the full path (padding, every check, the errors that name what is wrong) and, when it
+    needed no padding, leaves a plan for its layout. Either way the tensors are handed back
+    to torch once the fold has read them (``hand_back``).
+    """
+    if plan is not None:
+        tensors = plan.tensors(outputs)
+        if tensors is not None:
+            arrays = _dlpack.import_batch(tensors, plan.device)
+            hook._fold(dict(zip(plan.keys, arrays, strict=True)), {}, plan.routes)
+            hand_back(hook, (plan.device,))
+            return plan
+    padded, n = _pad_rows(outputs, hook._buckets, batching.VALIDATION)
+    view = _JaxView(padded)
+    hook.on_validation_batch_end(view, valid_rows=n)
+    hand_back(hook, view.devices)
+    return validation_plan(hook, outputs) if n is None else None
 
 
 class MinMaxNormalizationHooks:
@@ -563,21 +651,8 @@ class MinMaxNormalizationHooks:
     ) -> None:
         """Folds the batch's maps, else box scores, else image scores into the statistics."""
         del trainer, pl_module, batch, batch_idx, dataloader_idx
-        plan = self._validation_plan
-        if plan is not None:
-            tensors = plan.tensors(outputs)
-            if tensors is not None:
-                arrays = _dlpack.import_batch(tensors, plan.device)
-                self.hook._fold(dict(zip(plan.keys, arrays, strict=True)), {}, plan.routes)
-                hand_back(self.hook, (plan.device,))
-                return
-            self._validation_plan = None
-        padded, n = _pad_rows(outputs, self.hook._buckets, batching.VALIDATION)
-        view = _JaxView(padded)
-        self.hook.on_validation_batch_end(view, valid_rows=n)
-        hand_back(self.hook, view.devices)
-        if n is None:
-            self._validation_plan = self._make_validation_plan(outputs)
+        plan, self._validation_plan = self._validation_plan, None
+        self._validation_plan = fold_validation_batch(self.hook, outputs, plan)
 
     def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         """All-reduces the statistics under DDP and stores them in ``normalization_metrics``.
@@ -673,48 +748,6 @@ class MinMaxNormalizationHooks:
                 out = to_torch(normalized[key], like)
                 outputs[key] = out if rows is None else out[:rows]
 
-    def _plan_tensors(
-        self, outputs: Any, keys: tuple[str, ...], phase: str
-    ) -> tuple[list[torch.Tensor], torch.device] | None:
-        """The tensors of ``keys`` and their device when batches laid out as ``outputs`` can
-        take a plan in ``phase``, else ``None``."""
-        if not keys or "box_scores" in keys:
-            return None
-        tensors = [outputs[key] for key in keys]
-        device = tensors[0].device if isinstance(tensors[0], torch.Tensor) else None
-        if not all(
-            type(t) is torch.Tensor
-            and t.dtype in _PLAN_DTYPES
-            and t.ndim > 0
-            and t.device == device
-            and t.is_contiguous()
-            for t in tensors
-        ):
-            return None
-        if not _dlpack.batch_device_ok(device):
-            return None
-        # A batch of these shapes runs at its exact size (no padding by the shim or the hook).
-        buckets = self.hook._buckets
-        if any(
-            buckets.rows(phase, k, t.shape[0]) != t.shape[0]
-            for k, t in zip(keys, tensors, strict=True)
-        ):
-            return None
-        return tensors, device
-
-    def _make_validation_plan(self, outputs: Any) -> _Plan | None:
-        """A plan for validation batches laid out as ``outputs`` (just folded by the full
-        path, unpadded), or ``None`` where the full path stays."""
-        if type(outputs) is not dict:
-            return None
-        routes = tuple(stats_sources(outputs, self.hook.stats_mode))
-        keys = tuple(key for _, key in routes)
-        found = self._plan_tensors(outputs, keys, batching.VALIDATION)
-        if found is None:
-            return None
-        present = tuple(key for key in NORMALIZED_KEYS if key in outputs)
-        return _Plan(keys, found[0], found[1], present=present, routes=routes)
-
     def _make_plan(self, outputs: Any, pl_module: Any) -> _Plan | None:
         """A plan for test batches laid out as ``outputs``, or ``None`` where the full path
         stays.
@@ -726,7 +759,7 @@ class MinMaxNormalizationHooks:
         if type(outputs) is not dict:
             return None
         keys = tuple(key for key in NORMALIZED_KEYS if key in outputs)
-        found = self._plan_tensors(outputs, keys, batching.NORMALIZE)
+        found = plan_tensors(self.hook, outputs, keys, batching.NORMALIZE)
         if found is None:
             return None
         tensors, device = found
