@@ -10,6 +10,7 @@ import copy
 import io
 import math
 import pickle
+import types
 from multiprocessing.reduction import ForkingPickler
 
 import numpy as np
@@ -21,7 +22,7 @@ from common import BUFFERS, FIELDS
 
 import jaxnorm
 from jaxnorm.testing import count_compiles
-from torch_compat import _postprocessor
+from torch_compat import _dlpack, _postprocessor
 from torch_compat.anomalib2 import PostProcessor
 
 
@@ -349,3 +350,103 @@ def test_validation_scores_written_in_place_after_the_hook_are_folded_as_handed_
     everything = np.stack([s.numpy() for s in sources])
     assert pp.pixel_max.item() == everything.max() and pp.pixel_min.item() == everything.min()
     assert pp.image_max.item() == everything.reshape(8, 16, -1).max(-1).max()
+
+
+# -- the batch exchange: one import per key with one stream ordering ------------------------
+
+
+def _exchange_counts(monkeypatch, pp):
+    """Counts full-path validation folds, batch imports and batch exports around ``pp``."""
+    counts = {"full": 0, "imports": 0, "exports": 0}
+
+    def spy(name, real):
+        def call(*args, **kwargs):
+            counts[name] += 1
+            return real(*args, **kwargs)
+
+        return call
+
+    hook = pp.__dict__["_jaxnorm"].hook
+    monkeypatch.setattr(hook, "on_validation_batch_end", spy("full", hook.on_validation_batch_end))
+    monkeypatch.setattr(_dlpack, "import_batch", spy("imports", _dlpack.import_batch))
+    monkeypatch.setattr(_dlpack, "export_batch", spy("exports", _dlpack.export_batch))
+    return counts
+
+
+def test_steady_validation_batches_import_once_and_fold_once(monkeypatch):
+    """anomalib's ``anomaly_map`` is a torchvision ``Mask``: it crosses as a plain view."""
+    pp = PostProcessor(enable_thresholding=False)
+    counts = _exchange_counts(monkeypatch, pp)
+    batches = [batch(val_batch(900 + i, n=6)) for i in range(5)]
+    assert type(batches[0].anomaly_map) is not torch.Tensor  # anomalib's Mask
+    with count_compiles() as log:
+        pp.on_validation_batch_end(None, None, batches[0])  # the full path leaves a plan
+        pp.on_validation_batch_end(None, None, batches[1])  # compiles for the state it made
+        settled = log.count
+        for b in batches[2:]:
+            pp.on_validation_batch_end(None, None, b)
+    assert counts == {"full": 1, "imports": 4, "exports": 0}, counts
+    assert log.count == settled, log.names
+    pp.on_validation_epoch_end(None, None)
+    maps = np.stack([b.anomaly_map.numpy() for b in batches])
+    scores = np.stack([b.pred_score.numpy() for b in batches])
+    assert (pp.pixel_min.item(), pp.pixel_max.item()) == (maps.min(), maps.max())
+    assert (pp.image_min.item(), pp.image_max.item()) == (scores.min(), scores.max())
+
+
+@pytest.mark.parametrize(
+    "change", ["size", "float64", "non_contiguous", "map_gone", "grad", "offset_view"]
+)
+def test_a_validation_batch_that_differs_from_the_plan_is_folded_right(monkeypatch, change):
+    ours = PostProcessor(enable_thresholding=False)
+    theirs = AnomalibPostProcessor(enable_thresholding=False)
+    counts = _exchange_counts(monkeypatch, ours)
+    first = [val_batch(910 + i, n=6) for i in range(2)]
+    other = val_batch(920, n=6, scale=7.0)
+    if change == "size":
+        other = val_batch(920, n=3, scale=7.0)
+    elif change == "float64":
+        other["anomaly_map"] = other["anomaly_map"].double()
+    elif change == "non_contiguous":
+        other["anomaly_map"] = other["anomaly_map"].transpose(1, 2)
+    elif change == "map_gone":
+        other["anomaly_map"] = None
+    elif change == "grad":
+        other["pred_score"].requires_grad_(True)
+    elif change == "offset_view":  # the same layout, at a storage offset: copied first
+        other["anomaly_map"] = (torch.randn(6 * 64 + 1) * 7.0)[1:].view(6, 8, 8)
+        assert _dlpack.misaligned(other["anomaly_map"])
+    for pp in (ours, theirs):
+        for fields in first:
+            pp.on_validation_batch_end(None, None, batch(fields))
+        # ImageBatch makes every score float32 and batch() copies: these come as they are
+        raw = change in ("float64", "offset_view")
+        last = types.SimpleNamespace(**other) if raw else batch(other)
+        pp.on_validation_batch_end(None, None, last)
+        pp.on_validation_epoch_end(None, None)
+    assert_same_buffers(ours, theirs)
+    same_layout = change in ("grad", "offset_view")
+    assert counts["full"] == (1 if same_layout else 2), counts
+    assert counts["imports"] == (2 if same_layout else 1), counts
+
+
+def test_test_batches_cross_with_one_import_and_one_export_call(monkeypatch):
+    ours, theirs = validated_pair()
+    counts = _exchange_counts(monkeypatch, ours)
+    fields = [val_batch(930 + i, labels=False) for i in range(3)]
+    for f in fields:
+        a, b = batch(f), batch(f)
+        ours.on_test_batch_end(None, None, a)
+        theirs.on_test_batch_end(None, None, b)
+        for field in FIELDS:
+            assert_same(getattr(a, field), getattr(b, field), field)
+    assert counts == {"full": 0, "imports": 3, "exports": 3}, counts
+    # float64 scores take to_jax's narrowing copy, one tensor at a time, as before
+    f = {k: (v.double() if k == "pred_score" else v) for k, v in fields[0].items()}
+    got, want = (
+        ours(InferenceBatch(**{k: f[k] for k in ("pred_score", "anomaly_map")})),
+        theirs(InferenceBatch(**{k: f[k] for k in ("pred_score", "anomaly_map")})),
+    )
+    assert counts["imports"] == 3, counts
+    assert got.pred_score.dtype == want.pred_score.dtype == torch.float64
+    torch.testing.assert_close(got.pred_score, want.pred_score, rtol=1e-6, atol=1e-6)

@@ -17,11 +17,18 @@ import numpy as np
 import torch
 
 from jaxnorm import MinMaxNormalizationHook, NonFiniteScoresError
-from jaxnorm._src import batching, normalize_v2, persistence, validation
+from jaxnorm._src import normalize_v2, persistence, validation
 from jaxnorm._src.hook import NonFinitePolicy
 from jaxnorm._src.outputs import IMAGE, PIXEL
+from torch_compat import _dlpack
 from torch_compat._allreduce import allreduce_stats, ddp_active
-from torch_compat._callback import _JaxView, _pad_rows, _versions, _Watched, hand_back
+from torch_compat._callback import (
+    _exchangeable,
+    _versions,
+    _Watched,
+    batch_device,
+    fold_validation_batch,
+)
 from torch_compat._dlpack import to_jax
 from torch_compat._minmax import write_in_place
 
@@ -73,13 +80,21 @@ def plain(tensors) -> bool:
     return True
 
 
-def as_output(y, like: torch.Tensor) -> torch.Tensor:
-    """A jax result as a torch tensor on ``like``'s device, in anomalib 2's output dtype.
+def plain_view(t: Any) -> Any:
+    """``t`` as a plain ``torch.Tensor`` view when it is a subclass holding real data (anomalib
+    2's ``anomaly_map`` is a torchvision ``tv_tensors.Mask``), so that the batch exchange
+    takes it; anything else as it is."""
+    if isinstance(t, torch.Tensor) and type(t) is not torch.Tensor and plain((t,)):
+        return t.as_subclass(torch.Tensor)
+    return t
+
+
+def as_output(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A result (exported from jax) on ``like``'s device, in anomalib 2's output dtype.
 
     anomalib returns float32 for float16/bfloat16/float32 scores and float64 for float64
     (jax without x64 computed it in float32: the cast back is all that can be done).
     """
-    out = torch.from_dlpack(y)
     if out.device != like.device:
         out = out.to(like.device)
     want = torch.float64 if like.dtype == torch.float64 else out.dtype
@@ -97,22 +112,23 @@ class JaxState:
         self._params = None
         self._params_source = _Watched()
         self._cuts: tuple[Any, Any] | None = None
+        self._plan = None  # the validation batches' layout (see fold_validation_batch)
 
     # -- validation ------------------------------------------------------------------------
 
     def fold(self, pred_score: Any, anomaly_map: Any) -> None:
         """Folds one validation batch's scores and maps: one dispatch, no host read."""
         present = {
-            _HOOK_KEYS[field]: value
+            _HOOK_KEYS[field]: plain_view(value)
             for field, value in ((SCORE, pred_score), (MAP, anomaly_map))
             if value is not None
         }
         if not present:
             return  # anomalib's metrics skip a batch without the field
-        padded, rows = _pad_rows(present, self.hook._buckets, batching.VALIDATION)
-        view = _JaxView(padded)
-        self.hook.on_validation_batch_end(view, valid_rows=rows)
-        hand_back(self.hook, view.devices)  # anomalib's update is synchronous: see hand_back
+        # anomalib's update is synchronous: the tensors are handed back once the fold has
+        # read them (see hand_back).
+        plan, self._plan = self._plan, None
+        self._plan = fold_validation_batch(self.hook, present, plan)
 
     def store(self, module: torch.nn.Module) -> None:
         """Validation epoch end: reduce over DDP ranks, write anomalib's buffers, reset.
@@ -194,16 +210,25 @@ class JaxState:
                         nan_cut[field] = label
                     else:
                         wanted.append((field, label))
+        keys = tuple(values)
+        tensors = [plain_view(values[k]) for k in keys]
+        device = batch_device(tensors)
+        if device is not None:  # one stream ordering for the batch, each way
+            stream = _dlpack.torch_stream(device)
+            arrays = _dlpack.import_batch([_exchangeable(t) for t in tensors], device, stream)
+        else:
+            arrays = [to_jax(t, name=f"batch.{k}") for k, t in zip(keys, tensors, strict=True)]
         out = normalize_v2.postprocess(
-            {k: to_jax(v, name=f"batch.{k}") for k, v in values.items()},
-            self.params(module),
-            cuts,
-            tuple(wanted),
+            dict(zip(keys, arrays, strict=True)), self.params(module), cuts, tuple(wanted)
         )
+        if device is not None:
+            exported = _dlpack.export_batch(list(out.values()), device, stream)
+        else:
+            exported = [torch.from_dlpack(y) for y in out.values()]
         result = {}
-        for key, y in out.items():
+        for key, t in zip(out, exported, strict=True):
             field = key if key in values else dict((lb, f) for f, lb in wanted)[key]
-            result[key] = as_output(y, values[field])
+            result[key] = as_output(t, values[field])
         for field, label in nan_cut.items():
             result[label] = result[field]
         return result
