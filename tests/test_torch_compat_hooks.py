@@ -11,6 +11,9 @@ import inspect
 import math
 import re
 import socket
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -441,6 +444,46 @@ def test_allreduce_stats_over_a_gloo_group(gloo_group):
     for got, want in zip(out, (mins, maxs, counts), strict=True):
         assert isinstance(got, np.ndarray) and got.dtype == want.dtype
         np.testing.assert_array_equal(got, want)
+
+
+GLOO_CYCLES = textwrap.dedent(
+    """
+    import socket, sys
+    import numpy as np
+    import torch.distributed as dist
+    import torch_compat
+
+    for i in range(int(sys.argv[1])):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1
+        )
+        torch_compat.allreduce_stats(
+            np.zeros(2, np.float32), np.ones(2, np.float32), np.zeros(2, np.int64)
+        )
+        torch_compat._allreduce.broadcast_from_rank0([0.0, 1.0])
+        dist.destroy_process_group()  # at once, as a run's teardown may
+    print("cycles done")
+    """
+)
+
+
+def test_destroying_the_group_right_after_a_reduction_does_not_hang():
+    """torch 2.1's gloo (the floor) deadlocked when a worker thread freed the last reference
+    to a collective's tensor while the main thread joined it in destroy_process_group: the
+    reducer keeps its tensors, so their last release is the main thread's. Without that, the
+    first cycles hang (seen on the floor); the subprocess's timeout turns a hang into a
+    failure."""
+    proc = subprocess.run(
+        [sys.executable, "-c", GLOO_CYCLES, "100"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "cycles done" in proc.stdout
 
 
 def test_callback_reduces_and_raises_nonfinite_at_epoch_end_under_ddp(gloo_group):

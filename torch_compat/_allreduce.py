@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+from collections import deque
+
 import numpy as np
 import torch
 import torch.distributed as dist
+
+
+# The tensors of the last few collectives. A gloo worker thread destroys each finished
+# collective's work, and with it the work's references to the tensors; were that the last
+# reference to a tensor Python had already dropped, the worker would need the GIL to free
+# it. In torch 2.1 (the floor) the main thread holds the GIL while it joins those threads in
+# `destroy_process_group`, so a collective right before it hung both for ever. Held here,
+# the tensors are released by the main thread instead, collectives later.
+_RECENT: deque[torch.Tensor] = deque(maxlen=16)
 
 
 def ddp_active() -> bool:
@@ -41,6 +52,7 @@ def allreduce_stats(
     ):
         t = torch.as_tensor(np.asarray(values), dtype=dtype).to(device)
         dist.all_reduce(t, op=op)
+        _RECENT.append(t)
         reduced.append(t.cpu().numpy())
     return reduced[0], reduced[1], reduced[2]
 
@@ -49,4 +61,5 @@ def broadcast_from_rank0(values: list[float]) -> list[float]:
     """Rank 0's ``values`` on every rank of the default process group (float64)."""
     t = torch.tensor(values, dtype=torch.float64, device=_collective_device())
     dist.broadcast(t, src=0)
+    _RECENT.append(t)
     return t.cpu().tolist()
