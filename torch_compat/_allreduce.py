@@ -8,7 +8,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-
 # The tensors of the last few collectives. A gloo worker thread destroys each finished
 # collective's work, and with it the work's references to the tensors; were that the last
 # reference to a tensor Python had already dropped, the worker would need the GIL to free
