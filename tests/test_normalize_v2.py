@@ -1,14 +1,17 @@
 """anomalib 2.x's normalization (jaxnorm._src.normalize_v2) against a numpy reference.
 
 The reference is written from SPEC section 8, operation for operation in the scores' dtype as
-torch computes them (numpy rounds float16 after each operation too), so that float32 and
-float16 results must be bit-identical.
+torch computes them, so that float32, float16 and bfloat16 results must be bit-identical.
+torch computes a float16/bfloat16 operation in float32 and rounds its result to the half
+dtype, as numpy (and ml_dtypes, for bfloat16) do; it rounds the threshold to the scores'
+dtype before the subtraction, but divides by the float32 range as it is.
 """
 
 from __future__ import annotations
 
 import math
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -32,7 +35,8 @@ def reference(x, threshold, lo, hi):
         out = np.where(x > td, 1.0, np.where(x < td, 0.0, 0.5))
     else:
         with np.errstate(over="ignore"):  # float16 quotients beyond 65504 are inf, clamped
-            out = np.clip((x - td) / x.dtype.type(value_range) + x.dtype.type(0.5), 0, 1)
+            quotient = ((x - td).astype(np.float32) / value_range).astype(x.dtype)
+            out = np.clip(quotient + x.dtype.type(0.5), 0, 1)
     return out.astype(np.promote_types(x.dtype, np.float32))
 
 
@@ -51,10 +55,12 @@ CASES = [
     (0.25, -1.0, NAN),
     (NAN, NAN, NAN),  # anomalib's initial buffers
     (1e-3, -1e-7, 3e-7),  # a tiny range: most scores clamp
+    (0.3, -1.1, 5.3),  # a range that float16 and bfloat16 cannot hold exactly
+    (0.01, -0.003, 0.005),  # float16 subnormal differences (below 2**-14)
 ]
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, ml_dtypes.bfloat16])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: ",".join(f"{v:g}" for v in c))
 def test_bit_identical_to_the_reference(dtype, case):
     x = scores(dtype)
@@ -133,3 +139,13 @@ def test_postprocess_takes_either_key_alone_and_names_unknown_ones():
     np.testing.assert_array_equal(out["anomaly_map"], reference(amap, 0.5, 0.0, 2.0))
     with pytest.raises(ValueError, match=r"unknown keys \['pred_scores'\]"):
         v2.postprocess({"pred_scores": amap}, params, cuts)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16])
+def test_half_precision_scores_near_the_threshold_round_as_torch_does(dtype):
+    """Differences from the threshold below float16's smallest normal (2**-14) are float16
+    subnormals, which torch keeps and XLA's reduce_precision would flush."""
+    x = (np.float32(0.01) + np.linspace(-2e-4, 2e-4, 801, dtype=np.float32)).astype(dtype)
+    for case in [(0.01, 0.0098, 0.0102), (0.01, -1e-3, 1e-3), (NAN, 0.0099, 0.0101)]:
+        got = np.asarray(v2.normalize_v2(x, *(np.float32(v) for v in case)))
+        np.testing.assert_array_equal(got, reference(x, *case), err_msg=str(case))

@@ -81,7 +81,8 @@ class PostProcessor(AnomalibPostProcessor):
       after storing the statistics of the clean batches; ``nonfinite="omit"`` skips the
       non-finite values.
     - **Test and predict:** normalization and labels run through jaxnorm with anomalib 2's
-      rules, in one dispatch per batch; float32 results equal anomalib's bit for bit.
+      rules, in one dispatch per batch; float32, float16 and bfloat16 results equal
+      anomalib's bit for bit.
     - **forward** (``InferenceBatch``): eagerly through jaxnorm; under ``torch.export``,
       ``torch.compile``, ONNX export, ``torch.jit`` or FX tracing, anomalib's torch formula,
       so exported models hold plain torch ops.

@@ -10,7 +10,9 @@ own, which differ from the 0.x callback's ``jaxnorm.normalize``:
 
 The math is anomalib's, operation for operation and in the same dtypes (torch computes
 ``(x - t) / range + 0.5`` in the scores' dtype and the degenerate branch in float32), so that
-float32 results are bit-identical to anomalib's.
+float32, float16 and bfloat16 results are bit-identical to anomalib's (torch rounds each
+half-precision operation to the half dtype, and so does this code, float16 subnormals
+included).
 """
 
 from __future__ import annotations
@@ -43,6 +45,11 @@ def output_dtype(dtype: np.dtype) -> np.dtype:
     return np.dtype(jnp.promote_types(_compute_dtype(dtype), jnp.float32))
 
 
+# (exponent bits, mantissa bits) of the dtypes torch computes in float32 and rounds after
+# every operation.
+_HALF_BITS = {np.dtype(jnp.float16): (5, 10), np.dtype(jnp.bfloat16): (8, 7)}
+
+
 def _math(x, threshold, min_val, max_val):
     dtype = _compute_dtype(x.dtype)
     out = output_dtype(x.dtype)
@@ -58,8 +65,30 @@ def _math(x, threshold, min_val, max_val):
     # XLA turns a division by a broadcast scalar into a multiplication by its reciprocal,
     # 1 ulp off torch's true division; behind a barrier the divisor is an array it cannot
     # see through, and the division stays a division.
-    divisor = jax.lax.optimization_barrier(jnp.broadcast_to(safe_range.astype(dtype), x.shape))
-    normalized = jnp.clip((x - td) / divisor + 0.5, 0, 1)
+    bits = _HALF_BITS.get(np.dtype(dtype))
+    if bits is None:
+        divisor = jax.lax.optimization_barrier(jnp.broadcast_to(safe_range.astype(dtype), x.shape))
+        normalized = jnp.clip((x - td) / divisor + 0.5, 0, 1)
+    else:
+        # torch computes each float16/bfloat16 operation in float32 and rounds its result
+        # to the half dtype; XLA may keep the excess precision between fused operations
+        # (xla_allow_excess_precision), so each rounding is written out. As torch does, the
+        # threshold is rounded to the half dtype before the subtraction, and the division
+        # takes the float32 range as it is.
+        def rounded(y):
+            y_half = jax.lax.reduce_precision(y, *bits)
+            if bits != _HALF_BITS[np.dtype(jnp.float16)]:
+                return y_half  # bfloat16's subnormals are float32's: XLA flushes them
+            # reduce_precision flushes float16's subnormals (below 2**-14), which torch
+            # keeps: round those to float16's subnormal step, 2**-24, half to even.
+            tiny = jnp.abs(y) < 2.0**-14
+            return jnp.where(tiny, jnp.round(y * 2.0**24) * 2.0**-24, y_half)
+
+        f32 = jnp.float32
+        divisor = jax.lax.optimization_barrier(jnp.broadcast_to(safe_range, x.shape))
+        diff = rounded(x.astype(f32) - td.astype(f32))
+        scaled = rounded(diff / divisor)
+        normalized = jnp.clip(rounded(scaled + 0.5), 0, 1).astype(dtype)
     degenerate = jnp.where(x > td, 1.0, jnp.where(x < td, 0.0, 0.5)).astype(jnp.float32)
     normalized = jnp.where(zero_range, degenerate.astype(out), normalized.astype(out))
     has_range = ~jnp.isnan(lo) & ~jnp.isnan(hi)
