@@ -450,3 +450,48 @@ def test_test_batches_cross_with_one_import_and_one_export_call(monkeypatch):
     assert counts["imports"] == 3, counts
     assert got.pred_score.dtype == want.pred_score.dtype == torch.float64
     torch.testing.assert_close(got.pred_score, want.pred_score, rtol=1e-6, atol=1e-6)
+
+
+def _edge_inputs():
+    g = torch.Generator().manual_seed(11)
+    maps = torch.randn(3, 8, 8, generator=g) * 3
+    scores = torch.randn(3, generator=g) * 3
+    return {
+        "0-d score": dict(pred_score=torch.tensor(1.0)),
+        "scores only": dict(pred_score=scores),
+        "maps only": dict(anomaly_map=maps),
+        "(N, 1) scores, (N, 1, H, W) maps": dict(
+            pred_score=scores[:, None], anomaly_map=maps[:, None]
+        ),
+        "one (H, W) map": dict(anomaly_map=maps[0]),
+        "empty batch": dict(pred_score=torch.zeros(0), anomaly_map=torch.zeros(0, 8, 8)),
+        "transposed maps": dict(pred_score=scores, anomaly_map=maps.transpose(1, 2)),
+        "expanded maps": dict(pred_score=scores, anomaly_map=maps[:1].expand(3, 8, 8)),
+        "offset view": dict(
+            pred_score=scores, anomaly_map=torch.randn(4 * 64 + 1)[1:].view(4, 8, 8)
+        ),
+        "requires grad": dict(
+            pred_score=scores.clone().requires_grad_(), anomaly_map=maps.clone().requires_grad_()
+        ),
+        "NaN and inf scores": dict(
+            pred_score=torch.tensor([math.nan, math.inf, -math.inf]), anomaly_map=maps
+        ),
+        "int scores": dict(pred_score=torch.tensor([0, 1, 5])),
+        "bfloat16": dict(pred_score=scores.bfloat16(), anomaly_map=maps.bfloat16()),
+        "float16": dict(pred_score=scores.half(), anomaly_map=maps.half()),
+    }
+
+
+@pytest.mark.parametrize("name", list(_edge_inputs()))
+def test_forward_on_edge_inputs_equals_anomalibs(name):
+    """Whatever crosses to jax (the batch exchange, or to_jax one tensor at a time), forward
+    gives anomalib's outputs, bit for bit."""
+    ours, theirs = validated_pair()
+    fields = _edge_inputs()[name]
+    got, want = ours(InferenceBatch(**fields)), theirs(InferenceBatch(**fields))
+    for field in FIELDS:
+        assert_same(getattr(got, field), getattr(want, field), (name, field))
+    with torch.inference_mode():
+        got, want = ours(InferenceBatch(**fields)), theirs(InferenceBatch(**fields))
+    for field in FIELDS:
+        assert_same(getattr(got, field), getattr(want, field), (name, "inference mode", field))
