@@ -77,7 +77,7 @@ def _math(x, threshold, min_val, max_val):
         # takes the float32 range as it is.
         def rounded(y):
             y_half = jax.lax.reduce_precision(y, *bits)
-            if bits != _HALF_BITS[np.dtype(jnp.float16)]:
+            if np.dtype(dtype) != np.dtype(jnp.float16):
                 return y_half  # bfloat16's subnormals are float32's: XLA flushes them
             # reduce_precision flushes float16's subnormals (below 2**-14), which torch
             # keeps: round those to float16's subnormal step, 2**-24, half to even.
