@@ -207,13 +207,22 @@ def _on_device(scalars: tuple, x64: bool) -> tuple:
 
 
 def _placed(targets, scalars: tuple) -> tuple:
-    """``scalars`` (jax arrays) where a jitted call with ``targets`` can read them:
-    statistics committed to other devices than committed targets are copied there (device
-    to device, no host wait). Uncommitted scalars are placed by jit; uncommitted targets
-    follow committed scalars, as in any jax computation."""
-    sharding = placement.target((targets,))
-    if sharding is None:
-        return scalars
+    """``scalars`` (jax arrays) where a jitted call with ``targets`` can read them, whether
+    they are computed yet or not (device to device copies, no host wait).
+
+    Committed targets: statistics committed elsewhere are copied to the targets' devices.
+    Uncommitted targets follow committed scalars, as in any jax computation; scalars
+    committed to different devices all go to the first one's.
+    """
+    if isinstance(targets, jax.Array) and targets.committed:
+        sharding = placement.target((targets,))
+        if sharding is None:
+            return scalars  # arrays across processes, pmap's shardings: jit places them
+    else:
+        placed = [v.sharding for v in scalars if v.committed]
+        if all(p == placed[0] for p in placed):
+            return scalars
+        sharding = placed[0]
     return tuple(
         jax.device_put(v, sharding) if v.committed and v.sharding != sharding else v
         for v in scalars
