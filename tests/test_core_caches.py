@@ -165,6 +165,24 @@ def test_statistics_on_another_device_with_an_array_threshold(devices):
     assert got.devices() == {devices[0]}
 
 
+@pytest.mark.parametrize("targets_on", ["numpy", "uncommitted", "device 3"])
+def test_scalars_committed_to_different_devices_meet_somewhere(devices, targets_on):
+    # Found by tests/test_stateful_core.py: a threshold committed to one device (a DLPack
+    # import) and statistics to another, beside targets that are not committed.
+    raw = np.linspace(-1, 1, 16, dtype=np.float32)
+    x = {
+        "numpy": raw,
+        "uncommitted": jnp.asarray(raw),
+        "device 3": jax.device_put(raw, devices[3]),
+    }[targets_on]
+    t = jax.device_put(jnp.float32(0.2), devices[0])
+    lo, hi = jax.device_put((jnp.float32(-2), jnp.float32(3)), devices[1])
+    got = jaxnorm.normalize(x, t, lo, hi)
+    np.testing.assert_allclose(np.asarray(got), reference.normalize(raw, 0.2, -2, 3), atol=1e-6)
+    if targets_on == "device 3":
+        assert got.devices() == {devices[3]}
+
+
 # -- class 9: float thresholds and array identities are different keys ------------------------
 
 
@@ -211,3 +229,45 @@ def test_statistics_written_through_a_dlpack_alias_are_the_ones_used():
     np.testing.assert_allclose(
         np.asarray(jaxnorm.normalize(x, 1.0, lo, hi)), reference.normalize(np.arange(4.0), 1, 0, 8)
     )
+
+
+# -- numpy inputs: the caller's buffer may be written as soon as a call returns ---------------
+
+
+def _aligned(values: np.ndarray) -> np.ndarray:
+    """``values`` in a 64-byte aligned buffer: what jax's CPU client reads in place."""
+    buf = np.empty(values.size + 16, values.dtype)
+    start = (-buf.ctypes.data % 64) // values.itemsize
+    out = buf[start : start + values.size].reshape(values.shape)
+    out[...] = values
+    assert out.ctypes.data % 64 == 0
+    return out
+
+
+def test_a_numpy_input_written_after_normalize_returns_does_not_change_the_result(slow_stats):
+    # Found by tests/test_stateful_core.py: jax read an aligned numpy array in place when
+    # the computation ran, after the call had returned and the caller had reused the buffer.
+    raw = np.linspace(-1, 1, 64, dtype=np.float32)
+    jax.block_until_ready(jaxnorm.normalize(_aligned(raw), 0.1, *slow_stats(10)))  # compiles
+    lo, hi = slow_stats(11)
+    x = _aligned(raw)
+    got = jaxnorm.normalize(x, 0.1, lo, hi)
+    assert not lo.is_ready()  # the computation waits for them: x is read later
+    x[...] = 1e6
+    want = reference.normalize(raw, 0.1, float(lo), float(hi))
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-6)
+
+
+def test_a_numpy_batch_written_after_the_hook_returns_is_folded_as_it_was(slow_stats):
+    hook = jaxnorm.MinMaxNormalizationHook()
+    raw = np.linspace(-1, 1, 64, dtype=np.float32).reshape(4, 1, 4, 4)
+    for seed in (12, 13):  # the second round runs compiled
+        hook.on_validation_epoch_start()
+        first = jnp.stack(slow_stats(seed)).reshape(2, 1, 1, 1) * jnp.ones((2, 1, 4, 4))
+        hook.on_validation_batch_end({"anomaly_maps": first})  # still being computed
+        x = _aligned(raw)
+        hook.on_validation_batch_end({"anomaly_maps": x})  # folded after the first
+        x[...] = 1e6
+        hook.on_validation_epoch_end()
+        lo, hi = hook.host_stats()["pixel"]
+        assert hi == max(1.0, float(first.max())), (lo, hi)
