@@ -186,6 +186,8 @@ class CallbackMachine(RuleBasedStateMachine):
     ABANDON = False
     # Whether the callback is deep-copied and pickled (not only the module).
     COPY_CALLBACK = "deepcopy"
+    # Whether dtype conversions reach normalization_metrics too (not only the thresholds).
+    CONVERT_WHOLE_MODULE = False
     TEST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
     def make_oracle(self, image_t: float, pixel_t: float) -> Oracle:
@@ -428,7 +430,18 @@ class CallbackMachine(RuleBasedStateMachine):
 
     @rule(to=st.sampled_from(sorted(DTYPE_CONVERSIONS)))
     def convert_dtype(self, to):
-        self.both(DTYPE_CONVERSIONS[to])
+        """``module.half()`` and the like (Lightning's "16-true"/"bf16-true" precisions);
+        only the thresholds' modules unless ``CONVERT_WHOLE_MODULE``."""
+        convert = DTYPE_CONVERSIONS[to]
+
+        def apply(module):
+            if self.CONVERT_WHOLE_MODULE:
+                convert(module)
+            else:
+                convert(module.image_threshold)
+                convert(module.pixel_threshold)
+
+        self.both(apply)
 
     @precondition(lambda self: self.phase != "validating")
     @rule(stage=st.sampled_from(["fit", "validate", "test", "predict"]))
@@ -508,10 +521,12 @@ class NumpyOracle(Oracle):
             self.epoch = (min(self.epoch[0], lo), max(self.epoch[1], hi))
 
     def end_epoch(self) -> None:
+        # Statistics are float32 (SPEC), whatever dtype the metric's states were converted
+        # to: anomalib 0.7's metric states become float32 at their first update (torch's
+        # type promotion of the state with the float32 batch minimum).
         for path, value in zip(STATS, self.epoch, strict=True):
             owner, name = tensor_writes.resolve(self.twin, path)
-            with torch.no_grad():
-                getattr(owner, name).fill_(value)
+            setattr(owner, name, torch.tensor(value, dtype=torch.float32))
         self.epoch = None
 
     def abandon_epoch(self) -> None:

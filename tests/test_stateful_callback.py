@@ -37,6 +37,12 @@ class PickledCallback(CallbackAgainstSpec):
     COPY_CALLBACK = "pickle"
 
 
+class ConvertedModule(CallbackAgainstSpec):
+    """``module.half()``, ``.to(torch.bfloat16)``... reach ``normalization_metrics`` too."""
+
+    CONVERT_WHOLE_MODULE = True
+
+
 class OnAnAccelerator(AcceleratorStandIn, CallbackAgainstSpec):
     """The callback's accelerator path, stood in for on the CPU (see ``AcceleratorStandIn``):
     every write must be seen there too."""
@@ -46,6 +52,7 @@ CallbackAgainstSpec.TestCase.settings = machine_settings(max_examples=60)
 AbandonedEpochs.TestCase.settings = machine_settings(max_examples=60, failing=True)
 PickledCallback.TestCase.settings = machine_settings(max_examples=30, failing=True)
 OnAnAccelerator.TestCase.settings = machine_settings(max_examples=60, failing=True)
+ConvertedModule.TestCase.settings = machine_settings(max_examples=60, failing=True)
 
 TestCallbackAgainstSpec = CallbackAgainstSpec.TestCase
 TestAbandonedEpochs = pytest.mark.xfail(
@@ -56,6 +63,14 @@ TestPickledCallback = pytest.mark.xfail(
     reason="issue 20, found by this machine: a callback whose steady test path holds a plan "
     "does not pickle (the plan's jitted function is a local object); no branch fixes it yet",
 )(PickledCallback.TestCase)
+TestConvertedModule = pytest.mark.xfail(
+    strict=True,
+    reason="issue 20, found by this machine: statistics stored at validation epoch end into "
+    "normalization_metrics converted to a half-precision dtype are rounded to it (anomalib "
+    "0.7's states become float32 at their first update), while the callback goes on with "
+    "the unrounded ones until it reads them back: two results for one state; no branch "
+    "fixes it yet",
+)(ConvertedModule.TestCase)
 TestOnAnAccelerator = pytest.mark.xfail(
     strict=True,
     reason="issue 20 class 1, in the 0.x callback's accelerator path (keys of identity, "
