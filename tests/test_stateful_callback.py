@@ -48,7 +48,7 @@ class OnAnAccelerator(AcceleratorStandIn, CallbackAgainstSpec):
     every write must be seen there too."""
 
 
-CallbackAgainstSpec.TestCase.settings = machine_settings(max_examples=60)
+CallbackAgainstSpec.TestCase.settings = machine_settings(max_examples=40)
 AbandonedEpochs.TestCase.settings = machine_settings(max_examples=60, failing=True)
 PickledCallback.TestCase.settings = machine_settings(max_examples=30, failing=True)
 OnAnAccelerator.TestCase.settings = machine_settings(max_examples=60, failing=True)

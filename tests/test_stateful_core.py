@@ -431,7 +431,7 @@ class NormalizeMachine(RuleBasedStateMachine):
 
 
 SETTINGS = settings(
-    max_examples=100,
+    max_examples=60,
     stateful_step_count=50,
     deadline=None,
     derandomize=True,
