@@ -12,7 +12,6 @@ collected raise instead of normalizing with +-inf.
 
 from __future__ import annotations
 
-import pytest
 import torch
 from anomalib.utils.callbacks import MinMaxNormalizationCallback as AnomalibCallback
 from anomalib.utils.metrics import MinMax as AnomalibMinMax
@@ -22,11 +21,10 @@ from hypothesis.stateful import precondition, rule
 from tests import tensor_writes
 from tests.callback_machine import (
     STATS,
-    AcceleratorStandIn,
     CallbackMachine,
     Module,
     Oracle,
-    machine_settings,
+    machine_test_cases,
     stat_values,
     values_of,
 )
@@ -99,35 +97,9 @@ class AgainstAnomalib(CallbackMachine):
         assert values_of(self.module)[STATS[0]] == tensor_writes.rounded(lo, torch.float32)
 
 
-class AbandonedEpochs(AgainstAnomalib):
-    ABANDON = True
-
-
-class OnAnAccelerator(AcceleratorStandIn, AgainstAnomalib):
-    pass
-
-
-class ConvertedModule(AgainstAnomalib):
-    CONVERT_WHOLE_MODULE = True
-
-
-AgainstAnomalib.TestCase.settings = machine_settings(max_examples=60)
-AbandonedEpochs.TestCase.settings = machine_settings(max_examples=60, failing=True)
-OnAnAccelerator.TestCase.settings = machine_settings(max_examples=60, failing=True)
-ConvertedModule.TestCase.settings = machine_settings(max_examples=60, failing=True)
-
-TestAgainstAnomalib = AgainstAnomalib.TestCase
-TestAbandonedEpochs = pytest.mark.xfail(
-    strict=True, reason="issue 20 class 5: fixed on branch structure"
-)(AbandonedEpochs.TestCase)
-TestOnAnAccelerator = pytest.mark.xfail(
-    strict=True,
-    reason="issue 20 class 1, in the 0.x callback's accelerator path (keys of identity, "
-    "storage and version miss .data, numpy and DLPack writes): fixed on branch structure",
-)(OnAnAccelerator.TestCase)
-TestConvertedModule = pytest.mark.xfail(
-    strict=True,
-    reason="issue 20, found by this machine: statistics stored at validation epoch end into "
-    "normalization_metrics converted to a half-precision dtype are rounded to it (anomalib "
-    "0.7's states become float32 at their first update); no branch fixes it yet",
-)(ConvertedModule.TestCase)
+(
+    TestAgainstAnomalib,
+    TestAbandonedEpochs,
+    TestOnAnAccelerator,
+    TestConvertedModule,
+) = machine_test_cases(AgainstAnomalib, max_examples=60)
