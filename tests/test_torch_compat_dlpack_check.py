@@ -194,3 +194,21 @@ def test_the_callback_with_a_broken_fast_path_matches_the_reference(unchecked, m
             h.assert_matches_reference(outputs, raw, h.IMAGE_T, h.PIXEL_T, lo, hi)
     assert len([r for r in record if r.category is FastPathWarning]) == 1
     assert re.search(r"jaxlib \S+, torch", str(record[0].message))
+
+
+def test_a_dtype_the_public_functions_refuse_is_not_held_against_the_direct_calls(
+    unchecked, monkeypatch
+):
+    # torch < 2.2 exports no bool tensor through DLPack, whichever way (seen on the floor,
+    # torch 2.1): the check compares the dtypes both ways can cross.
+    real = jax.dlpack.from_dlpack
+
+    def no_bool(t, *args, **kwargs):
+        if t.dtype == torch.bool:
+            raise RuntimeError("Bool type is not supported by dlpack")
+        return real(t, *args, **kwargs)
+
+    monkeypatch.setattr(jax.dlpack, "from_dlpack", no_bool)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _dlpack_check.fast_path_ok(CPU)
