@@ -627,44 +627,51 @@ def test_unchanged_thresholds_and_stats_are_not_read_again_per_batch(monkeypatch
     assert CountingTensor.reads == 5
 
 
-def test_inference_tensors_off_the_cpu_are_keyed_by_identity():
-    version = torch_compat._change.version
-    assert version(torch.tensor(1.0)) == 0
+def test_tensors_off_the_cpu_are_keyed_by_identity_storage_and_version():
+    """Off the host a read would wait for the device: the key is the tensor's device, dtype,
+    storage and version counter (inference tensors have none); values travel instead."""
+    key = torch_compat._change.key
     with torch.inference_mode():
-        on_cpu, elsewhere = torch.tensor(1.0), torch.empty((), device="meta")
-    assert version(on_cpu) is None  # no version counter; reading it costs nothing
-    assert version(elsewhere) == "inference"  # reading it would wait for the device
+        inference = torch.empty((), device="meta")
+    t = torch.empty((), device="meta")
+    assert key(inference) == ("device", inference.device, torch.float32, 0, "inference")
+    assert key(t) == ("device", t.device, torch.float32, 0, 0)
+    t.add_(1)  # an in-place op bumps the version
+    assert key(t)[-1] == 1
     watched = torch_compat._change.Watched()
-    watched.remember((elsewhere,), (version(elsewhere),))
-    assert watched.unchanged((elsewhere,), ("inference",))
-    assert not watched.unchanged((torch.empty((), device="meta"),), ("inference",))
+    watched.remember((inference,), (key(inference),))
+    assert watched.unchanged((inference,), (key(inference),))
+    assert not watched.unchanged((torch.empty((), device="meta"),), (key(inference),))
 
 
-def test_inference_tensors_off_the_cpu_are_keyed_by_storage():
-    version = torch_compat._change.contents
-    with torch.inference_mode():
-        elsewhere = torch.empty((), device="meta")
-    assert version(elsewhere) == ("inference", elsewhere.data_ptr())
-    watched = torch_compat._change.Watched()
-    watched.remember((elsewhere,), (version(elsewhere),))
-    assert watched.unchanged((elsewhere,), (version(elsewhere),))
-    assert not watched.unchanged((torch.empty((), device="meta"),), (version(elsewhere),))
-
-
-def test_cpu_sources_are_keyed_by_value():
+def test_cpu_sources_are_keyed_by_value_and_dtype():
     """A CPU read costs nothing: its value is the key, so writes the version counter misses
-    are seen; NaN keys compare equal, and what is not one number is read (and named)."""
-    version = torch_compat._change.contents
+    are seen; the dtype is part of it; NaN keys compare equal, and what is not one number is
+    read (and named)."""
+    key = torch_compat._change.key
     t = torch.tensor(1.5)
-    assert version(t) == 1.5
+    assert key(t) == (torch.float32, 1.5)
     t.data.fill_(2.5)  # through .data: the version counter is not bumped
     t.numpy()[...] = 3.5  # nor through a numpy alias
-    assert t._version == 0 and version(t) == 3.5
+    assert t._version == 0 and key(t) == (torch.float32, 3.5)
+    assert key(t.half()) == (torch.float16, 3.5) != key(t)
     with torch.inference_mode():
         inference = torch.tensor(0.25)
-    assert version(inference) == 0.25
-    assert version(torch.tensor(math.nan)) == version(torch.tensor(-math.nan))
-    assert version(torch.zeros(2)) is None
+    assert key(inference) == (torch.float32, 0.25)
+    assert key(torch.tensor(math.nan)) == key(torch.tensor(-math.nan))
+    assert key(torch.zeros(2)) is None
+    assert key(np.float64(0.5)) == (np.dtype(np.float64), 0.5) and key(0.5) == (float, 0.5)
+
+
+def test_copies_of_a_watched_cache_are_empty():
+    import copy
+    import pickle
+
+    watched = torch_compat._change.Watched()
+    t = torch.tensor(1.0)
+    watched.remember((t,), (torch_compat._change.key(t),))
+    for copied in (copy.copy(watched), copy.deepcopy(watched), pickle.loads(pickle.dumps(watched))):
+        assert copied.objects == () and copied.keys is None
 
 
 def test_random_batch_sizes_compile_logarithmically_through_the_callback():
@@ -748,7 +755,8 @@ def _steady_setup(monkeypatch):
         return lambda *a, **k: counts.__setitem__(name, counts[name] + 1) or real(*a, **k)
 
     monkeypatch.setattr(fused, "normalize_positional", counted_positional)
-    monkeypatch.setattr(cb.hook, "normalize_batch", spy("full", cb.hook.normalize_batch))
+    full = spy("full", cb.hook.adapter.normalize_batch)
+    monkeypatch.setattr(cb.hook.adapter, "normalize_batch", full)
     monkeypatch.setattr(
         torch_compat._callback,
         "stat_tensors",

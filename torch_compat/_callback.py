@@ -13,8 +13,7 @@ from typing import Any
 
 from jaxnorm import MinMaxNormalizationHook
 from jaxnorm._src.validation import NonFinitePolicy, StatsMode
-from torch_compat import _allreduce, _steady
-from torch_compat._change import contents
+from torch_compat import _allreduce, _change, _steady
 from torch_compat._lifecycle import StatsLink, ThresholdLink, share_rank0, validation_epoch_end
 from torch_compat._minmax import ATTRIBUTE, MinMax, check_holds_separate, stat_tensors, write_stats
 
@@ -97,9 +96,9 @@ class MinMaxNormalizationHooks:
         return stat_tensors(self._metrics(pl_module), self.hook.stats_mode)
 
     def _sources(self, pl_module: Any) -> tuple | None:
-        """The thresholds' and statistics' objects and their contents' keys (``contents``),
-        for a plan to compare (objects by identity, keys by equality); ``None`` when a key
-        is unknown (e.g. a tensor that is not one number): such sources are read at every
+        """The thresholds' and statistics' objects and their keys (``_change.key``), for a
+        plan to compare (objects by identity, keys by equality); ``None`` when a key is
+        unknown (e.g. a tensor that is not one number): such sources are read at every
         batch."""
         metrics = getattr(pl_module, ATTRIBUTE, None)
         objects = [metrics, getattr(metrics, "min", None), getattr(metrics, "max", None)]
@@ -108,11 +107,19 @@ class MinMaxNormalizationHooks:
         objects += ThresholdLink.values(pl_module)
         keys = []
         for value in objects[1:]:
-            key = None if value is None else contents(value)
+            key = None if value is None else _change.key(value)
             if key is None and value is not None:
                 return None
             keys.append(key)
         return tuple(objects), tuple(keys)
+
+    def _values(self, pl_module: Any) -> tuple:
+        """The thresholds' and statistics' values, image ``t, min, max`` then pixel (called
+        with them loaded, so checked)."""
+        pairs = stat_tensors(getattr(pl_module, ATTRIBUTE), self.hook.stats_mode)
+        image_t, pixel_t = ThresholdLink.values(pl_module)
+        values = (image_t, *(t for _, t in pairs["image"]), pixel_t)
+        return values + tuple(t for _, t in pairs["pixel"])
 
     def _load(self, pl_module: Any, *, thresholds: bool = False) -> None:
         """Reads the statistics (and the thresholds) into the hook where they changed.
@@ -179,7 +186,7 @@ class MinMaxNormalizationHooks:
         with validation_epoch_end(self.hook) as stats:
             metrics = self._metrics(pl_module)
             write_stats(metrics, self.hook.stats_mode, stats)
-            self._stats.stored(stat_tensors(metrics, self.hook.stats_mode))
+            self._stats.stored(self.hook, stat_tensors(metrics, self.hook.stats_mode))
 
     def on_test_start(self, trainer: Any, pl_module: Any) -> None:
         """Sets the metrics' thresholds to 0.5 and loads the statistics (e.g. restored)."""
@@ -191,6 +198,7 @@ class MinMaxNormalizationHooks:
             if metrics is not None:
                 metrics.set_threshold(0.5)
         share_rank0(self._pairs(pl_module))
+        self._stats.forget()  # read once per run, wherever they are
         self._load(pl_module)
         self.hook.on_test_start()
 
@@ -198,6 +206,7 @@ class MinMaxNormalizationHooks:
         """Loads the statistics (e.g. restored from a checkpoint)."""
         del trainer
         share_rank0(self._pairs(pl_module))
+        self._stats.forget()  # read once per run, wherever they are
         self._load(pl_module)
 
     def on_test_batch_end(
@@ -234,7 +243,23 @@ class MinMaxNormalizationHooks:
             return
         self._plan = None
         self._load(pl_module, thresholds=True)
-        self._plan = _steady.normalize_full(self.hook, outputs, self._sources(pl_module))
+        values = self._values(pl_module)
+        # On an accelerator the values travel with each batch (see _change) ...
+        gather = values if _change.on_device(values) is not None else None
+        if not _steady.travels(gather, outputs) and not _change.all_on_host(values):
+            # ... and where they cannot (another device, a mix), they are read.
+            self._stats.forget()
+            self._thresholds.forget()
+            self._load(pl_module, thresholds=True)
+        self._plan = _steady.normalize_full(self.hook, outputs, self._sources(pl_module), gather)
+
+    def __getstate__(self) -> dict:
+        # Copies (also copy.copy, which would share them) and pickles hold no cache: they
+        # read the module again and settle their own plans (see _change).
+        state = self.__dict__.copy()
+        state.update(_stats=StatsLink(), _thresholds=ThresholdLink())
+        state["_plan"] = state["_validation_plan"] = None
+        return state
 
     @property
     def steady(self) -> bool:

@@ -1,13 +1,35 @@
-"""Change detection: how an adapter knows, without waiting for a device, that a tensor it
-read before (a threshold, a statistic, a buffer) still holds what it read.
+"""Change detection: the rule every cache of the adapters keeps.
 
-A cache keyed by these must never outlive the value it stands for; the rule of each key is
-written next to it.
+An adapter caches what it read of a threshold, a statistic or a sensitivity (its checks, its
+device copy) so that a batch does not read it again. Such a cache stands for the value it was
+made from, and must never outlive it. The rule, for every cache in ``torch_compat``:
+
+- **On the host** (a CPU tensor, a numpy or Python number) the key is the value itself,
+  read (``key``: ~0.2 us, it waits for nothing), with its dtype. A hit means an equal value
+  of the same dtype: exact by construction, whatever made it so: an in-place op, a write
+  through ``.data`` or ``.data =``, a numpy or DLPack alias, inference mode,
+  ``load_state_dict`` (also ``assign=True``), a dtype or device conversion of the module.
+- **On an accelerator** a read waits for the device, so no cache stands for a value there:
+  the values travel with every batch (``gather``: one torch op stacks them into one small
+  tensor, which crosses with the batch's own tensors). Only host-side *checks* (finite,
+  ordered, present) are keyed, by the tensor's identity, storage pointer, device, dtype and
+  in-place version counter (identity and storage alone for inference tensors, which keep no
+  counter). A write that leaves all of these as they were (through ``.data``, a DLPack
+  alias, inference mode) is used as anomalib uses it, without those checks (see
+  docs/differences.md).
+- **Copies**: ``copy.copy``, ``copy.deepcopy`` and pickles of a ``Watched`` are empty, so
+  whatever holds one (a callback, a post-processor's state) reads again after a copy: a
+  copy's version counters restart, and could meet a remembered key by chance.
+
+A cache that stands for what the *hook* holds (not an outside tensor) is valid only while
+the hook still holds it: ``hook.stats`` is a new object at every change, and such caches
+remember it and compare it by identity (see ``_lifecycle.StatsLink``).
 """
 
 from __future__ import annotations
 
 import operator
+from collections.abc import Hashable, Sequence
 from typing import Any
 
 import numpy as np
@@ -17,86 +39,89 @@ import torch
 on_host = operator.attrgetter("is_cpu")
 
 
-class Watched:
-    """Remembers which tensors (and which contents of them: ``contents``, or in-place
-    versions: ``version``) host values came from.
-
-    Reading a CUDA tensor's value on the host waits for the GPU; comparing identities,
-    storages and version counters does not, so unchanged thresholds and statistics on an
-    accelerator are never read again.
-    """
-
-    __slots__ = ("tensors", "versions")
-
-    def __init__(self) -> None:
-        self.tensors: tuple = ()
-        self.versions: tuple | None = None
-
-    def unchanged(self, tensors: tuple, versions: tuple | None) -> bool:
-        return (
-            versions is not None
-            and versions == self.versions
-            and len(tensors) == len(self.tensors)
-            and all(a is b for a, b in zip(tensors, self.tensors, strict=True))
-        )
-
-    def remember(self, tensors: tuple, versions: tuple | None) -> None:
-        self.tensors, self.versions = tensors, versions
-
-    def forget(self) -> None:
-        self.remember((), None)
-
-
-def version(value: Any) -> Any:
-    """What tells an in-place write of ``value`` apart, without reading it; ``None``:
-    unknown, read it again. (anomalib 2's PostProcessor keys its buffers by this; the
-    callback by ``contents``.)"""
-    if not isinstance(value, torch.Tensor):
-        return None
-    if value.is_inference():
-        # Inference tensors keep no version counter. On the CPU a read costs nothing; on an
-        # accelerator it would wait for the device at every batch, so there the tensor's
-        # identity decides (anomalib replaces its thresholds and states, not writes them).
-        return None if value.device.type == "cpu" else "inference"
-    return value._version
-
-
-def versions(tensors: tuple) -> tuple | None:
-    keys = tuple(version(t) for t in tensors)
-    return None if None in keys else keys
-
-
-def contents(value: Any) -> Any:
-    """What tells a change of ``value``'s contents apart without waiting for a device;
-    ``None``: unknown, read it again.
-
-    On the CPU (and for Python or numpy numbers) the value itself, read (~0.2 us): it sees
-    every write, also those that leave the version counter as it was (through ``.data``, a
-    numpy alias, inference mode) or swap the storage (``t.data = ...``). On an accelerator
-    a read would wait for the device at every batch, so the storage and the in-place
-    version counter decide, and for inference tensors (no counter) the storage alone
-    (anomalib replaces its thresholds and states rather than writing them).
-    """
+def key(value: Any) -> Hashable | None:
+    """The cache key of one value, by the rule above; ``None``: unknown (not one number, or
+    not a number at all): read it again, and name the problem there."""
     if isinstance(value, torch.Tensor):
         if not on_host(value):
-            if value.is_inference():
-                return ("inference", value.data_ptr())
-            return (value._version, value.data_ptr())
+            version = "inference" if value.is_inference() else value._version
+            return ("device", value.device, value.dtype, value.data_ptr(), version)
         try:
             number = value.item()
-        except RuntimeError:  # not one number: the caller reads it and names the problem
+        except RuntimeError:  # not one number
             return None
-    elif isinstance(value, (np.ndarray, np.generic)):
+        return (value.dtype, number if number == number else _NAN)
+    if isinstance(value, (np.ndarray, np.generic)):
         if value.size != 1:
             return None
         number = value.item()
-    elif isinstance(value, (int, float)):
-        number = value
-    else:
-        return None
-    return number if number == number else "nan"  # NaN keys compare equal
+        return (value.dtype, number if number == number else _NAN)
+    if isinstance(value, (bool, int, float)):
+        return (type(value), value if value == value else _NAN)
+    return None
 
 
-def contents_of(tensors: tuple) -> tuple | None:
-    keys = tuple(contents(t) for t in tensors)
-    return None if None in keys else keys
+def keys(values: Sequence[Any]) -> tuple | None:
+    """``key`` of each value; ``None`` when one is unknown."""
+    out = tuple(key(v) for v in values)
+    return None if None in out else out
+
+
+_NAN = "nan"  # NaN is not equal to itself: its key is this, so NaN keys compare equal
+
+
+def all_on_host(values: Sequence[Any]) -> bool:
+    """Whether reading each of ``values`` waits for no device (numbers, host tensors)."""
+    return all(not isinstance(v, torch.Tensor) or on_host(v) for v in values)
+
+
+def on_device(values: Sequence[Any]) -> torch.device | None:
+    """The one accelerator device of ``values`` when every one is a tensor there (their
+    values then travel: ``gather``), else ``None``."""
+    device = None
+    for v in values:
+        if not isinstance(v, torch.Tensor) or on_host(v) or v.device.type == "meta":
+            return None
+        if device is None:
+            device = v.device
+        elif v.device != device:
+            return None
+    return device
+
+
+def gather(tensors: Sequence[torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The values of 0-d or one-element ``tensors`` as one 1-D tensor on their device: one
+    ``torch.stack`` (and a cast only when ``dtype`` differs). No host read."""
+    if any(t.ndim for t in tensors):  # one-element tensors of another shape
+        tensors = [t.reshape(()) for t in tensors]
+    if any(t.requires_grad for t in tensors):
+        tensors = [t.detach() for t in tensors]
+    out = torch.stack(tensors)
+    return out if dtype is None or out.dtype == dtype else out.to(dtype)
+
+
+class Watched:
+    """The objects a cache was made from and their ``keys``: a hit needs the same objects
+    (by identity) with equal keys. Copies and pickles are empty (see the module doc)."""
+
+    __slots__ = ("objects", "keys")
+
+    def __init__(self) -> None:
+        self.forget()
+
+    def unchanged(self, objects: Sequence[Any], keys: tuple | None) -> bool:
+        return (
+            keys is not None
+            and keys == self.keys
+            and len(objects) == len(self.objects)
+            and all(a is b for a, b in zip(objects, self.objects, strict=True))
+        )
+
+    def remember(self, objects: Sequence[Any], keys: tuple | None) -> None:
+        self.objects, self.keys = tuple(objects), keys
+
+    def forget(self) -> None:
+        self.objects, self.keys = (), None
+
+    def __reduce__(self):
+        return (Watched, ())  # copies and pickles are empty: they read again

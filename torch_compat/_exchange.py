@@ -124,6 +124,18 @@ def pad_rows(outputs: Any, buckets: batching.Buckets, phase: str) -> tuple[Any, 
     return padded, n
 
 
+def tensor_devices(outputs: Any) -> set[torch.device]:
+    """The devices of the tensors under the normalized keys of ``outputs`` (box scores' too)."""
+    devices = set()
+    if isinstance(outputs, Mapping):
+        for key in NORMALIZED_KEYS:
+            value = outputs.get(key)
+            for t in value if isinstance(value, (list, tuple)) else (value,):
+                if isinstance(t, torch.Tensor):
+                    devices.add(t.device)
+    return devices
+
+
 def hand_back(hook: MinMaxNormalizationHook, devices: Iterable[torch.device]) -> None:
     """Hands a validation batch's tensors on ``devices`` back to torch once ``hook``'s last
     fold has read them.

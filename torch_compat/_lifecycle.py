@@ -25,7 +25,7 @@ import torch
 
 from jaxnorm import MinMaxNormalizationHook, NonFiniteScoresError
 from torch_compat._allreduce import broadcast_from_rank0, ddp_active
-from torch_compat._change import Watched, contents_of
+from torch_compat._change import Watched, keys
 from torch_compat._tensors import check_not_meta, write_in_place
 
 StatPairs = Mapping[str, tuple[tuple[str, Any], tuple[str, Any]]]
@@ -64,14 +64,22 @@ class StatsLink:
 
     ``load`` reads them into the hook only when they changed since the last load or store;
     ``stored`` says that the hook's statistics were just written into them.
+
+    Cache rule: a hit needs the same tensors with equal keys (``_change``: values on the
+    host; identity, storage and version on an accelerator) *and* a hook that still holds
+    what was loaded or stored: ``hook.stats`` is the very object it was then (a fold, a
+    reset or any load since makes a new one, e.g. a validation epoch that was started and
+    abandoned). Copies of a link are empty (``Watched``).
     """
 
     def __init__(self) -> None:
         self._source = Watched()
+        self._holds: object = None  # hook.stats when the hook held the tensors' values
 
     def forget(self) -> None:
-        """Read them at the next ``load`` (a new run: ``setup``)."""
+        """Read them at the next ``load`` (a new run, or values that cannot travel)."""
         self._source.forget()
+        self._holds = None
 
     def load(self, hook: MinMaxNormalizationHook, pairs: StatPairs, source: str) -> None:
         """Reads the statistics into ``hook`` when they changed (restored, written, replaced).
@@ -82,8 +90,8 @@ class StatsLink:
             ``max < min``.
         """
         tensors = _tensors(pairs)
-        keys = contents_of(tensors)
-        if self._source.unchanged(tensors, keys):
+        found = keys(tensors)
+        if self._source.unchanged(tensors, found) and hook.stats is self._holds:
             return
         for (lo_key, lo), (hi_key, hi) in pairs.values():
             check_not_meta(source, lo_key, lo)
@@ -93,27 +101,37 @@ class StatsLink:
             {which: (lo, hi) for which, ((_, lo), (_, hi)) in pairs.items()},
             {which: (lo_key, hi_key) for which, ((lo_key, _), (hi_key, _)) in pairs.items()},
         )
-        self._source.remember(tensors, keys)
+        self._source.remember(tensors, found)
+        self._holds = hook.stats
 
-    def stored(self, pairs: StatPairs) -> None:
-        """The hook's statistics were just written into ``pairs``' tensors."""
+    def stored(self, hook: MinMaxNormalizationHook, pairs: StatPairs) -> None:
+        """``hook``'s statistics were just written into ``pairs``' tensors."""
         tensors = _tensors(pairs)
-        self._source.remember(tensors, contents_of(tensors))
+        self._source.remember(tensors, keys(tensors))
+        self._holds = hook.stats
 
 
 class ThresholdLink:
     """``pl_module.image_threshold.value`` and ``pixel_threshold.value``, read into the hook
-    when they change."""
+    when they change.
+
+    Cache rule: a hit needs the same object with an equal key (``_change``) *and* a hook
+    whose threshold is still the value read (one set on the hook by hand is replaced).
+    """
 
     NAMES = ("image_threshold", "pixel_threshold")
 
     def __init__(self) -> None:
+        self.forget()
+
+    def forget(self) -> None:
+        """Read them at the next ``load``."""
         self._watched = {name: Watched() for name in self.NAMES}
+        self._set: dict[str, float] = {}
 
     @classmethod
     def values(cls, pl_module: Any) -> list:
-        """The thresholds' values as they are (``None`` where missing), e.g. for a plan's
-        sources."""
+        """The thresholds' values as they are, image then pixel (``None`` where missing)."""
         return [getattr(getattr(pl_module, name, None), "value", None) for name in cls.NAMES]
 
     def load(self, hook: MinMaxNormalizationHook, pl_module: Any) -> None:
@@ -130,8 +148,8 @@ class ThresholdLink:
                 raise AttributeError(
                     f"pl_module.{name}.value is missing; {_ATTRIBUTE_HINT}"
                 ) from None
-            keys = contents_of((value,))
-            if watched.unchanged((value,), keys):
+            found = keys((value,))
+            if watched.unchanged((value,), found) and getattr(hook, name) == self._set.get(name):
                 continue
             if isinstance(value, torch.Tensor):
                 if value.numel() != 1:
@@ -147,7 +165,8 @@ class ThresholdLink:
                 setattr(hook, name, number)
             except ValueError as error:
                 raise ValueError(f"pl_module.{name}.value: {error}") from None
-            watched.remember((value,), keys)
+            watched.remember((value,), found)
+            self._set[name] = getattr(hook, name)
 
 
 def share_rank0(pairs: StatPairs) -> None:

@@ -11,6 +11,13 @@ see ``_change``) skips what the first one established:
 - test and predict (``normalize_steady``): one import per key with one stream ordering, one
   jitted call for every key, and one zero-copy export per key.
 
+The thresholds and statistics of test and predict follow the cache rule of ``_change``: on
+the host the plan keeps the hook's device parameters while the sources' values are equal; on
+an accelerator the sources' values travel with every batch (``gather``: one ``torch.stack``,
+imported with the batch), and the plan keeps only what the host checked. Sources on an
+accelerator that cannot travel with a batch (another device) get no plan: the adapter reads
+them (``travels``).
+
 Anything else takes the full path. Only float tensors without ``box_scores``, needing no
 padding, on a device with the direct DLPack calls (``_dlpack.batch_device_ok``) get a plan.
 These functions take the adapter's ``MinMaxNormalizationHook`` and drive it through its
@@ -26,9 +33,9 @@ import torch
 from jaxnorm import MinMaxNormalizationHook
 from jaxnorm._src import batching, fused
 from jaxnorm._src.stats import NORMALIZED_KEYS, stats_sources
-from torch_compat import _dlpack
+from torch_compat import _change, _dlpack
 from torch_compat._change import Watched
-from torch_compat._dlpack import host_to_torch, to_torch
+from torch_compat._dlpack import host_to_torch, to_jax, to_torch
 from torch_compat._exchange import (
     NUMPY_DTYPES,
     JaxView,
@@ -36,6 +43,7 @@ from torch_compat._exchange import (
     batch_device,
     hand_back,
     pad_rows,
+    tensor_devices,
 )
 
 
@@ -114,19 +122,33 @@ def fold_validation_batch(
 # -- test and predict -----------------------------------------------------------------------
 
 
+def travels(gather: tuple | None, outputs: Any) -> bool:
+    """Whether ``gather`` (the thresholds' and statistics' tensors on one accelerator, image
+    ``t, min, max`` then pixel) can travel with ``outputs``: their tensors are all on it."""
+    return gather is not None and tensor_devices(outputs) == {gather[0].device}
+
+
+def _gathered(gather: tuple) -> torch.Tensor:
+    """``[[t, min, max] image, [t, min, max] pixel]`` as one float32 tensor on their device
+    (one ``torch.stack``; the reshape is a view)."""
+    return _change.gather(gather, torch.float32).reshape(2, 3)
+
+
 class TestPlan:
-    """A test layout: the jitted call, the packed thresholds and statistics it takes, and
-    the sources they were read from (``Watched``: objects by identity, keys by equality)."""
+    """A test layout: the jitted call, the packed thresholds and statistics it takes (the
+    hook's; or, with ``gather``, the tensors whose values travel with each batch), and the
+    sources they were read from (``Watched``: objects by identity, keys by equality)."""
 
     __test__ = False  # not a pytest class
 
-    __slots__ = ("layout", "fn", "params", "sources")
+    __slots__ = ("layout", "fn", "params", "sources", "gather")
 
-    def __init__(self, layout: Layout, fn, params, sources: Watched) -> None:
+    def __init__(self, layout: Layout, fn, params, sources: Watched, gather=None) -> None:
         self.layout = layout
         self.fn = fn
         self.params = params
         self.sources = sources
+        self.gather = gather
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -138,7 +160,7 @@ class TestPlan:
 
 
 def make_test_plan(
-    hook: MinMaxNormalizationHook, outputs: Any, sources: tuple | None
+    hook: MinMaxNormalizationHook, outputs: Any, sources: tuple | None, gather: tuple | None
 ) -> TestPlan | None:
     """A plan for test batches laid out as ``outputs``, or ``None`` where the full path
     stays.
@@ -150,6 +172,10 @@ def make_test_plan(
     Args:
       sources: ``(objects, keys)`` the thresholds and statistics were read from, or ``None``
         when a key is unknown (such sources are read at every batch: no plan).
+      gather: the thresholds' and statistics' tensors (image ``t, min, max``, then pixel)
+        when all are on one accelerator: their values travel with each batch. ``None``: on
+        the host (or not all tensors); sources on an accelerator that cannot travel with
+        this batch get no plan.
     """
     if type(outputs) is not dict:
         return None
@@ -158,6 +184,10 @@ def make_test_plan(
     if found is None or sources is None:
         return None
     tensors, device = found
+    if gather is not None and not travels(gather, outputs):
+        return None
+    if gather is None and not _change.all_on_host(sources[0]):
+        return None  # values on an accelerator that cannot travel: read at every batch
     params = hook.adapter.normalize_params(keys)  # the errors of normalize_batch, in its order
     shapes = tuple(tuple(t.shape) for t in tensors)
     dtypes = tuple(NUMPY_DTYPES.get(t.dtype) for t in tensors)
@@ -165,7 +195,7 @@ def make_test_plan(
     fn = fused.normalize_positional(keys, rowwise)
     watched = Watched()
     watched.remember(*sources)
-    return TestPlan(Layout(keys, tensors, device), fn, params, watched)
+    return TestPlan(Layout(keys, tensors, device), fn, params, watched, gather)
 
 
 def normalize_steady(
@@ -180,8 +210,12 @@ def normalize_steady(
         return False
     device = plan.layout.device
     stream = _dlpack.torch_stream(device)  # one look-up for both crossings
-    arrays = _dlpack.import_batch(tensors, device, stream)
-    normalized = plan.fn(plan.params, *arrays)
+    if plan.gather is None:
+        arrays = _dlpack.import_batch(tensors, device, stream)
+        params = plan.params
+    else:  # the values travel with the batch, in the same import
+        *arrays, params = _dlpack.import_batch([*tensors, _gathered(plan.gather)], device, stream)
+    normalized = plan.fn(params, *arrays)
     exported = _dlpack.export_batch(normalized, device, stream)
     for key, t in zip(plan.layout.keys, exported, strict=True):
         outputs[key] = t
@@ -189,21 +223,25 @@ def normalize_steady(
 
 
 def normalize_full(
-    hook: MinMaxNormalizationHook, outputs: Any, sources: tuple | None
+    hook: MinMaxNormalizationHook, outputs: Any, sources: tuple | None, gather: tuple | None
 ) -> TestPlan | None:
     """Normalizes ``outputs`` in place through the full path (the hook loaded with the
     thresholds and statistics); returns a plan for later batches of this layout, or
-    ``None``.
+    ``None``. ``sources`` and ``gather`` as ``make_test_plan`` takes them: values that can
+    travel with this batch do, here too.
 
     A batch of a new, odd size is padded in torch and sliced back as a view.
     """
     padded, rows = pad_rows(outputs, hook.adapter.buckets, batching.NORMALIZE)
     if rows is None:
-        plan = make_test_plan(hook, outputs, sources)
+        plan = make_test_plan(hook, outputs, sources, gather)
         if plan is not None and normalize_steady(hook, plan, outputs, sources):
             return plan
+    params = None
+    if travels(gather, outputs):
+        params = to_jax(_gathered(gather), name="thresholds and statistics")
     view = JaxView(padded)
-    normalized = hook.normalize_batch(view, boxes_on_host=True, valid_rows=rows)
+    normalized = hook.adapter.normalize_batch(view, params, boxes_on_host=True, valid_rows=rows)
     for key in view:
         like = outputs[key]
         if key == "box_scores" and isinstance(like, (list, tuple)):

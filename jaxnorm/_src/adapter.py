@@ -9,6 +9,8 @@ them:
 - ``buckets``: the leading sizes batches run at (an adapter that pads in torch pads to them);
 - ``fold_arrays``: fold arrays already checked (a steady validation batch), one dispatch;
 - ``last_fold``: an array the last fold made (ready once the fold has read its inputs);
+- ``normalize_batch``: the hook's ``normalize_batch``, optionally with parameters the adapter
+  gathered itself (values that travel with the batch);
 - ``normalize_params``: the device parameters of the test call, after its checks;
 - ``params_current``: whether such parameters are still the ones the hook would use;
 - ``load_stats``: check statistics from outside once, and install them (one transfer).
@@ -26,9 +28,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxnorm._src import batching, validation
+from jaxnorm._src import batch_io, batching, errors, fused, validation
 from jaxnorm._src.device_state import DeviceState
-from jaxnorm._src.stats import mode_after_load
+from jaxnorm._src.stats import NORMALIZED_KEYS, mode_after_load
 
 
 class HookAdapter:
@@ -63,6 +65,28 @@ class HookAdapter:
         """An array the last fold computed: once it is ready, the fold has read its inputs
         (an adapter hands imported tensors back to their framework after it)."""
         return self._device.counters
+
+    def normalize_batch(
+        self,
+        outputs: Mapping,
+        params: jax.Array | None = None,
+        *,
+        boxes_on_host: bool = False,
+        valid_rows: int | None = None,
+    ) -> dict:
+        """``hook.normalize_batch`` (see there), with ``params`` when given: the
+        ``[[t, min, max] image, [t, min, max] pixel]`` of this batch, on its device, instead
+        of the hook's own (an adapter's values that travel with the batch). The checks are
+        the hook's, on the statistics it holds."""
+        present = [key for key in NORMALIZED_KEYS if key in outputs]
+        if not present:
+            raise ValueError(errors.NO_VALUES_MESSAGE)
+        self._device.check(present, shared=self._hook.stats_mode == "shared")
+        arrays = batch_io.NormalizeArrays(outputs, present, self.buckets, valid_rows)
+        if params is None:
+            params = self._device.params(self._thresholds)
+        normalized = fused.normalize_all(arrays.values, params)
+        return arrays.results(normalized, boxes_on_host=boxes_on_host)
 
     def normalize_params(self, keys: Iterable[str]) -> jax.Array:
         """The device array ``normalize_batch`` normalizes ``keys`` with,

@@ -10,7 +10,7 @@ through its public API and ``hook.adapter`` (``jaxnorm._src.adapter``), nothing 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import jax
@@ -21,14 +21,12 @@ from jaxnorm._src import (
     batching,
     device_state,
     errors,
-    fused,
     persistence,
     validation,
 )
 from jaxnorm._src.minmax import MinMax
 from jaxnorm._src.stats import (
     IMAGE,
-    NORMALIZED_KEYS,
     PIXEL,
     NormalizationStats,
     mode_after_load,
@@ -298,9 +296,8 @@ class MinMaxNormalizationHook:
         Each batch checks the statistics its keys need (with separate statistics, a model
         without maps needs no pixel statistics).
         """
-        stats = self.host_stats()
-        if all(lo > hi for lo, hi in stats.values()):
-            self._check_stats(["pred_scores"])
+        if all(lo > hi for lo, hi in self.host_stats().values()):
+            self._device.check(["pred_scores"], shared=self.stats_mode == "shared")
 
     def on_test_batch_end(self, outputs: Mapping) -> dict:
         """Returns a copy of ``outputs`` with scores, maps and boxes normalized to [0, 1]."""
@@ -342,18 +339,9 @@ class MinMaxNormalizationHook:
           NonFiniteScoresError: a validation batch held non-finite scores under
             ``nonfinite="raise"`` and was not reported yet.
         """
-        present = [key for key in NORMALIZED_KEYS if key in outputs]
-        if not present:
-            raise ValueError(errors.NO_VALUES_MESSAGE)
-        self._check_stats(present)
-        arrays = batch_io.NormalizeArrays(outputs, present, self._buckets, valid_rows)
-        normalized = fused.normalize_all(arrays.values, self._device.params(self._thresholds))
-        return arrays.results(normalized, boxes_on_host=boxes_on_host)
-
-    def _check_stats(self, keys: Iterable[str]) -> None:
-        self._device.check(keys, shared=self.stats_mode == "shared")
-
-    # -- saving and loading (jaxnorm._src.persistence) -----------------------------------
+        return self.adapter.normalize_batch(
+            outputs, boxes_on_host=boxes_on_host, valid_rows=valid_rows
+        )
 
     def _snapshot(self, *, counts: bool = True) -> persistence.Snapshot:
         # Metadata holds no counters: reading them would cost a sync and raise nothing more.
