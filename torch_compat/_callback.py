@@ -186,7 +186,7 @@ class MinMaxNormalizationHooks:
         with validation_epoch_end(self.hook) as stats:
             metrics = self._metrics(pl_module)
             write_stats(metrics, self.hook.stats_mode, stats)
-            self._stats.stored(self.hook, stat_tensors(metrics, self.hook.stats_mode))
+            self._stats.stored(stat_tensors(metrics, self.hook.stats_mode), self.hook)
 
     def on_test_start(self, trainer: Any, pl_module: Any) -> None:
         """Sets the metrics' thresholds to 0.5 and loads the statistics (e.g. restored)."""
@@ -243,11 +243,8 @@ class MinMaxNormalizationHooks:
             return
         self._plan = None
         self._load(pl_module, thresholds=True)
-        values = self._values(pl_module)
-        # On an accelerator the values travel with each batch (see _change) ...
-        gather = values if _change.on_device(values) is not None else None
-        if not _steady.travels(gather, outputs) and not _change.all_on_host(values):
-            # ... and where they cannot (another device, a mix), they are read.
+        gather, read = _steady.route_values(self._values(pl_module), outputs)
+        if read:  # on an accelerator, but they cannot travel with this batch
             self._stats.forget()
             self._thresholds.forget()
             self._load(pl_module, thresholds=True)

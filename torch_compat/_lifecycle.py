@@ -104,11 +104,12 @@ class StatsLink:
         self._source.remember(tensors, found)
         self._holds = hook.stats
 
-    def stored(self, hook: MinMaxNormalizationHook, pairs: StatPairs) -> None:
-        """``hook``'s statistics were just written into ``pairs``' tensors."""
+    def stored(self, pairs: StatPairs, hook: MinMaxNormalizationHook | None = None) -> None:
+        """``hook``'s statistics were just written into ``pairs``' tensors (without
+        ``hook``, the next ``load`` reads them again)."""
         tensors = _tensors(pairs)
         self._source.remember(tensors, keys(tensors))
-        self._holds = hook.stats
+        self._holds = None if hook is None else hook.stats
 
 
 class ThresholdLink:

@@ -128,6 +128,27 @@ def travels(gather: tuple | None, outputs: Any) -> bool:
     return gather is not None and tensor_devices(outputs) == {gather[0].device}
 
 
+def route_values(values: tuple, outputs: Any) -> tuple[tuple | None, bool]:
+    """How a test batch gets its thresholds and statistics, by the rule of ``_change``.
+
+    Args:
+      values: the thresholds' and statistics' values as the adapter holds them, image
+        ``t, min, max`` then pixel (tensors or numbers), already loaded into the hook.
+      outputs: the batch.
+
+    Returns:
+      ``(gather, read)``: ``gather`` is ``values`` when they are tensors on one accelerator
+      with the batch (they travel: pass it to ``normalize_full``), else ``None``; ``read``
+      says that they are on an accelerator but cannot travel with this batch (another
+      device, or a mix with host numbers): the adapter must read them into the hook now
+      (forget its links, load again), a host sync for this batch.
+    """
+    gather = values if _change.on_device(values) is not None else None
+    if travels(gather, outputs):
+        return gather, False
+    return None, not _change.all_on_host(values)
+
+
 def _gathered(gather: tuple) -> torch.Tensor:
     """``[[t, min, max] image, [t, min, max] pixel]`` as one float32 tensor on their device
     (one ``torch.stack``; the reshape is a view)."""
@@ -160,7 +181,10 @@ class TestPlan:
 
 
 def make_test_plan(
-    hook: MinMaxNormalizationHook, outputs: Any, sources: tuple | None, gather: tuple | None
+    hook: MinMaxNormalizationHook,
+    outputs: Any,
+    sources: tuple | None,
+    gather: tuple | None = None,
 ) -> TestPlan | None:
     """A plan for test batches laid out as ``outputs``, or ``None`` where the full path
     stays.
@@ -223,7 +247,10 @@ def normalize_steady(
 
 
 def normalize_full(
-    hook: MinMaxNormalizationHook, outputs: Any, sources: tuple | None, gather: tuple | None
+    hook: MinMaxNormalizationHook,
+    outputs: Any,
+    sources: tuple | None,
+    gather: tuple | None = None,
 ) -> TestPlan | None:
     """Normalizes ``outputs`` in place through the full path (the hook loaded with the
     thresholds and statistics); returns a plan for later batches of this layout, or
