@@ -160,3 +160,32 @@ def test_on_an_accelerator_values_travel_and_only_the_checks_are_read(monkeypatc
     cb.on_test_batch_end(None, module, outputs, None, 0)
     assert reads == []  # nothing read on the host ...
     assert_matches_reference(outputs, raw, IMAGE_T, PIXEL_T, lo, hi + 1.0)  # ... yet seen
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device and a CUDA build of torch"
+)
+@pytest.mark.filterwarnings("ignore::torch_compat.HostCopyWarning")
+@pytest.mark.parametrize("write", ["data.fill_", "inference mode"])
+def test_cuda_sources_written_unseen_by_their_keys_travel_with_the_next_batch(write):
+    """On a real GPU: thresholds and statistics on the module's device travel with each
+    batch, so a write that leaves their keys as they were is used by the next batch."""
+    module, cb = Module(), MinMaxNormalizationCallback()
+    cb.setup(None, module, "fit")
+    module.cuda()  # thresholds and normalization_metrics on the GPU
+    val = {k: v.cuda() for k, v in make_outputs(0, n=8, boxes=False).items()}
+    validate(cb, module, [val])
+    lo, hi = module.normalization_metrics.read()["image"]
+    for i in range(3):
+        batch = {k: v.cuda() for k, v in make_outputs(10 + i, n=8, boxes=False).items()}
+        cb.on_test_batch_end(None, module, batch, None, i)
+    if write == "inference mode":
+        with torch.inference_mode():
+            module.normalization_metrics.max.fill_(hi + 1.0)
+    else:
+        module.normalization_metrics.max.data.fill_(hi + 1.0)
+    raw = make_outputs(20, n=8, boxes=False)
+    outputs = {k: raw[k].cuda() for k in ("anomaly_maps", "pred_scores")}
+    cb.on_test_batch_end(None, module, outputs, None, 0)
+    got = {k: v.cpu() for k, v in outputs.items()}
+    assert_matches_reference(got, {k: raw[k] for k in got}, IMAGE_T, PIXEL_T, lo, hi + 1.0)
