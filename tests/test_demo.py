@@ -89,6 +89,51 @@ def test_prints_the_table(tmp_path, capsys):
     assert set(r["timings"]) >= {"train", "validation", "test", "compile", "total"}
 
 
+# The demo with matplotlib and tqdm uninstalled (the `demo` extra left out): an import hook
+# makes them fail as pip would leave them, and training announces its start.
+_WITHOUT_THE_EXTRA = """
+import sys
+
+
+class _NotInstalled:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("matplotlib", "tqdm"):
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+        return None
+
+
+sys.meta_path.insert(0, _NotInstalled())
+import jaxnorm.demo.run as run
+
+fit = run._fit
+run._fit = lambda *args: (print("training starts", flush=True), fit(*args))[1]
+run.main({argv!r})
+"""
+
+
+def test_without_the_demo_extra_says_what_to_install_and_prints_the_table(tmp_path):
+    argv = [a for a in TINY if a != "--no-progress"] + ["--epochs", "1", "--out", str(tmp_path)]
+    proc = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_THE_EXTRA.format(argv=argv)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    start = lines.index("training starts")
+    said = [line for line in lines[:start] if "is not installed" in line]
+    assert [line.split()[0] for line in said] == ["matplotlib", "tqdm"]  # before training
+    assert all('pip install "jaxnorm[demo]"' in line for line in said)
+    assert "without its figure" in said[0] and "without a progress bar" in said[1]
+    table = "\n".join(lines[start:])
+    for needle in ("image AUROC", "pixel F1", "min, max", "time (s)"):
+        assert needle in table
+    assert lines[-2:] == said  # and again under the table
+    assert (tmp_path / "stats.json").exists() and not (tmp_path / "normalization.png").exists()
+
+
 def test_help_exits_zero():
     proc = subprocess.run(
         [sys.executable, "-m", "jaxnorm.demo", "--help"],
