@@ -17,10 +17,10 @@ run without one. Figures come from the best run of each kind (and the median bes
 check that needs no subtraction of noisy runs, the time between consecutive batch ends inside
 the runs is shown too (its median is robust to a burst of load that spoils a whole run).
 
-On a GPU the images are 32 x 3 x 256 x 256 and the stem has ResNet-18's widths (issue 14's
-loop). On CPU the images are 32 x 3 x 8 x 8 and the stem a quarter as wide: the outputs are
-then 32 scores and (32, 1, 8, 8) maps, the tiny sizes where a batch's cost is host work, and
-issue 14's CPU goal for them is judged in a real loop; torch runs on one thread there.
+On a GPU the images are 32 x 3 x 256 x 256 and the stem has ResNet-18's widths. On CPU the
+images are 32 x 3 x 8 x 8 and the stem a quarter as wide: the outputs are then 32 scores and
+(32, 1, 8, 8) maps, the tiny sizes where a batch's cost is host work, and the CPU goal for
+them is judged in a real loop; torch runs on one thread there.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ import torch.nn.functional as F  # noqa: N812 - torch's own spelling
 from torch import nn
 
 from benchmarks import anomalib_ref, environment, timing
+from benchmarks import labels as L
 from benchmarks.cases import base, loops
 from benchmarks.records import CaseResult, Row
 from benchmarks.report import fmt_time
@@ -53,9 +54,7 @@ TITLE = (
     "cost per batch and per run of each callback"
 )
 
-NONE = "no callback"
-ANOMALIB = "anomalib 0.7 callback"
-SHIM = "torch_compat callback"
+NONE, ANOMALIB, SHIM = L.NO_CALLBACK, L.ANOMALIB_CALLBACK, L.SHIM
 CALLBACKS = (NONE, ANOMALIB, SHIM)
 PHASES = ("validate", "test")
 PER_BATCH, EXTRA_BATCH = "per batch", "+ per batch"
@@ -91,7 +90,7 @@ class Sizes:
 
 
 def sizes(cfg: base.RunConfig) -> Sizes:
-    """The issue's loop on a GPU; tiny outputs on CPU, where host work is all a batch costs."""
+    """A real model's batch on a GPU; tiny outputs on CPU, where host work is all it costs."""
     if environment.torch_device() == "cuda":
         return Sizes(
             batch=32, side=256, width=64, n1=5 if cfg.quick else 15, rounds=2 if cfg.quick else 5
@@ -204,18 +203,7 @@ def namespace() -> types.SimpleNamespace:
         from torch_compat.lightning import MinMaxNormalizationCallback
 
     class AnomalibCallback(anomalib_ref.MinMaxNormalizationCallback, pl.Callback):
-        """anomalib 0.7's callback, with its ``setup`` and ``on_test_start``."""
-
-        def setup(self, trainer: Any, pl_module: Any, stage: str | None = None) -> None:
-            del trainer, stage
-            if not hasattr(pl_module, "normalization_metrics"):
-                pl_module.normalization_metrics = anomalib_ref.MinMax().cpu()
-
-        def on_test_start(self, trainer: Any, pl_module: Any) -> None:
-            del trainer
-            for metric in (pl_module.image_metrics, pl_module.pixel_metrics):
-                if metric is not None:
-                    metric.set_threshold(0.5)
+        """anomalib 0.7's callback, a Lightning callback."""
 
     class Last(pl.Callback):
         """Placed last: keeps the last batch's outputs as the callbacks left them, and the

@@ -13,14 +13,16 @@ import jax.dlpack
 import torch
 
 from benchmarks import anomalib_ref, environment, timing
+from benchmarks import labels as L
 from benchmarks.cases import base, loops
 from benchmarks.records import CaseResult, timed_rows
+from torch_compat import MinMaxNormalizationCallback, to_jax, to_torch
 
 KEY = "shim"
 TITLE = "Lightning callback per test batch: torch_compat vs anomalib 0.7, and DLPack alone"
 
-SHIM = "torch_compat callback on_test_batch_end"
-ANOMALIB = "anomalib 0.7 callback _normalize_batch"
+SHIM = L.SHIM_TEST_BATCH
+ANOMALIB = L.ANOMALIB_NORMALIZE_BATCH
 TO_JAX = "torch -> jax: jax.dlpack.from_dlpack(t)"
 TO_TORCH = "jax -> torch: torch.from_dlpack(a)"
 SHIM_TO_JAX = "torch -> jax: torch_compat.to_jax(t)"
@@ -71,24 +73,15 @@ def _max_diff(a: dict[str, Any], b: dict[str, Any]) -> float:
 
 def _dlpack_rows(res: CaseResult, cfg: base.RunConfig) -> None:
     for shape in (base.MAPS_256, base.SCORES):
-        group = f"DLPack {base.group_label(shape, 'float32')}"
+        group = f"DLPack {L.array_group(shape, 'float32')}"
         t = base.to_torch(base.raw_scores(shape))
         a = base.to_jax(base.raw_scores(shape))
         contenders = [
             timing.Contender(TO_JAX, lambda t=t: jax.dlpack.from_dlpack(t.detach().contiguous())),
             timing.Contender(TO_TORCH, lambda a=a: torch.from_dlpack(a), sync=timing.sync_all),
+            timing.Contender(SHIM_TO_JAX, lambda t=t: to_jax(t)),
+            timing.Contender(SHIM_TO_TORCH, lambda a=a, t=t: to_torch(a, t), sync=timing.sync_all),
         ]
-        try:  # the shim's own exchange, where it exists
-            from torch_compat import to_jax, to_torch
-        except ImportError:
-            pass
-        else:
-            contenders += [
-                timing.Contender(SHIM_TO_JAX, lambda t=t: to_jax(t)),
-                timing.Contender(
-                    SHIM_TO_TORCH, lambda a=a, t=t: to_torch(a, t), sync=timing.sync_all
-                ),
-            ]
         timings = timing.compare(contenders, cfg.timer)
         res.rows += timed_rows(group, contenders, timings)
         if shape == base.MAPS_256 and environment.torch_device() == "cpu":
@@ -109,21 +102,11 @@ def _dlpack_rows(res: CaseResult, cfg: base.RunConfig) -> None:
 
 
 def run(cfg: base.RunConfig) -> CaseResult:
-    """Times one test batch through each callback; skips the shim if it is not importable."""
+    """Times one test batch through each callback, and the DLPack exchanges alone."""
     res = CaseResult(key=KEY, title=TITLE)
     _dlpack_rows(res, cfg)
-    try:
-        from torch_compat import MinMaxNormalizationCallback
-    except ImportError as e:
-        res.skipped = (
-            f"torch_compat.MinMaxNormalizationCallback cannot be imported ({e}); "
-            "only the DLPack rows ran"
-        )
-        print(f"[{KEY}] skipped the callback rows: {res.skipped}", flush=True)
-        return res
-
     for with_maps in (True, False):
-        group = "maps (32,1,256,256) + 32 scores" if with_maps else "32 scores only"
+        group = L.SHIM_MAPS_GROUP if with_maps else "32 scores only"
         val = [_batch(seed=10 + i, with_maps=with_maps) for i in range(VAL_BATCHES)]
         test = _batch(seed=0, with_maps=with_maps)
         shim, shim_pm = _fit_shim(MinMaxNormalizationCallback, val)

@@ -18,15 +18,16 @@ from jax import lax
 
 import jaxnorm
 from benchmarks import anomalib_ref, environment, timing
+from benchmarks import labels as L
 from benchmarks.cases import base
 from benchmarks.records import CaseResult, timed_rows
 
 KEY = "minmax"
 TITLE = "MinMax.update: jaxnorm vs anomalib 0.7 (torch.max + torch.min), torch.aminmax, jnp.max"
 
-EAGER = "MinMax.empty().update(x)"
+EAGER = L.UPDATE
 IN_JIT = "state.update(x) inside a user jit"
-TORCH = "anomalib 0.7 MinMax.update (torch)"
+TORCH = L.ANOMALIB_UPDATE
 AMINMAX = "torch.aminmax"
 TWO_PASS = "jit(jnp.min, jnp.max), no finite check"
 VARIADIC = "jit(variadic lax.reduce min/max), one pass"
@@ -157,7 +158,7 @@ def run(cfg: base.RunConfig) -> CaseResult:
     dev = environment.torch_device()
     shapes = [base.MAPS_256] + ([] if cfg.quick else [base.MAPS_512])
     for shape in shapes:
-        group = base.group_label(shape, "float32")
+        group = L.array_group(shape, "float32")
         x_np = base.raw_scores(shape)
         x, xt = base.to_jax(x_np), base.to_torch(x_np)
         metric = anomalib_ref.MinMax().to(dev)
@@ -171,7 +172,7 @@ def run(cfg: base.RunConfig) -> CaseResult:
             timing.Contender(ROOFLINE, lambda x=x: _roofline(x), role="roofline"),
         ]
         x_nan = base.to_jax(np.where(np.arange(x_np.size).reshape(shape) == 7, np.nan, x_np))
-        # The contract: non-finite values are skipped and counted (SPEC section 2).
+        # The contract: non-finite values are skipped and counted (docs/differences.md).
         counts = {
             name: int(fn(state, x_nan)[1])
             for name, fn in (
