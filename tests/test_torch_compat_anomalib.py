@@ -13,7 +13,8 @@ reproduce what anomalib 0.7.0 does on the paths a checkpoint takes, written from
 - ``LoadModelCallback``: loads a checkpoint's state dict in ``setup``
   (utils/callbacks/model_loader.py).
 
-Expected values come from the numpy reference of SPEC section 1 applied to the raw outputs.
+Expected values come from the numpy reference (tests/reference.py, anomalib 0.7.0's formula)
+applied to the raw outputs.
 """
 
 from __future__ import annotations
@@ -113,6 +114,19 @@ def test_anomalib_like_stand_ins_reproduce_the_failure_they_exist_for(tmp_path):
     model.normalization_metrics = torch.nn.Linear(1, 1)
     with pytest.raises(AttributeError, match="Expected normalization_metrics to be of type"):
         AnomalibCallback().setup(None, model)
+
+
+def test_anomalib_stand_in_rejects_what_anomalib_rejects():
+    # anomalib 0.7.0's callback raises on validation outputs without a key it knows, and its
+    # normalize takes tensors, arrays and numpy float32/float64 scalars only (min_max.py).
+    model = AnomalibModule()
+    callback = AnomalibCallback()
+    callback.setup(None, model)
+    with pytest.raises(ValueError, match=reference.NO_VALUES_MESSAGE):
+        callback.on_validation_batch_end(None, model, {"other": torch.ones(2)}, None, 0)
+    with pytest.raises(ValueError, match="Targets must be either Tensor or Numpy array"):
+        anomalib_ref.normalize(np.float16(1.0), 0.5, 0.0, 1.0)
+    assert anomalib_ref.normalize(np.float32(2.0), 0.5, 0.0, 1.0) == 1.0
 
 
 def test_trainer_test_ckpt_path_loads_into_anomalibs_metric(tmp_path):
