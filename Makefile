@@ -21,12 +21,18 @@ ANOMALIB2_VENV ?= .venv-anomalib2
 
 setup: $(VENV)/.installed
 
+# One line per step (pip is quiet, and the whole takes a minute or more).
 $(VENV)/.installed: pyproject.toml Makefile
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet "$(TORCH)"
-	$(BIN)/pip install --quiet -e ".[torch,demo,dev]"
-	touch $@
+	@echo "setup 1/4: a virtual environment in $(VENV) ($(PYTHON))"
+	@$(PYTHON) -m venv $(VENV)
+	@echo "setup 2/4: pip upgraded"
+	@$(BIN)/pip install --quiet --upgrade pip
+	@echo "setup 3/4: $(TORCH) (about 1 GB unpacked; the longest step)"
+	@$(BIN)/pip install --quiet "$(TORCH)"
+	@echo "setup 4/4: jaxnorm, editable, with its torch, demo and dev extras"
+	@$(BIN)/pip install --quiet -e ".[torch,demo,dev]"
+	@touch $@
+	@echo "setup: done; $(VENV) is ready"
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
