@@ -23,13 +23,13 @@ setup: $(VENV)/.installed
 
 # One line per step (pip is quiet, and the whole takes a minute or more).
 $(VENV)/.installed: pyproject.toml Makefile
-	@echo "setup 1/4: a virtual environment in $(VENV) ($(PYTHON))"
+	@echo "setup 1/4: creating a virtual environment in $(VENV) ($(PYTHON))"
 	@$(PYTHON) -m venv $(VENV)
-	@echo "setup 2/4: pip upgraded"
+	@echo "setup 2/4: upgrading pip"
 	@$(BIN)/pip install --quiet --upgrade pip
-	@echo "setup 3/4: $(TORCH) (about 1 GB unpacked; the longest step)"
+	@echo "setup 3/4: installing $(TORCH) (the longest step)"
 	@$(BIN)/pip install --quiet "$(TORCH)"
-	@echo "setup 4/4: jaxnorm, editable, with its torch, demo and dev extras"
+	@echo "setup 4/4: installing jaxnorm (editable) with its torch, demo and dev extras"
 	@$(BIN)/pip install --quiet -e ".[torch,demo,dev]"
 	@touch $@
 	@echo "setup: done; $(VENV) is ready"
