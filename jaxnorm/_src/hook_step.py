@@ -83,7 +83,6 @@ class Record:
             w: count(c[NUM_NONFINITE[i] : NUM_NONFINITE[i] + 2]) for i, w in _NAMES
         }
         self.rejected = count(c[REJECTED : REJECTED + 2])
-        self.batch = int(c[BATCH])
         self.bad_key = KEYS[int(c[BAD_KEY]) - 1] if c[BAD_KEY] else None
         self.bad_batch = int(c[BAD_BATCH])
         self.bad_count = int(c[BAD_COUNT])
