@@ -96,6 +96,10 @@ HEADLINES = [
              L.SHIM, loop_phase="validate"),
     Headline("Lightning loop, test, whole loop per batch", "loop", L.ANOMALIB_CALLBACK, L.SHIM,
              loop_phase="test"),
+    Headline("anomalib 2 PostProcessor, test", "postprocessor", L.ANOMALIB2_POSTPROCESSOR,
+             L.POSTPROCESSOR, starts="test, "),
+    Headline("anomalib 2 PostProcessor, validation (F1 + min/max)", "postprocessor",
+             L.ANOMALIB2_POSTPROCESSOR, L.POSTPROCESSOR, starts="validation, F1 "),
 ]  # fmt: skip
 
 
@@ -170,32 +174,3 @@ def loop_extras(run: Run, phase: str) -> str | None:
         return ("+" if d >= 0 else "-") + fmt_time(abs(d))
 
     return f"shim {plus(L.SHIM)}, anomalib {plus(L.ANOMALIB_CALLBACK)}"
-
-
-def extra_headlines(runs: Sequence[Run]) -> list[Headline]:
-    """Cases no headline covers (e.g. ``postprocessor``): their first anomalib comparison.
-
-    A group qualifies when it has a timed row whose name starts with "anomalib" and a timed
-    jaxnorm row.
-    """
-    known = {h.case for h in HEADLINES}
-    out: dict[str, Headline] = {}
-    for run in runs:
-        for case in getattr(run, "cases", []):
-            if case.key in known or case.key in out or run.case(case.key) is None:
-                continue
-            for group in dict.fromkeys(r.group for r in case.rows):
-                rows = [r for r in case.rows if r.group == group and r.timing is not None]
-                base = [r for r in rows if r.name.startswith("anomalib")]
-                ours = [r for r in rows if r.role == "jaxnorm"]
-                if base and ours:
-                    out[case.key] = Headline(
-                        f"{case.key}: {ours[0].name}",
-                        case.key,
-                        base[0].name,
-                        ours[0].name,
-                        starts=group,
-                        ends=group,
-                    )
-                    break
-    return list(out.values())

@@ -28,6 +28,10 @@ HOOK_CLASS = "jaxnorm.MinMaxNormalizationHook"
 SHIM = "torch_compat callback"
 SHIM_TEST_BATCH = "torch_compat callback on_test_batch_end"
 
+# anomalib 2's PostProcessor, and ours (the `postprocessor` case).
+ANOMALIB2_POSTPROCESSOR = "anomalib PostProcessor"
+POSTPROCESSOR = "torch_compat.anomalib2.PostProcessor"
+
 # The `loop` case's run without a callback, which the others are measured against.
 NO_CALLBACK = "no callback"
 

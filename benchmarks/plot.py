@@ -1,4 +1,4 @@
-"""The plot of the headline figures: each figure's speed against anomalib 0.7, per run."""
+"""The plot of the headline figures: each figure's speed against anomalib, per run."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pathlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from benchmarks.headlines import HEADLINES, extra_headlines, ratio
+from benchmarks.headlines import HEADLINES, ratio
 
 if TYPE_CHECKING:
     from benchmarks.publish import Run
@@ -18,7 +18,7 @@ def plot(runs: Sequence[Run], path: pathlib.Path) -> bool:
     """Draws the speed ratios against anomalib to ``path``; False without matplotlib.
 
     One bar group per headline figure (grouped by case), one bar per run, on a log
-    scale with a line at 1.0 (as fast as anomalib 0.7).
+    scale with a line at 1.0 (as fast as anomalib).
     """
     try:
         import matplotlib
@@ -28,7 +28,7 @@ def plot(runs: Sequence[Run], path: pathlib.Path) -> bool:
         import matplotlib.ticker
     except ImportError:
         return False
-    headlines = [h for h in HEADLINES + extra_headlines(runs) if any(ratio(h, run) for run in runs)]
+    headlines = [h for h in HEADLINES if any(ratio(h, run) for run in runs)]
     n, k = len(headlines), max(len(runs), 1)
     fig, ax = plt.subplots(figsize=(9.5, 1.2 + 0.32 * n * k + 0.25 * n), dpi=110)
     height = 0.8 / k
@@ -73,10 +73,10 @@ def plot(runs: Sequence[Run], path: pathlib.Path) -> bool:
     ax.set_ylim(n - 0.5, -0.5)
     ax.set_yticks(range(n))
     ax.set_yticklabels([f"{h.label}  [{h.case}]" for h in headlines], fontsize=9)
-    ax.set_xlabel("anomalib 0.7 time / jaxnorm time (log scale; > 1: jaxnorm is faster)")
+    ax.set_xlabel("anomalib time / jaxnorm time (log scale; > 1: jaxnorm is faster)")
     # The title heads the legend above the axes, where neither can cover a bar or a label.
     ax.legend(
-        title="Speed against anomalib 0.7's eager torch code, best blocks of each run",
+        title="Speed against anomalib (0.7's eager torch code; 2.7's PostProcessor), best blocks",
         title_fontsize=11,
         loc="lower center",
         bbox_to_anchor=(0.5, 1.0),

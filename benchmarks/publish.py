@@ -298,7 +298,7 @@ def readme_block(
         *headline(runs),
     ]
     if plot_path is not None:
-        lines += ["", f"![Speed against anomalib 0.7, per case]({rel(plot_path)})"]
+        lines += ["", f"![Speed against anomalib, per headline figure]({rel(plot_path)})"]
     lines += [
         "",
         f"Every table, target and how it is measured: [{rel(docs_page)}]({rel(docs_page)}).",
