@@ -12,11 +12,11 @@ import jax
 import jax.dlpack
 import torch
 
-from benchmarks import anomalib_ref, environment, timing
+from benchmarks import environment, timing
 from benchmarks import labels as L
 from benchmarks.cases import base, loops
 from benchmarks.records import CaseResult, timed_rows
-from torch_compat import MinMaxNormalizationCallback, to_jax, to_torch
+from torch_compat import to_jax, to_torch
 
 KEY = "shim"
 TITLE = "Lightning callback per test batch: torch_compat vs anomalib 0.7, and DLPack alone"
@@ -38,37 +38,11 @@ def _batch(seed: int, with_maps: bool) -> dict[str, torch.Tensor]:
     return out
 
 
-def _fit_shim(callback_cls: type, val: list[dict[str, torch.Tensor]]) -> tuple[Any, Any]:
-    """A shim callback and module whose statistics come from ``val``, ready to test."""
-    cb, pm = callback_cls(), loops.pl_module()
-    cb.setup(None, pm, stage="fit")
-    cb.on_validation_epoch_start(None, pm)
-    for i, outputs in enumerate(val):
-        cb.on_validation_batch_end(None, pm, dict(outputs), None, i, 0)
-    cb.on_validation_epoch_end(None, pm)
-    cb.on_test_start(None, pm)
-    return cb, pm
-
-
-def _fit_anomalib(val: list[dict[str, torch.Tensor]]) -> tuple[Any, Any]:
-    cb, pm = anomalib_ref.MinMaxNormalizationCallback(), loops.pl_module()
-    pm.normalization_metrics = anomalib_ref.MinMax().to(environment.torch_device())
-    for i, outputs in enumerate(val):
-        cb.on_validation_batch_end(None, pm, dict(outputs), None, i, 0)
-    return cb, pm
-
-
 def _test_batch(cb: Any, pm: Any, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
     # The hook rewrites its dict in place: each call gets a fresh dict of the same tensors.
     outputs = dict(batch)
     cb.on_test_batch_end(None, pm, outputs, None, 0, 0)
     return outputs
-
-
-def _max_diff(a: dict[str, Any], b: dict[str, Any]) -> float:
-    return max(
-        float((torch.as_tensor(a[k]).float().cpu() - b[k].float().cpu()).abs().max()) for k in b
-    )
 
 
 def _dlpack_rows(res: CaseResult, cfg: base.RunConfig) -> None:
@@ -109,9 +83,9 @@ def run(cfg: base.RunConfig) -> CaseResult:
         group = L.SHIM_MAPS_GROUP if with_maps else "32 scores only"
         val = [_batch(seed=10 + i, with_maps=with_maps) for i in range(VAL_BATCHES)]
         test = _batch(seed=0, with_maps=with_maps)
-        shim, shim_pm = _fit_shim(MinMaxNormalizationCallback, val)
-        ref, ref_pm = _fit_anomalib(val)
-        diff = _max_diff(_test_batch(shim, shim_pm, test), _test_batch(ref, ref_pm, test))
+        shim, shim_pm = loops.fitted_shim(val)
+        ref, ref_pm = loops.fitted_anomalib(val)
+        diff = loops.max_diff(_test_batch(shim, shim_pm, test), _test_batch(ref, ref_pm, test))
         res.notes.append(f"{group}: max |shim - anomalib| = {diff:.2g}")
         contenders = [
             timing.Contender(

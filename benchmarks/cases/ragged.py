@@ -8,20 +8,18 @@ timed warm; the warm rounds count compilations too, which must be zero.
 from __future__ import annotations
 
 import time
-import types
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import torch
 
 import jaxnorm
 import jaxnorm.testing
 from benchmarks import anomalib_ref, environment, timing
 from benchmarks import labels as L
-from benchmarks.cases import base
+from benchmarks.cases import base, loops
 from benchmarks.records import CaseResult, timed_rows
 
 KEY = "ragged"
@@ -32,7 +30,7 @@ JAX_LOOP = "jaxnorm per tensor (concat for stats)"
 TORCH_LOOP = L.ANOMALIB_CALLBACK_EAGER
 
 IMAGES, MAX_BOXES = 32, 64
-IMAGE_THRESHOLD, PIXEL_THRESHOLD = 1.2, 0.9
+IMAGE_THRESHOLD, PIXEL_THRESHOLD = loops.IMAGE_THRESHOLD, loops.PIXEL_THRESHOLD
 
 Batch = dict[str, Any]
 
@@ -100,7 +98,7 @@ def _phases(n: int, max_boxes: int):
         ]
 
     cb = anomalib_ref.MinMaxNormalizationCallback()
-    pm = _anomalib_module(dev)
+    pm = loops.pl_module()
 
     def torch_val():
         pm.normalization_metrics = anomalib_ref.MinMax().to(dev)
@@ -137,14 +135,6 @@ def _phases(n: int, max_boxes: int):
         "validation": {HOOK: hook_val, JAX_LOOP: jax_val, TORCH_LOOP: torch_val},
         "test": {HOOK: hook_test, JAX_LOOP: jax_test, TORCH_LOOP: torch_test},
     }
-
-
-def _anomalib_module(dev: str) -> types.SimpleNamespace:
-    """The module attributes anomalib's callback reads."""
-    return types.SimpleNamespace(
-        image_threshold=types.SimpleNamespace(value=torch.tensor(IMAGE_THRESHOLD, device=dev)),
-        pixel_threshold=types.SimpleNamespace(value=torch.tensor(PIXEL_THRESHOLD, device=dev)),
-    )
 
 
 def _sync_for(name: str) -> Callable[[Any], None]:
