@@ -504,12 +504,19 @@ class MinMaxNormalizationHooks:
         stat_tensors(metrics, self.hook.stats_mode)  # raises, naming what is there
         return metrics
 
+    def _home(self, pl_module: Any) -> Any:
+        """Where the statistics' tensors are read from: ``pl_module.normalization_metrics``
+        (``None`` when missing), or what a subclass puts in front of it (the anomalib 1.x
+        adapter: a view of its per-output ``MetricCollection``). Looked up at every use:
+        anomalib replaces the attribute when it loads a state dict."""
+        return getattr(pl_module, ATTRIBUTE, None)
+
     def _sources(self, pl_module: Any) -> tuple | None:
         """The thresholds' and statistics' objects and their contents' keys (``_contents``),
         for a plan to compare (objects by identity, keys by equality); ``None`` when a key
         is unknown (e.g. a tensor that is not one number): such sources are read at every
         batch."""
-        metrics = getattr(pl_module, ATTRIBUTE, None)
+        metrics = self._home(pl_module)
         objects = [metrics, getattr(metrics, "min", None), getattr(metrics, "max", None)]
         if self.hook.stats_mode == "separate":
             objects += [getattr(metrics, "pixel_min", None), getattr(metrics, "pixel_max", None)]
@@ -539,7 +546,7 @@ class MinMaxNormalizationHooks:
           ValueError: naming the source, key and value, for statistics that are not finite
             (other than the empty pair), not one number each, or with ``max < min``.
         """
-        metrics = getattr(pl_module, ATTRIBUTE, None)
+        metrics = self._home(pl_module)
         if metrics is None:
             metrics = self._metrics(pl_module)
         pairs = stat_tensors(metrics, self.hook.stats_mode)  # raises, naming what is there

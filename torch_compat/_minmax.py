@@ -268,6 +268,9 @@ def _is_stat(value: Any) -> bool:
     return isinstance(value, torch.Tensor)
 
 
+_STATE_KEYS = {name: f"{ATTRIBUTE}.{name}" for name in (*_SHARED_STATES, *_PIXEL_STATES)}
+
+
 def stat_tensors(
     metrics: Any, stats_mode: StatsMode
 ) -> dict[str, tuple[tuple[str, torch.Tensor], tuple[str, torch.Tensor]]]:
@@ -294,12 +297,14 @@ def stat_tensors(
             f"keeps its statistics there. Delete the attribute (the callback then attaches a "
             f"torch_compat.MinMax), or set `pl_module.{ATTRIBUTE} = torch_compat.MinMax()`."
         )
-    image = ((f"{ATTRIBUTE}.min", lo), (f"{ATTRIBUTE}.max", hi))
+    # A view over other metrics (the anomalib 1.x adapter's) names their state-dict keys.
+    keys = getattr(metrics, "state_keys", _STATE_KEYS)
+    image = ((keys["min"], lo), (keys["max"], hi))
     pixel = image
     if stats_mode == "separate":
         plo, phi = getattr(metrics, "pixel_min", None), getattr(metrics, "pixel_max", None)
         if _is_stat(plo) and _is_stat(phi):
-            pixel = ((f"{ATTRIBUTE}.pixel_min", plo), (f"{ATTRIBUTE}.pixel_max", phi))
+            pixel = ((keys["pixel_min"], plo), (keys["pixel_max"], phi))
     return {IMAGE: image, PIXEL: pixel}
 
 
