@@ -9,21 +9,18 @@ rank's validation batches); writes ``WORKDIR/rank{RANK}.json``: each callback's 
 (``{name: [min, max]}``, name ``""`` for anomalib's one shared ``MinMax``), or its error.
 """
 
-import datetime
 import json
-import os
-import pickle
 import sys
 import warnings
 from pathlib import Path
 
 import torch
 from anomalib.callbacks.normalization import _MinMaxNormalizationCallback
-from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch import LightningModule
 from torch.utils.data import DataLoader
 
 import jaxnorm
+from tests.workers import lightning_ddp
 from torch_compat.anomalib1 import MinMaxNormalizationCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests_anomalib1/
@@ -49,29 +46,13 @@ class Scores(LightningModule):
 
 
 def main(workdir: Path) -> None:
-    rank = int(os.environ["RANK"])
-    torch.set_num_threads(1)
-    with open(workdir / "inputs.pkl", "rb") as f:
-        spec = pickle.load(f)
+    rank, spec = lightning_ddp.read_inputs(workdir)
     result = {"rank": rank}
     for kind, cls in (
         ("anomalib", _MinMaxNormalizationCallback),
         ("jaxnorm", MinMaxNormalizationCallback),
     ):
-        trainer = Trainer(
-            strategy=DDPStrategy(
-                process_group_backend="gloo",
-                timeout=datetime.timedelta(seconds=spec["timeout"]),
-            ),
-            accelerator="cpu",
-            devices=spec["world_size"],
-            num_nodes=1,
-            use_distributed_sampler=False,
-            logger=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=[cls()],
-        )
+        trainer = lightning_ddp.trainer(spec, callbacks=[cls()])
         module = Scores(spec["val"][rank])
         try:
             trainer.validate(module)
