@@ -169,3 +169,41 @@ def test_box_scores_are_normalized_as_anomalibs():
                 got.numpy(), reference_normalize(x.numpy(), PIXEL_T, lo, hi), rtol=0, atol=1.2e-7
             )
     assert len(warned) == (common.expected_design() == "per-output"), caught
+
+
+@pytest.mark.anomalib110
+@pytest.mark.parametrize("kind", common.KINDS)
+def test_validation_box_scores_feed_the_statistics_as_anomalibs(kind):
+    """A detector's validation outputs hold box scores (none of anomalib's image models'
+    do): per output they get statistics of their own, shared they feed the one statistic
+    when no maps come first. anomalib's own callback runs the same checks."""
+    cb, pl = common.callback(kind), module()
+    cb.setup(None, pl, "fit")
+    with_maps = {**outputs(3), "box_scores": [torch.tensor([4.0, -2.0]), torch.zeros(0)]}
+    boxes_only = {"box_scores": [torch.tensor([7.5]), torch.tensor([0.5, 1.0])]}
+    cb.on_validation_epoch_start(None, pl)
+    cb.on_validation_batch_end(None, pl, with_maps, None, 0)
+    cb.on_validation_batch_end(None, pl, boxes_only, None, 1)
+    cb.on_validation_epoch_end(None, pl)
+    maps, scores = with_maps["anomaly_maps"].numpy(), with_maps["pred_scores"].numpy()
+    boxes = [4.0, -2.0, 7.5, 0.5, 1.0]
+    if common.expected_design() == "per-output":
+        want = {
+            "anomaly_maps": (float(maps.min()), float(maps.max())),
+            "box_scores": (min(boxes), max(boxes)),
+            "pred_scores": (float(scores.min()), float(scores.max())),
+        }
+        box_stats = want["box_scores"]
+    else:  # maps, else boxes, else scores: the maps of the first batch, the boxes of the second
+        values = np.concatenate([maps.ravel(), [7.5, 0.5, 1.0]])
+        want = {"": (float(values.min()), float(values.max()))}
+        box_stats = want[""]
+    assert common.stats(pl.normalization_metrics) == want
+    cb.on_test_start(None, pl)
+    test_boxes = [torch.tensor([3.0, -1.0, 9.0]), torch.zeros(0)]
+    batch = {**outputs(4), "box_scores": [b.clone() for b in test_boxes]}
+    cb.on_test_batch_end(None, pl, batch, None, 0)  # no warning: filterwarnings makes it fail
+    for got, x in zip(batch["box_scores"], test_boxes, strict=True):
+        assert got.dtype == x.dtype and got.shape == x.shape, (got, x)
+        expected = reference_normalize(x.numpy(), PIXEL_T, *box_stats)
+        np.testing.assert_allclose(got.numpy(), expected, rtol=0, atol=1.2e-7)

@@ -251,6 +251,8 @@ class MinMaxNormalizationCallback(MinMaxNormalizationHooks, NormalizationCallbac
         if self._boxes is not None and isinstance(outputs, Mapping) and "box_scores" in outputs:
             self._boxes.fold(outputs["box_scores"])
             outputs = {k: v for k, v in outputs.items() if k != "box_scores"}
+            if not any(key in outputs for key in ("pred_scores", "anomaly_maps")):
+                return  # anomalib >= 1.1.1 folds each output present: boxes alone here
         super().on_validation_batch_end(
             trainer, pl_module, outputs, batch, batch_idx, dataloader_idx
         )
