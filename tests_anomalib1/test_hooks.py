@@ -207,3 +207,26 @@ def test_validation_box_scores_feed_the_statistics_as_anomalibs(kind):
         assert got.dtype == x.dtype and got.shape == x.shape, (got, x)
         expected = reference_normalize(x.numpy(), PIXEL_T, *box_stats)
         np.testing.assert_allclose(got.numpy(), expected, rtol=0, atol=1.2e-7)
+
+
+@pytest.mark.skipif(common.expected_design() != "per-output", reason="box statistics: 1.1.1+")
+def test_box_statistics_written_or_broken_after_a_batch_are_seen():
+    """The box path keys what its hook holds by the values read at each batch: an in-place
+    write is used at the next batch, and unusable statistics are named, not used."""
+    cb, pl = MinMaxNormalizationCallback(), module()
+    cb.setup(None, pl, "fit")
+    cb.on_validation_epoch_start(None, pl)
+    cb.on_validation_batch_end(None, pl, {**outputs(1), "box_scores": [torch.ones(2)]}, None, 0)
+    cb.on_validation_epoch_end(None, pl)
+    cb.on_test_start(None, pl)
+    box = pl.normalization_metrics["box_scores"]
+    x = torch.tensor([0.0, 1.0, 2.0])
+    for lo, hi in ((0.5, 1.5), (-4.0, 4.0)):
+        box.min.fill_(lo), box.max.fill_(hi)  # in place, as a loaded checkpoint writes them
+        batch = {**outputs(2), "box_scores": [x.clone()]}
+        cb.on_test_batch_end(None, pl, batch, None, 0)
+        want = reference_normalize(x.numpy(), PIXEL_T, lo, hi)
+        np.testing.assert_allclose(batch["box_scores"][0].numpy(), want, rtol=0, atol=1.2e-7)
+    box.max.fill_(float("nan"))
+    with pytest.raises(ValueError, match=r"normalization_metrics\.box_scores\.max"):
+        cb.on_test_batch_end(None, pl, {**outputs(3), "box_scores": [x.clone()]}, None, 0)

@@ -36,6 +36,7 @@ from torchmetrics import MetricCollection
 from jaxnorm import MinMax as JaxMinMax
 from jaxnorm import MinMaxNormalizationHook, NonFiniteScoresError
 from jaxnorm._src.hook import NonFinitePolicy
+from jaxnorm._src.validation import loaded_stats
 from torch_compat._allreduce import allreduce_stats, ddp_active
 from torch_compat._callback import MinMaxNormalizationHooks, _JaxView, fold_validation_batch
 from torch_compat._dlpack import host_to_torch
@@ -44,6 +45,7 @@ from torch_compat._minmax import ATTRIBUTE, stat_tensors, write_in_place
 SHARED = "shared"
 PER_OUTPUT = "per-output"
 _KEYS = ("anomaly_maps", "box_scores", "pred_scores")  # the per-output collection's
+_BOX_MIN, _BOX_MAX = f"{ATTRIBUTE}.box_scores.min", f"{ATTRIBUTE}.box_scores.max"
 
 
 class BoxScoresWarning(UserWarning):
@@ -129,10 +131,12 @@ class _Boxes:
     def __init__(self, nonfinite: NonFinitePolicy) -> None:
         self.hook = MinMaxNormalizationHook(stats="shared", nonfinite=nonfinite, reducer=None)
         self.warned = False
+        self.loaded: tuple[float, float, float] | None = None  # what self.hook normalizes with
 
     def start_epoch(self) -> None:
         self.hook.reducer = allreduce_stats if ddp_active() else None
         self.hook.on_validation_epoch_start()
+        self.loaded = None  # the fold replaces the hook's statistics
 
     def fold(self, boxes: Any) -> None:
         fold_validation_batch(self.hook, {"box_scores": boxes}, None)
@@ -147,9 +151,20 @@ class _Boxes:
             write_in_place(metric.min, lo)
             write_in_place(metric.max, hi)
 
-    def normalize(self, boxes: Any, metric: MinMax, threshold: float) -> list:
-        lo, hi = float(metric.min), float(metric.max)
-        if lo > hi:
+    def normalize(self, boxes: Any, metric: MinMax, threshold: Any) -> list:
+        """``boxes`` normalized with ``metric``'s statistics and the pixel threshold.
+
+        The statistics and the threshold are read on the host at each batch: box scores are
+        split there anyway (anomalib's post-processor made them on the host too). The hook
+        is given them only when they changed (a hit is keyed by the values just read, so no
+        write, load or replacement of the metric can go unseen).
+
+        Raises:
+          ValueError: statistics that are NaN, infinite (but the empty pair) or ``max <
+            min``, naming the key.
+        """
+        lo, hi = loaded_stats("pl_module", _BOX_MIN, metric.min, _BOX_MAX, metric.max)
+        if lo > hi:  # the empty pair: validation saw no box scores
             if not self.warned:
                 self.warned = True
                 warnings.warn(
@@ -161,9 +176,15 @@ class _Boxes:
                     stacklevel=1,
                 )
             # anomalib's (x - t) / (-inf - inf) + 0.5: 0.5 for every finite score, NaN else
-            return [torch.where(b.isfinite(), 0.5, math.nan).to(b.dtype) for b in boxes]
-        self.hook.set_stats(JaxMinMax(min=lo, max=hi))
-        self.hook.pixel_threshold = threshold
+            return [
+                torch.where(b.isfinite(), 0.5, math.nan).to(torch.result_type(b, 0.5))
+                for b in boxes
+            ]
+        loaded = (lo, hi, float(threshold))
+        if loaded != self.loaded:
+            self.hook.set_stats(JaxMinMax(min=lo, max=hi))
+            self.hook.pixel_threshold = loaded[2]
+            self.loaded = loaded
         view = _JaxView({"box_scores": boxes})
         normalized = self.hook.normalize_batch(view, boxes_on_host=True)["box_scores"]
         return [
@@ -286,7 +307,7 @@ class MinMaxNormalizationCallback(MinMaxNormalizationHooks, NormalizationCallbac
             if key in rest:
                 outputs[key] = rest[key]
         metric = getattr(pl_module, ATTRIBUTE)["box_scores"]
-        threshold = float(pl_module.pixel_threshold.value)
+        threshold = pl_module.pixel_threshold.value
         outputs["box_scores"] = self._boxes.normalize(outputs["box_scores"], metric, threshold)
 
     def __getstate__(self) -> dict:
