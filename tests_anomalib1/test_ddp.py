@@ -61,7 +61,6 @@ def expected(batches):
     return {"": minmax(batches, "anomaly_maps")}  # the first present of maps, boxes, scores
 
 
-@pytest.mark.anomalib110
 @pytest.mark.timeout(500)
 def test_every_rank_ends_with_the_statistics_of_all_ranks(tmp_path, val):
     results = run_ranks(tmp_path, val)

@@ -77,7 +77,6 @@ def _forbid_host_reads(monkeypatch):
         monkeypatch.setattr(torch.Tensor, name, _no_host_read)
 
 
-@pytest.mark.anomalib110
 def test_steady_batches_fold_and_normalize_once_without_host_reads(monkeypatch):
     cb, pl = MinMaxNormalizationCallback(), module()
     cb.setup(None, pl, "fit")
@@ -124,7 +123,6 @@ def test_steady_batches_fold_and_normalize_once_without_host_reads(monkeypatch):
             np.testing.assert_allclose(got[key].numpy(), expected, rtol=0, atol=1.2e-7)
 
 
-@pytest.mark.anomalib110
 def test_the_statistics_reset_or_accumulate_as_the_design_says():
     cb, pl = MinMaxNormalizationCallback(), module()
     cb.setup(None, pl, "fit")
@@ -141,7 +139,6 @@ def test_the_statistics_reset_or_accumulate_as_the_design_says():
         assert got == reference_stats(epochs[0] + epochs[1])  # never reset
 
 
-@pytest.mark.anomalib110
 def test_box_scores_are_normalized_as_anomalibs():
     cb, pl = MinMaxNormalizationCallback(), module()
     cb.setup(None, pl, "fit")
@@ -171,7 +168,6 @@ def test_box_scores_are_normalized_as_anomalibs():
     assert len(warned) == (common.expected_design() == "per-output"), caught
 
 
-@pytest.mark.anomalib110
 @pytest.mark.parametrize("kind", common.KINDS)
 def test_validation_box_scores_feed_the_statistics_as_anomalibs(kind):
     """A detector's validation outputs hold box scores (none of anomalib's image models'
