@@ -1,4 +1,4 @@
-"""anomalib 2.x's normalization (jaxnorm._src.normalize_v2) against a numpy reference.
+"""anomalib 2.x's normalization (jaxnorm._src.anomalib2_normalize) against a numpy reference.
 
 The reference is written from SPEC section 8, operation for operation in the scores' dtype as
 torch computes them, so that float32, float16 and bfloat16 results must be bit-identical.
@@ -15,7 +15,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from jaxnorm._src import normalize_v2 as v2
+from jaxnorm._src import anomalib2_normalize as v2
 from jaxnorm.testing import count_compiles
 
 NAN = math.nan
@@ -64,7 +64,7 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=lambda c: ",".join(f"{v:g}" for v in c))
 def test_bit_identical_to_the_reference(dtype, case):
     x = scores(dtype)
-    got = np.asarray(v2.normalize_v2(x, *(np.float32(v) for v in case)))
+    got = np.asarray(v2.normalize_anomalib2(x, *(np.float32(v) for v in case)))
     want = reference(x, *case)
     assert got.dtype == want.dtype == np.float32
     np.testing.assert_array_equal(got, want)
@@ -73,35 +73,39 @@ def test_bit_identical_to_the_reference(dtype, case):
 def test_the_spec_cases_by_value():
     x = np.array([-3.0, 0.0, 1.0, 2.0, 9.0], np.float32)
     # NaN threshold -> (0 + 4) / 2 = 2
-    np.testing.assert_array_equal(v2.normalize_v2(x, NAN, 0.0, 4.0), [0.0, 0.0, 0.25, 0.5, 1.0])
+    np.testing.assert_array_equal(
+        v2.normalize_anomalib2(x, NAN, 0.0, 4.0), [0.0, 0.0, 0.25, 0.5, 1.0]
+    )
     # zero range: 0 below, 0.5 at, 1 above the threshold
-    np.testing.assert_array_equal(v2.normalize_v2(x, 1.0, 1.0, 1.0), [0, 0, 0.5, 1, 1])
+    np.testing.assert_array_equal(v2.normalize_anomalib2(x, 1.0, 1.0, 1.0), [0, 0, 0.5, 1, 1])
     # NaN statistics: the scores unchanged, not clamped
-    np.testing.assert_array_equal(v2.normalize_v2(x, 0.5, NAN, 1.0), x)
+    np.testing.assert_array_equal(v2.normalize_anomalib2(x, 0.5, NAN, 1.0), x)
     # the ordinary formula, clamped
-    np.testing.assert_array_equal(v2.normalize_v2(x, 1.0, 0.0, 4.0), [0.0, 0.25, 0.5, 0.75, 1.0])
+    np.testing.assert_array_equal(
+        v2.normalize_anomalib2(x, 1.0, 0.0, 4.0), [0.0, 0.25, 0.5, 0.75, 1.0]
+    )
 
 
 def test_nonfinite_scores_follow_the_formula():
     x = np.array([NAN, math.inf, -math.inf], np.float32)
-    got = np.asarray(v2.normalize_v2(x, 0.0, -1.0, 1.0))
+    got = np.asarray(v2.normalize_anomalib2(x, 0.0, -1.0, 1.0))
     assert math.isnan(got[0]) and got[1] == 1.0 and got[2] == 0.0
 
 
 def test_new_statistics_do_not_recompile():
     x = scores(np.float32, n=64)
-    v2.normalize_v2(x, 0.5, 0.0, 1.0).block_until_ready()
+    v2.normalize_anomalib2(x, 0.5, 0.0, 1.0).block_until_ready()
     with count_compiles() as log:
         for case in CASES:
-            v2.normalize_v2(x, *case).block_until_ready()
+            v2.normalize_anomalib2(x, *case).block_until_ready()
     assert log.count == 0, log.names
 
 
 def test_scalars_must_be_one_number():
     with pytest.raises(ValueError, match=r"min_val: expected one number, got shape \(2,\)"):
-        v2.normalize_v2(np.zeros(3), 0.5, np.zeros(2), 1.0)
+        v2.normalize_anomalib2(np.zeros(3), 0.5, np.zeros(2), 1.0)
     with pytest.raises(ValueError, match="targets: expected an array, got str"):
-        v2.normalize_v2("scores", 0.5, 0.0, 1.0)
+        v2.normalize_anomalib2("scores", 0.5, 0.0, 1.0)
 
 
 def packed(image, pixel):
@@ -147,5 +151,5 @@ def test_half_precision_scores_near_the_threshold_round_as_torch_does(dtype):
     subnormals, which torch keeps and XLA's reduce_precision would flush."""
     x = (np.float32(0.01) + np.linspace(-2e-4, 2e-4, 801, dtype=np.float32)).astype(dtype)
     for case in [(0.01, 0.0098, 0.0102), (0.01, -1e-3, 1e-3), (NAN, 0.0099, 0.0101)]:
-        got = np.asarray(v2.normalize_v2(x, *(np.float32(v) for v in case)))
+        got = np.asarray(v2.normalize_anomalib2(x, *(np.float32(v) for v in case)))
         np.testing.assert_array_equal(got, reference(x, *case), err_msg=str(case))

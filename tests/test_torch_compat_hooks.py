@@ -23,7 +23,9 @@ import torch.distributed as dist
 import jaxnorm
 import jaxnorm.testing
 import torch_compat
+import torch_compat._allreduce
 import torch_compat._callback
+import torch_compat._change
 from tests import compat, reference
 from torch_compat.pytorch_lightning import MinMaxNormalizationCallback
 
@@ -514,7 +516,7 @@ def test_reducer_combines_ranks_with_min_max_sum(monkeypatch):
         calls.append(op)
         tensor.copy_(torch.from_numpy(combine(tensor.numpy(), values)))
 
-    monkeypatch.setattr(torch_compat._callback, "ddp_active", lambda: True)
+    monkeypatch.setattr(torch_compat._allreduce, "ddp_active", lambda: True)
     monkeypatch.setattr(dist, "all_reduce", all_reduce)
     monkeypatch.setattr(dist, "get_backend", lambda: "gloo")
     module, cb = fitted([{"pred_scores": torch.tensor([1.0, 2.0])}])
@@ -608,7 +610,7 @@ class CountingTensor(torch.Tensor):
 def test_unchanged_thresholds_and_stats_are_not_read_again_per_batch(monkeypatch):
     # As on an accelerator, where a read waits for the device (CPU values are read: see
     # test_cpu_sources_are_keyed_by_value).
-    monkeypatch.setattr(torch_compat._callback, "_on_host", lambda t: False)
+    monkeypatch.setattr(torch_compat._change, "on_host", lambda t: False)
     module, cb = fitted([make_outputs(0)])
     for threshold in (module.image_threshold, module.pixel_threshold):
         threshold.value = threshold.value.as_subclass(CountingTensor)
@@ -626,24 +628,24 @@ def test_unchanged_thresholds_and_stats_are_not_read_again_per_batch(monkeypatch
 
 
 def test_inference_tensors_off_the_cpu_are_keyed_by_identity():
-    version = torch_compat._callback._version
+    version = torch_compat._change.version
     assert version(torch.tensor(1.0)) == 0
     with torch.inference_mode():
         on_cpu, elsewhere = torch.tensor(1.0), torch.empty((), device="meta")
     assert version(on_cpu) is None  # no version counter; reading it costs nothing
     assert version(elsewhere) == "inference"  # reading it would wait for the device
-    watched = torch_compat._callback._Watched()
+    watched = torch_compat._change.Watched()
     watched.remember((elsewhere,), (version(elsewhere),))
     assert watched.unchanged((elsewhere,), ("inference",))
     assert not watched.unchanged((torch.empty((), device="meta"),), ("inference",))
 
 
 def test_inference_tensors_off_the_cpu_are_keyed_by_storage():
-    version = torch_compat._callback._contents
+    version = torch_compat._change.contents
     with torch.inference_mode():
         elsewhere = torch.empty((), device="meta")
     assert version(elsewhere) == ("inference", elsewhere.data_ptr())
-    watched = torch_compat._callback._Watched()
+    watched = torch_compat._change.Watched()
     watched.remember((elsewhere,), (version(elsewhere),))
     assert watched.unchanged((elsewhere,), (version(elsewhere),))
     assert not watched.unchanged((torch.empty((), device="meta"),), (version(elsewhere),))
@@ -652,7 +654,7 @@ def test_inference_tensors_off_the_cpu_are_keyed_by_storage():
 def test_cpu_sources_are_keyed_by_value():
     """A CPU read costs nothing: its value is the key, so writes the version counter misses
     are seen; NaN keys compare equal, and what is not one number is read (and named)."""
-    version = torch_compat._callback._contents
+    version = torch_compat._change.contents
     t = torch.tensor(1.5)
     assert version(t) == 1.5
     t.data.fill_(2.5)  # through .data: the version counter is not bumped
@@ -725,13 +727,13 @@ def batch_exchange(has_plans):
 def _steady_setup(monkeypatch):
     """A fitted callback, counting what a test batch does: full-path calls, imports, jitted
     calls (by wrapping the plan's function) and compiles."""
-    from jaxnorm._src import hook_step
+    from jaxnorm._src import fused
     from torch_compat import _dlpack
 
     module, cb = fitted([make_outputs(s, boxes=False) for s in range(2)])
     cb.on_test_start(None, module)
     counts = {"full": 0, "stat_tensors": 0, "imports": 0, "calls": 0, "exports": 0}
-    real_positional = hook_step.normalize_positional
+    real_positional = fused.normalize_positional
 
     def counted_positional(keys, rowwise):
         fn = real_positional(keys, rowwise)
@@ -745,7 +747,7 @@ def _steady_setup(monkeypatch):
     def spy(name, real):
         return lambda *a, **k: counts.__setitem__(name, counts[name] + 1) or real(*a, **k)
 
-    monkeypatch.setattr(hook_step, "normalize_positional", counted_positional)
+    monkeypatch.setattr(fused, "normalize_positional", counted_positional)
     monkeypatch.setattr(cb.hook, "normalize_batch", spy("full", cb.hook.normalize_batch))
     monkeypatch.setattr(
         torch_compat._callback,
@@ -836,7 +838,7 @@ def test_bad_batches_after_a_plan_raise_the_full_paths_errors(bad, match, has_pl
     module, cb = fitted([make_outputs(0, boxes=False)])
     for i in range(2):
         cb.on_test_batch_end(None, module, make_outputs(10 + i, n=8, boxes=False), None, i)
-    assert (cb._plan is not None) == has_plans
+    assert cb.steady == has_plans
     outputs = make_outputs(20, n=8, boxes=False)
     bad(outputs)
     with pytest.raises((ValueError, TypeError), match=match):
@@ -848,7 +850,7 @@ def test_missing_statistics_raise_on_the_first_batch_that_could_take_a_plan():
     cb.setup(None, module, "fit")
     with pytest.raises(jaxnorm.StatisticsMissingError, match="no normalization statistics"):
         cb.on_test_batch_end(None, module, make_outputs(0, boxes=False), None, 0)
-    assert cb._plan is None
+    assert not cb.steady
 
 
 # -- the steady validation path ------------------------------------------------------------

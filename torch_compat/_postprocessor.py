@@ -3,7 +3,7 @@
 ``JaxState`` folds validation batches into a ``jaxnorm.MinMaxNormalizationHook`` (separate
 image and pixel statistics, as anomalib 2 keeps them), stores them in anomalib's buffers at
 validation epoch end, and normalizes and labels test and predict batches with
-``jaxnorm._src.normalize_v2`` in one dispatch per batch.
+``jaxnorm._src.anomalib2_normalize`` in one dispatch per batch.
 """
 
 from __future__ import annotations
@@ -17,20 +17,16 @@ import numpy as np
 import torch
 
 from jaxnorm import MinMaxNormalizationHook, NonFiniteScoresError
-from jaxnorm._src import normalize_v2, persistence, validation
-from jaxnorm._src.hook import NonFinitePolicy
-from jaxnorm._src.outputs import IMAGE, PIXEL
-from torch_compat import _dlpack
-from torch_compat._allreduce import allreduce_stats, ddp_active
-from torch_compat._callback import (
-    _exchangeable,
-    _versions,
-    _Watched,
-    batch_device,
-    fold_validation_batch,
-)
+from jaxnorm._src import anomalib2_normalize, validation
+from jaxnorm._src.stats import IMAGE, PIXEL
+from jaxnorm._src.validation import NonFinitePolicy
+from torch_compat import _allreduce, _dlpack
+from torch_compat._change import Watched, versions
 from torch_compat._dlpack import to_jax
-from torch_compat._minmax import write_in_place
+from torch_compat._exchange import batch_device, exchangeable
+from torch_compat._lifecycle import validation_epoch_end
+from torch_compat._steady import fold_validation_batch
+from torch_compat._tensors import write_in_place
 
 # anomalib 2's batch fields, and the 0.x keys under which the hook takes them.
 SCORE, MAP = "pred_score", "anomaly_map"
@@ -40,15 +36,6 @@ _FIELDS = {v: k for k, v in _HOOK_KEYS.items()}
 _BUFFERS = ((IMAGE, ("image_min", "image_max")), (PIXEL, ("pixel_min", "pixel_max")))
 _THRESHOLD_BUFFERS = ("_image_threshold", "_pixel_threshold", *(n for _, p in _BUFFERS for n in p))
 _LABELS = ((SCORE, "pred_label", "image_sensitivity"), (MAP, "pred_mask", "pixel_sensitivity"))
-
-
-def check_nonfinite(nonfinite: str) -> NonFinitePolicy:
-    if nonfinite not in ("raise", "omit"):
-        raise ValueError(
-            f"nonfinite={nonfinite!r}: expected 'raise' (NaN/inf validation scores raise "
-            "jaxnorm.NonFiniteScoresError) or 'omit' (they are skipped)."
-        )
-    return nonfinite  # type: ignore[return-value]
 
 
 def exporting() -> bool:
@@ -107,10 +94,10 @@ class JaxState:
     """What ``PostProcessor`` keeps beside anomalib's buffers: never pickled, never a module."""
 
     def __init__(self, nonfinite: NonFinitePolicy = "raise") -> None:
-        self.nonfinite = check_nonfinite(nonfinite)
+        self.nonfinite = validation.check_nonfinite(nonfinite)
         self.hook = MinMaxNormalizationHook(stats="separate", nonfinite=nonfinite, reducer=None)
         self._params = None
-        self._params_source = _Watched()
+        self._params_source = Watched()
         self._cuts: tuple[Any, Any] | None = None
         self._plan = None  # the validation batches' layout (see fold_validation_batch)
 
@@ -141,21 +128,17 @@ class JaxState:
             the statistics of the clean batches are stored.
         """
         hook = self.hook
-        hook.reducer = allreduce_stats if ddp_active() else None
-        error = None
+        hook.reducer = _allreduce.epoch_reducer()
         try:
-            hook.on_validation_epoch_end()
+            with validation_epoch_end(hook) as stats:
+                for which, names in _BUFFERS:
+                    lo, hi = stats[which]
+                    if lo <= hi:  # (+inf, -inf): nothing folded
+                        for name, value in zip(names, (lo, hi), strict=True):
+                            write_in_place(getattr(module, name), value)
+                hook.reset()
         except NonFiniteScoresError as e:
-            error = _renamed(e)
-        stats = hook.host_stats()
-        for which, names in _BUFFERS:
-            lo, hi = stats[which]
-            if lo <= hi:  # (+inf, -inf): nothing folded
-                for name, value in zip(names, (lo, hi), strict=True):
-                    write_in_place(getattr(module, name), value)
-        hook.reset()
-        if error is not None:
-            raise error
+            raise _renamed(e) from None
 
     # -- test, predict and forward ---------------------------------------------------------
 
@@ -164,9 +147,9 @@ class JaxState:
         buffers change (by identity and version: reading them would wait for the device)."""
         tensors = tuple(getattr(module, name) for name in _THRESHOLD_BUFFERS)
         key = (bool(module.enable_threshold_matching),)
-        versions = _versions(tensors)
-        versions = None if versions is None else (*versions, *key)
-        if self._params is None or not self._params_source.unchanged(tensors, versions):
+        keys = versions(tensors)
+        keys = None if keys is None else (*keys, *key)
+        if self._params is None or not self._params_source.unchanged(tensors, keys):
             check_buffers(module)
             with torch.no_grad():
                 # anomalib's own properties: threshold matching and its NaN fallbacks.
@@ -181,7 +164,7 @@ class JaxState:
                     ]
                 ).to(torch.float32)
             self._params = to_jax(stacked.reshape(2, 3), name="PostProcessor buffers")
-            self._params_source.remember(tensors, versions)
+            self._params_source.remember(tensors, keys)
         return self._params
 
     def cuts(self, module: Any) -> tuple[Any, tuple[float, float]]:
@@ -215,10 +198,10 @@ class JaxState:
         device = batch_device(tensors)
         if device is not None:  # one stream ordering for the batch, each way
             stream = _dlpack.torch_stream(device)
-            arrays = _dlpack.import_batch([_exchangeable(t) for t in tensors], device, stream)
+            arrays = _dlpack.import_batch([exchangeable(t) for t in tensors], device, stream)
         else:
             arrays = [to_jax(t, name=f"batch.{k}") for k, t in zip(keys, tensors, strict=True)]
-        out = normalize_v2.postprocess(
+        out = anomalib2_normalize.postprocess(
             dict(zip(keys, arrays, strict=True)), self.params(module), cuts, tuple(wanted)
         )
         if device is not None:
@@ -267,7 +250,7 @@ def check_buffers(module: Any) -> None:
         if value.numel() != 1:
             raise ValueError(f"post_processor: '{name}' has shape {tuple(value.shape)}.")
         if not math.isnan(value.item()):
-            persistence.check_threshold(f"post_processor: '{name}'", value.item())
+            validation.check_threshold(f"post_processor: '{name}'", value.item())
 
 
 def _renamed(e: NonFiniteScoresError) -> NonFiniteScoresError:

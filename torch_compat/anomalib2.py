@@ -55,7 +55,6 @@ import torch  # noqa: E402
 from jaxnorm._src.random_state import global_random_state_kept as _kept  # noqa: E402
 
 with _kept():
-    from torch_compat import _postprocessor
     from torch_compat._postprocessor import MAP, SCORE, JaxState, exporting, plain
 
 __all__ = ["AnomalibPostProcessor", "PostProcessor"]
@@ -112,7 +111,7 @@ class PostProcessor(AnomalibPostProcessor):
         nonfinite: str = "raise",
         **kwargs: Any,
     ) -> None:
-        state = JaxState(_postprocessor.check_nonfinite(nonfinite))
+        state = JaxState(nonfinite)  # checks the option before anomalib's constructor runs
         super().__init__(
             enable_normalization=enable_normalization,
             enable_thresholding=enable_thresholding,

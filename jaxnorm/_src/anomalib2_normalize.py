@@ -36,11 +36,12 @@ def _compute_dtype(dtype: np.dtype) -> np.dtype:
     return dtype if jnp.issubdtype(dtype, jnp.floating) else np.dtype(jnp.float32)
 
 
-def output_dtype(dtype: np.dtype) -> np.dtype:
-    """The dtype anomalib's ``_normalize`` returns for scores of ``dtype``.
+def result_dtype(dtype: np.dtype) -> np.dtype:
+    """The dtype anomalib 2's ``_normalize`` returns for scores of ``dtype``: at least float32.
 
-    torch computes the degenerate branch in float32, and ``torch.where`` promotes: float16
-    and bfloat16 scores come back as float32, float64 stays float64.
+    Not ``normalize.output_dtype`` (anomalib 0.x's callback keeps a floating dtype): torch
+    computes anomalib 2's degenerate branch in float32, and ``torch.where`` promotes, so
+    float16 and bfloat16 scores come back as float32; float64 stays float64.
     """
     return np.dtype(jnp.promote_types(_compute_dtype(dtype), jnp.float32))
 
@@ -52,7 +53,7 @@ _HALF_BITS = {np.dtype(jnp.float16): (5, 10), np.dtype(jnp.bfloat16): (8, 7)}
 
 def _math(x, threshold, min_val, max_val):
     dtype = _compute_dtype(x.dtype)
-    out = output_dtype(x.dtype)
+    out = result_dtype(x.dtype)
     x = x.astype(dtype)
     # The statistics are anomalib's float32 buffers.
     t, lo, hi = (jnp.asarray(v, jnp.float32) for v in (threshold, min_val, max_val))
@@ -95,10 +96,10 @@ def _math(x, threshold, min_val, max_val):
     return jnp.where(has_range, normalized, x.astype(out))
 
 
-_normalize_v2 = jax.jit(_math)
+_normalize_jit = jax.jit(_math)
 
 
-def normalize_v2(
+def normalize_anomalib2(
     targets: ArrayLike, threshold: ArrayLike, min_val: ArrayLike, max_val: ArrayLike
 ) -> jax.Array:
     r"""anomalib 2.x's normalization: ``clamp((x - t) / (max - min) + 0.5, 0, 1)``.
@@ -136,7 +137,7 @@ def normalize_v2(
                 "(anomalib's buffers are 0-d)."
             )
         scalars.append(arr)
-    return _normalize_v2(targets, *scalars)
+    return _normalize_jit(targets, *scalars)
 
 
 def _postprocess(values, params, cuts, labels):
