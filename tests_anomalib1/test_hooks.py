@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-import torch_compat._callback
+import torch_compat._change
 from jaxnorm.testing import count_compiles
 from torch_compat import _dlpack
 from torch_compat.anomalib1 import BoxScoresWarning, MinMaxNormalizationCallback
@@ -72,7 +72,7 @@ def _forbid_host_reads(monkeypatch):
     # As on an accelerator, where a read waits for the device: the shared hooks key CPU
     # thresholds and statistics by value (a read costs nothing there), others by identity
     # and version.
-    monkeypatch.setattr(torch_compat._callback, "_on_host", lambda t: False)
+    monkeypatch.setattr(torch_compat._change, "on_host", lambda t: False)
     for name in ("item", "tolist", "numpy", "__float__", "__bool__", "__int__"):
         monkeypatch.setattr(torch.Tensor, name, _no_host_read)
 
@@ -100,7 +100,7 @@ def test_steady_batches_fold_and_normalize_once_without_host_reads(monkeypatch):
     test = [outputs(100 + i, lo=-3.0, hi=4.0) for i in range(5)]
     raw = [{k: v.clone() for k, v in b.items()} for b in test]
     with monkeypatch.context() as m:
-        m.setattr(torch_compat._callback, "_on_host", lambda t: False)
+        m.setattr(torch_compat._change, "on_host", lambda t: False)
         cb.on_test_batch_end(None, pl, test[0], None, 0)  # reads the thresholds, compiles
     counts = {"import_batch": 0, "export_batch": 0}
     with monkeypatch.context() as m:
