@@ -296,22 +296,12 @@ class MinMaxNormalizationCallback(NormalizationCallback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        """Normalizes the outputs dict in place."""
+        """Normalizes the outputs dict in place (test and predict: ``engine.predict``
+        returns it normalized)."""
         del trainer, batch, batch_idx, dataloader_idx
         self._normalize_batch(outputs, pl_module)
 
-    def on_predict_batch_end(
-        self,
-        trainer: Any,
-        pl_module: Any,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        """Normalizes the outputs dict in place, so ``engine.predict`` returns it normalized."""
-        del trainer, batch, batch_idx, dataloader_idx
-        self._normalize_batch(outputs, pl_module)
+    on_predict_batch_end = on_test_batch_end
 
     def _normalize_batch(self, outputs: Any, pl_module: Any) -> None:
         """Scores with the image threshold, maps (and box scores) with the pixel one."""
