@@ -39,22 +39,23 @@ class Facts(NamedTuple):
     counts: np.ndarray  # uint32-valued [N_BINS, 3] class counts
     n_values: int
     n_nonfinite: int
+    n_whole: int  # states whose small-set buffer holds every value they saw
     n_states: int = 1
 
 
 def reduce_facts(reducer, facts: Facts) -> Facts:
     """Phase 1: the counts of every process's state together."""
-    extra = [facts.n_values, facts.n_nonfinite, 1]
+    extra = [facts.n_values, facts.n_nonfinite, facts.n_whole, 1]
     local = np.concatenate([np.asarray(facts.counts, np.int64).reshape(-1), extra])
     total = _sum(reducer, local)
-    n_values, n_bad, n_states = (int(x) for x in total[-3:])
-    counts = total[:-3].reshape(N_BINS, N_CLASSES)
+    n_values, n_bad, n_whole, n_states = (int(x) for x in total[-4:])
+    counts = total[:-4].reshape(N_BINS, N_CLASSES)
     if counts.max(initial=0) >= 1 << 32:
         raise ValueError(
             "F1AdaptiveThreshold.compute: a bin holds 2**32 or more values across processes; "
             "counts are uint32. Compute thresholds on a sample of the pixels."
         )
-    return Facts(counts.astype(np.uint32), n_values, n_bad, n_states)
+    return Facts(counts.astype(np.uint32), n_values, n_bad, n_whole, n_states)
 
 
 def _to_values(keys: np.ndarray, empty: float) -> np.ndarray:
@@ -100,15 +101,12 @@ def global_best(reducer, state, facts: Facts):
     def summed(local, shape):
         return jnp.asarray(_sum(reducer, np.asarray(local)).reshape(shape).astype(np.uint32))
 
-    if state.mode == "exact":
-        keys = tuple(k for k, _ in state.chunks)
-        codes = tuple(c for _, c in state.chunks)
+    whole = facts.n_whole == facts.n_states  # every bounded state kept all its scores
+    if state.mode == "exact" or whole:
+        chunks = state.chunks if state.mode == "exact" else [(state.buf_keys, state.buf_codes)]
 
         def fine_of(padded, n_slots):
-            if keys:
-                local = f1_curve.chunk_fine_counts(keys, codes, padded, n_slots)
-            else:
-                local = np.zeros((n_slots, N_BINS, 2), np.int64)
+            local = f1_curve.chunks_fine_counts(chunks, padded, n_slots)
             return summed(local, (n_slots, N_BINS, 2))
 
         f1, key = f1_curve.best_in_bins(bins, fine_of, above, n_pos)

@@ -59,7 +59,11 @@ def f1_float32(tp: jax.Array, fp: jax.Array, n_pos: jax.Array) -> jax.Array:
     """anomalib 2.7's f1 at counts ``tp, fp`` (unsigned ints), in float32, NaN as 0."""
     tpf = tp.astype(jnp.float32)
     precision = tpf / (tp + fp).astype(jnp.float32)
-    recall = tpf / n_pos.astype(jnp.float32)
+    # XLA rewrites a division by a broadcast scalar as a product with its reciprocal, which
+    # rounds differently (recall 5/6 comes out one ulp high, and decides some thresholds);
+    # the barrier keeps it a true division, as torch's float32 one is.
+    total = lax.optimization_barrier(jnp.broadcast_to(n_pos.astype(jnp.float32), tpf.shape))
+    recall = tpf / total
     f1 = (2 * precision * recall) / (precision + recall + jnp.float32(1e-10))
     return jnp.where(jnp.isnan(f1), jnp.float32(0), f1)
 
@@ -129,16 +133,11 @@ def upper_bound(above: jax.Array, upto: jax.Array, n_pos: jax.Array) -> jax.Arra
 
 
 def slot_of(key: jax.Array, bins: jax.Array) -> jax.Array:
-    """int32: the index of each key's bin in ``bins`` (``-1`` pads), or ``-1``.
-
-    One comparison per slot: XLA:CPU runs these elementwise selects several times faster
-    than a gather from a 65536-entry table.
-    """
-    bin_ = (key >> 16).astype(jnp.int32)
-    slot = jnp.full(key.shape, -1, jnp.int32)
-    for i in range(bins.shape[0]):
-        slot = jnp.where((bin_ == bins[i]) & (bins[i] >= 0), i, slot)
-    return slot
+    """int32: the index of each key's bin in ``bins`` (``-1`` pads), or ``-1``."""
+    safe = jnp.where(bins >= 0, bins, N_BINS)
+    slots = jnp.arange(bins.shape[0], dtype=jnp.int32)
+    table = jnp.full(N_BINS, -1, jnp.int32).at[safe].set(slots, mode="drop")
+    return table[(key >> 16).astype(jnp.int32)]
 
 
 def fine_counts(
@@ -200,7 +199,7 @@ def best_in_bins(bins: np.ndarray, fine_of, above, n_pos) -> tuple[float, jax.Ar
     best_f1, best_key = -np.inf, None
     for start in range(0, bins.size, GROUP_BINS):
         group = bins[start : start + GROUP_BINS]
-        n_slots = 1 << max(0, int(group.size - 1).bit_length())
+        n_slots = min(GROUP_BINS, 4) if group.size <= 4 else GROUP_BINS  # two compiled sizes
         padded = np.full(n_slots, -1, np.int32)
         padded[: group.size] = group
         padded = jnp.asarray(padded)
@@ -220,12 +219,10 @@ def best_threshold_key(counts: jax.Array, chunks: list[tuple[jax.Array, jax.Arra
     candidates, _, above, n_pos = candidate_bins(counts)
     bins = np.flatnonzero(np.asarray(candidates)).astype(np.int32)
     if bins.size > MAX_CANDIDATE_BINS:
-        return sort_sweep(*concat_chunks(tuple(chunks)))
-    keys = tuple(k for k, _ in chunks)
-    codes = tuple(c for _, c in chunks)
+        return sort_sweep(*padded_keys(chunks))
 
     def fine_of(padded, n_slots):
-        return chunk_fine_counts(keys, codes, padded, n_slots)
+        return chunks_fine_counts(chunks, padded, n_slots)
 
     return best_in_bins(bins, fine_of, above, n_pos)
 
@@ -233,22 +230,38 @@ def best_threshold_key(counts: jax.Array, chunks: list[tuple[jax.Array, jax.Arra
 sweep_jit = jax.jit(sweep)
 
 
-@functools.partial(jax.jit, static_argnames="n_slots")
-def chunk_fine_counts(keys: tuple, codes: tuple, bins: jax.Array, n_slots: int) -> jax.Array:
-    """``fine_counts`` of ``bins`` summed over stored chunks (see ``chunk_key``)."""
-    del n_slots  # bins.shape[0]; static so that each group size is its own compilation
-    fine = None
-    for stored, code in zip(keys, codes, strict=True):
-        fine = fine_counts(chunk_key(stored), code, bins, fine)
+def chunks_fine_counts(chunks, bins: jax.Array, n_slots: int) -> jax.Array:
+    """``fine_counts`` of ``bins`` summed over stored chunks (see ``chunk_key``): one
+    dispatch per chunk, so that it compiles once per batch shape, whatever their number."""
+    fine = _zero_fine(n_slots)
+    for stored, code in chunks:
+        fine = _fine_add(fine, stored, code, bins)
     return fine
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _zero_fine(n_slots: int) -> jax.Array:
+    return jnp.zeros((n_slots, N_BINS, 2), jnp.uint32)
+
+
 @jax.jit
-def concat_chunks(chunks: tuple) -> tuple[jax.Array, jax.Array]:
-    """Every stored chunk's keys and codes, flat."""
-    keys = jnp.concatenate([jnp.ravel(chunk_key(k)) for k, _ in chunks])
-    codes = jnp.concatenate([jnp.ravel(c) for _, c in chunks])
-    return keys, codes
+def _fine_add(fine, stored, code, bins):
+    return fine_counts(chunk_key(stored), code, bins, fine)
+
+
+def padded_keys(chunks) -> tuple[jax.Array, jax.Array]:
+    """Every chunk's keys and codes in one pair of arrays, padded with skipped entries to a
+    power of two (so that sorting them compiles once per size class, not per epoch)."""
+    keys = [np.ravel(np.asarray(chunk_key(s))) for s, _ in chunks]
+    codes = [np.ravel(np.asarray(c)) for _, c in chunks]
+    n = sum(k.size for k in keys)
+    size = max(1024, 1 << max(0, n - 1).bit_length())
+    key = np.zeros(size, np.uint32)
+    code = np.full(size, SKIP, np.uint8)
+    if n:
+        key[:n] = np.concatenate(keys)
+        code[:n] = np.concatenate(codes)
+    return jax.device_put(key), jax.device_put(code)
 
 
 @jax.jit

@@ -58,7 +58,44 @@ def check_inputs(where: str, scores, labels, mask):
         labels = labels.reshape(shape)
     if mask is not None:
         mask = validation.check_mask(mask, shape)
+    scores, labels, mask = auto_axes_view(where, scores, labels, mask)
     return scores, labels, mask
+
+
+_AXIS_TYPE = getattr(jax.sharding, "AxisType", None)
+
+
+def _explicit(x) -> bool:
+    sharding = getattr(x, "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    types = getattr(mesh, "axis_types", None) or ()
+    return _AXIS_TYPE is not None and any(t == _AXIS_TYPE.Explicit for t in types)
+
+
+def auto_axes_view(where: str, *arrays):
+    """``arrays`` with explicitly sharded mesh axes seen as automatic ones (zero-copy).
+
+    The F1 state counts with scatter-adds, and jax types an index array sharded over an
+    explicit mesh axis with that axis, which its scatter rejects. The same buffers under a
+    mesh of automatic axes are the same data to XLA. Inside the caller's jit (a tracer) the
+    type cannot be changed here: that raises with what to do.
+    """
+    out = []
+    for x in arrays:
+        if isinstance(x, jax.Array) and _explicit(x) and not validation.is_tracer(x):
+            mesh = x.sharding.mesh
+            auto = jax.sharding.Mesh(
+                mesh.devices, mesh.axis_names, axis_types=(_AXIS_TYPE.Auto,) * len(mesh.axis_names)
+            )
+            x = jax.device_put(x, jax.sharding.NamedSharding(auto, x.sharding.spec))
+        elif validation.is_tracer(x) and _explicit(getattr(x, "aval", None)):
+            raise ValueError(
+                f"{where}: the values are sharded over an explicit mesh axis inside jit, where "
+                "the F1 state's scatter-adds cannot be typed; call update outside the jitted "
+                "step (it is one jitted call itself), or use a mesh of AxisType.Auto axes."
+            )
+        out.append(x)
+    return out
 
 
 def prepare(scores, labels, mask):
@@ -67,14 +104,21 @@ def prepare(scores, labels, mask):
     return key, codes(labels, key, mask)
 
 
+def key_range(chunks) -> tuple[int, int]:
+    """The smallest and largest counted key over ``(scores or keys, codes)`` chunks
+    (``2**32 - 1`` and ``0`` if none is counted); one dispatch per chunk."""
+    lo, hi = 0xFFFF_FFFF, 0
+    for stored, code in chunks:
+        c_lo, c_hi = (int(x) for x in jax.device_get(chunk_range(stored, code)))
+        lo, hi = min(lo, c_lo), max(hi, c_hi)
+    return lo, hi
+
+
 @jax.jit
-def key_range(keys: tuple, codes_: tuple):
-    """The smallest and largest counted key over chunks (``2**32 - 1`` and ``0`` if none)."""
-    lo, hi = jnp.uint32(0xFFFF_FFFF), jnp.uint32(0)
-    for stored, code in zip(keys, codes_, strict=True):
-        key, counted = chunk_key(stored), code != SKIP
-        lo = jnp.minimum(lo, jnp.min(jnp.where(counted, key, jnp.uint32(0xFFFF_FFFF))))
-        hi = jnp.maximum(hi, jnp.max(jnp.where(counted, key, jnp.uint32(0))))
+def chunk_range(stored, code):
+    key, counted = chunk_key(stored), code != SKIP
+    lo = jnp.min(jnp.where(counted, key, jnp.uint32(0xFFFF_FFFF)))
+    hi = jnp.max(jnp.where(counted, key, jnp.uint32(0)))
     return lo, hi
 
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxnorm._src import f1_collective, f1_curve, f1_slots, placement, validation
+from jaxnorm._src import f1_buffer, f1_collective, f1_curve, f1_slots, placement, validation
 from jaxnorm._src.f1_curve import neg_pos
 from jaxnorm._src.f1_inputs import (
     NonFinitePolicy,
@@ -28,7 +28,8 @@ from jaxnorm._src.f1_threshold import fallback_end
 ArrayLike = validation.ArrayLike
 Mode = Literal["exact", "bounded"]
 MODES = ("exact", "bounded")
-DEFAULT_SLOTS = 16
+DEFAULT_SLOTS = 32
+DEFAULT_BUFFER = 1 << 16
 _NO_KEY = 0xFFFF_FFFF  # above every score's key: an empty bin's minimum
 _HALF = (jnp.float16, jnp.bfloat16)
 
@@ -103,6 +104,9 @@ class F1AdaptiveThreshold:
     slot_bins: jax.Array
     slot_complete: jax.Array
     fine: jax.Array
+    buf_keys: jax.Array
+    buf_codes: jax.Array
+    buf_fill: jax.Array
     chunks: tuple = ()
     mode: str = flax.struct.field(pytree_node=False, default="exact")
     nonfinite: str = flax.struct.field(pytree_node=False, default="raise")
@@ -113,6 +117,7 @@ class F1AdaptiveThreshold:
         mode: Mode = "exact",
         *,
         slots: int = DEFAULT_SLOTS,
+        buffer: int = DEFAULT_BUFFER,
         nonfinite: NonFinitePolicy = "raise",
     ) -> F1AdaptiveThreshold:
         """The state that has seen nothing.
@@ -120,6 +125,8 @@ class F1AdaptiveThreshold:
         Args:
           mode: ``"exact"`` or ``"bounded"`` (see the class docstring).
           slots: bounded mode: how many bins get exact counts (512 KiB each).
+          buffer: bounded mode: up to this many scores are kept whole (5 bytes each), so
+            that smaller sets (image scores) are always exact; 0 keeps none.
           nonfinite: ``"raise"``: a batch with NaN/inf scores is not counted, and
             ``compute`` raises ``jaxnorm.NonFiniteScoresError`` with their number.
             ``"omit"``: they are left out, with their labels.
@@ -129,8 +136,10 @@ class F1AdaptiveThreshold:
         check_policy(nonfinite)
         if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
             raise ValueError(f"slots={slots!r}: expected a positive int (bins with exact counts).")
-        n_slots = slots if mode == "bounded" else 0
-        fields = _empty_fields(n_slots)
+        if isinstance(buffer, bool) or not isinstance(buffer, int) or not 0 <= buffer < 2**31:
+            raise ValueError(f"buffer={buffer!r}: expected an int >= 0 (scores kept whole).")
+        bounded = mode == "bounded"
+        fields = _empty_fields(slots if bounded else 0, buffer if bounded else 0)
         return cls(*fields, chunks=(), mode=mode, nonfinite=nonfinite)
 
     def update(
@@ -224,6 +233,10 @@ class F1AdaptiveThreshold:
         if self.mode == "exact":
             flat = tuple((s.reshape(-1), c.reshape(-1)) for s, c in stacked.chunks)
             out = out.replace(chunks=flat)
+        if axis_name is not None:
+            # The same on every device already; a max over equal values says so to
+            # shard_map, which otherwise sees values derived from a gather as varying.
+            out = jax.tree.map(functools.partial(_same_everywhere, axis_name=axis_name), out)
         return out
 
     def compute(self, reducer=None) -> jax.Array:
@@ -250,8 +263,13 @@ class F1AdaptiveThreshold:
         where = "F1AdaptiveThreshold.compute"
         if self.counts.ndim != 2:
             raise ValueError(f"{where}: a stacked state; merge it with .reduce() first.")
-        counts, n_values, n_bad = jax.device_get((self.counts, self.n_values, self.n_nonfinite))
-        facts = f1_collective.Facts(counts, int(n_values[0]) + (int(n_values[1]) << 32), int(n_bad))
+        counts, n_values, n_bad, fill = jax.device_get(
+            (self.counts, self.n_values, self.n_nonfinite, self.buf_fill)
+        )
+        whole = f1_buffer.holds_all(int(fill), self.buf_keys.shape[0])
+        facts = f1_collective.Facts(
+            counts, int(n_values[0]) + (int(n_values[1]) << 32), int(n_bad), int(whole)
+        )
         if reducer is not None:
             facts = f1_collective.reduce_facts(reducer, facts)
         raise_if_nonfinite(where, facts.n_nonfinite, self.nonfinite)
@@ -270,6 +288,9 @@ class F1AdaptiveThreshold:
             key, f1, lost = f1_collective.global_best(reducer, self, facts)
         elif self.mode == "exact":
             key, f1, lost = _exact_best(self.counts, self.chunks, n_pos + n_zero + n_other)
+        elif whole:
+            f1, key = f1_curve.sort_sweep(self.buf_keys, self.buf_codes)
+            lost = 0.0
         else:
             key, f1, lost = _bounded_best(
                 neg_pos(self.counts), self.slot_bins, self.slot_complete, self.fine, self.bin_min
@@ -280,7 +301,7 @@ class F1AdaptiveThreshold:
         """The smallest and largest counted key (of every process, with a reducer)."""
         if self.mode == "exact":
             chunks = self.chunks
-            lo, hi = key_range(tuple(k for k, _ in chunks), tuple(c for _, c in chunks))
+            lo, hi = key_range(chunks)
         else:
             lo, hi = _local_range(self.counts, self.bin_min, self.bin_max)
         lo, hi = int(lo), int(hi)
@@ -303,6 +324,9 @@ class F1AdaptiveThreshold:
             self.slot_bins,
             self.slot_complete,
             self.fine,
+            self.buf_keys,
+            self.buf_codes,
+            self.buf_fill,
         )
 
     def _with(self, fixed: tuple, chunks: tuple) -> F1AdaptiveThreshold:
@@ -310,7 +334,7 @@ class F1AdaptiveThreshold:
 
 
 @functools.cache
-def _empty_fields(n_slots: int) -> tuple:
+def _empty_fields(n_slots: int, buffer: int) -> tuple:
     # Immutable arrays, shared by every empty state; made lazily and concretely (see
     # MinMax's _empty_fields).
     with jax.ensure_compile_time_eval():
@@ -323,12 +347,13 @@ def _empty_fields(n_slots: int) -> tuple:
             jnp.full(n_slots, -1, jnp.int32),
             jnp.zeros(n_slots, bool),
             jnp.zeros((n_slots, N_BINS, 2), jnp.uint32),
+            *f1_buffer.empty(buffer),
         )
 
 
 @functools.partial(jax.jit, static_argnames=("keep", "axis_name"))
 def _fold(fixed, scores, labels, mask, keep, axis_name):
-    counts, n_values, n_bad_all, bin_min, bin_max, bins, complete, fine = fixed
+    counts, n_values, n_bad_all, bin_min, bin_max, bins, complete, fine, *buf = fixed
     key, code = prepare(scores, labels, mask)
     batch, n_bad = f1_curve.bin_counts(key, code, mask)
     new_counts = counts + batch
@@ -340,6 +365,8 @@ def _fold(fixed, scores, labels, mask, keep, axis_name):
             after = before + lax.psum(batch, axis_name)
         bins, complete = f1_slots.assign(bins, complete, neg_pos(before), neg_pos(after))
         fine = f1_slots.fold_batch(bins, complete, fine, key, code)
+    if buf[0].shape[0]:
+        buf = f1_buffer.write(*buf, key, code)
     fixed = (
         new_counts,
         _add_count(n_values, jnp.sum(batch, dtype=jnp.uint32)),
@@ -349,6 +376,7 @@ def _fold(fixed, scores, labels, mask, keep, axis_name):
         bins,
         complete,
         fine,
+        *buf,
     )
     if not keep:
         return fixed, None, None
@@ -359,6 +387,12 @@ def _fold(fixed, scores, labels, mask, keep, axis_name):
     return fixed, stored, code
 
 
+def _same_everywhere(x, axis_name):
+    if x.dtype == jnp.bool_:
+        return lax.pmax(x.astype(jnp.uint8), axis_name).astype(bool)
+    return lax.pmax(x, axis_name)
+
+
 def _add_count(words, n):
     low = words[0] + n
     return jnp.stack([low, words[1] + (low < words[0]).astype(jnp.uint32)])
@@ -366,13 +400,15 @@ def _add_count(words, n):
 
 @jax.jit
 def _merge_fixed(a, b):
-    counts, nv, nb, bmin, bmax, bins, complete, fine = a
-    b_counts, b_nv, b_nb, b_bmin, b_bmax, b_bins, b_complete, b_fine = b
+    counts, nv, nb, bmin, bmax, bins, complete, fine, *buf = a
+    b_counts, b_nv, b_nb, b_bmin, b_bmax, b_bins, b_complete, b_fine, *b_buf = b
     total = _add_count(nv, b_nv[0]).at[1].add(b_nv[1])
     if bins.shape[0]:
         bins, complete, fine = f1_slots.merge(
             (bins, complete, fine), (b_bins, b_complete, b_fine), neg_pos(counts), neg_pos(b_counts)
         )
+    if buf[0].shape[0]:
+        buf = f1_buffer.merge(buf, b_buf)
     return (
         counts + b_counts,
         total,
@@ -382,6 +418,7 @@ def _merge_fixed(a, b):
         bins,
         complete,
         fine,
+        *buf,
     )
 
 
@@ -389,14 +426,14 @@ def _merge_fixed(a, b):
 def _local_range(counts, bin_min, bin_max):
     """The smallest and largest counted key, from a bounded state's per-bin extremes."""
     nonempty = jnp.sum(counts, axis=1) > 0
-    lo = jnp.min(jnp.where(nonempty, bin_min, _NO_KEY))
-    hi = jnp.max(jnp.where(nonempty, bin_max, 0))
+    lo = jnp.min(jnp.where(nonempty, bin_min, jnp.uint32(_NO_KEY)))
+    hi = jnp.max(jnp.where(nonempty, bin_max, jnp.uint32(0)))
     return lo, hi
 
 
 def _exact_best(counts, chunks, n_total):
     if n_total <= f1_curve.SORT_BELOW:
-        f1, key = f1_curve.sort_sweep(*f1_curve.concat_chunks(chunks))
+        f1, key = f1_curve.sort_sweep(*f1_curve.padded_keys(chunks))
     else:
         f1, key = f1_curve.best_threshold_key(neg_pos(counts), list(chunks))
     return key, f1, 0.0

@@ -13,6 +13,7 @@ from jaxnorm._src import f1_curve, validation
 from jaxnorm._src.f1_inputs import (
     check_inputs,
     check_policy,
+    chunk_range,
     key_range,
     prepare,
     raise_if_nonfinite,
@@ -98,11 +99,9 @@ def f1_adaptive_threshold(
     raise_if_nonfinite(where, n_bad, nonfinite)
     fallback = fallback_end(where, n_pos, n_neg, n_zero > 0)
     if fallback is not None and best is None:
-        lo, hi = key_range((key,), (code,))
-    if fallback == "max":
-        return _value(hi, dtype)
-    if fallback == "min":
-        return _value(lo, dtype)
+        lo, hi = key_range([(key, code)])
+    if fallback is not None:
+        return _value(jnp.uint32(hi if fallback == "max" else lo), dtype)
     if best is None:
         best = f1_curve.best_threshold_key(f1_curve.neg_pos(counts), [(key, code)])[1]
     return _value(best, dtype)
@@ -141,7 +140,7 @@ def fallback_end(where: str, n_pos: int, n_neg: int, has_zero: bool) -> str | No
 def _small(scores, labels, mask):
     key, code = prepare(scores, labels, mask)
     counts, n_bad = f1_curve.bin_counts(key, code, mask)
-    lo, hi = key_range((key,), (code,))
+    lo, hi = chunk_range(key, code)
     _, best = f1_curve.sort_sweep(key, code)
     n_zero, n_pos, n_other = jnp.sum(counts, axis=0)
     return n_bad, n_pos, n_zero + n_other, n_zero, lo, hi, best

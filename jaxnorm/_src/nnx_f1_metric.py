@@ -19,6 +19,9 @@ _FIELDS = (
     "slot_bins",
     "slot_complete",
     "fine",
+    "buf_keys",
+    "buf_codes",
+    "buf_fill",
 )
 
 
