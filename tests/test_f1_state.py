@@ -341,6 +341,7 @@ class ThreadReducer:
 
     def for_rank(self, rank):
         def reduce(mins, maxs, counts):
+            assert np.shape(mins) == np.shape(maxs), "jaxnorm.Reducer takes one max per min"
             self.calls[rank] += 1
             self.inputs[rank] = (np.asarray(mins), np.asarray(maxs), np.asarray(counts))
             self.barrier.wait(timeout=60)

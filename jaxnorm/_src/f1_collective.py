@@ -116,11 +116,9 @@ def global_best(reducer, state, facts: Facts):
     local_counts = f1_curve.neg_pos(state.counts)
     local_ok = _covers(local_counts, *slots[:2], jnp.asarray(bins))
     covered = _sum(reducer, np.asarray(local_ok)) == facts.n_states
-    mins, _, _ = reducer(
-        _to_values(np.asarray(state.bin_min), np.inf),
-        np.zeros(0, np.float32),
-        np.zeros(0, np.int64),
-    )
+    local_min = _to_values(np.asarray(state.bin_min), np.inf)
+    # Reducers take as many maxs as mins (jax's checks it): -inf, the identity of max.
+    mins, _, _ = reducer(local_min, np.full_like(local_min, -np.inf), np.zeros(0, np.int64))
     bin_min = jnp.asarray(_to_keys(mins, _NO_KEY))
 
     def slot_fine(padded, n_slots):
