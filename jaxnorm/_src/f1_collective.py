@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxnorm._src import f1_curve, f1_slots
+from jaxnorm._src import f1_buffer, f1_curve, f1_slots
 from jaxnorm._src.f1_keys import N_BINS, N_CLASSES
 
 _NO_KEY = 0xFFFF_FFFF
@@ -113,16 +113,27 @@ def global_best(reducer, state, facts: Facts):
         return key, f1, 0.0
 
     slots = (state.slot_bins, state.slot_complete, state.fine)
-    local_counts = f1_curve.neg_pos(state.counts)
-    local_ok = _covers(local_counts, *slots[:2], jnp.asarray(bins))
-    covered = _sum(reducer, np.asarray(local_ok)) == facts.n_states
+    # A state whose buffer holds every score it saw supplies any bin from the buffer.
+    here = f1_buffer.holds_all(int(state.buf_fill), state.buf_keys.shape[0])
+    if here:
+        local_ok = np.ones(bins.size, np.int64)
+    else:
+        local_counts = f1_curve.neg_pos(state.counts)
+        local_ok = np.asarray(_covers(local_counts, *slots[:2], jnp.asarray(bins)))
+    covered = _sum(reducer, local_ok) == facts.n_states
     local_min = _to_values(np.asarray(state.bin_min), np.inf)
     # Reducers take as many maxs as mins (jax's checks it): -inf, the identity of max.
     mins, _, _ = reducer(local_min, np.full_like(local_min, -np.inf), np.zeros(0, np.int64))
     bin_min = jnp.asarray(_to_keys(mins, _NO_KEY))
 
     def slot_fine(padded, n_slots):
-        return summed(_slot_fine_of(*slots, padded), (n_slots, N_BINS, 2))
+        if here:
+            local = f1_curve.chunks_fine_counts(
+                [(state.buf_keys, state.buf_codes)], padded, n_slots
+            )
+        else:
+            local = _slot_fine_of(*slots, padded)
+        return summed(local, (n_slots, N_BINS, 2))
 
     f1, key = f1_curve.best_in_bins(bins[covered], slot_fine, above, n_pos)
     open_bins = np.zeros(N_BINS, bool)

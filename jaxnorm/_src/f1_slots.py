@@ -64,41 +64,73 @@ def _fill(bins, complete, fine, new_bins, new_complete, new_fine, take):
     return bins, complete, fine
 
 
-def assign(bins, complete, counts_before, counts_after):
-    """Gives free slots to promising bins without one (see the module docstring)."""
+def choose(bins: jax.Array, counts: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Gives free slots to the promising bins without one (see the module docstring).
+
+    Returns:
+      ``(bins, new)``: the slots' bins, and which slots were given out here.
+    """
     n_slots = bins.shape[0]
-    above, upto = f1_curve.bin_bounds(counts_after)
+    above, upto = f1_curve.bin_bounds(counts)
     n_pos = upto[0, 1]
-    nonempty = (counts_after[:, 0] + counts_after[:, 1]) > 0
+    nonempty = (counts[:, 0] + counts[:, 1]) > 0
     edge = jnp.where(nonempty, f1_curve.f1_float32(upto[:, 1], upto[:, 0], n_pos), -1.0)
     bound = f1_curve.upper_bound(above, upto, n_pos)
     eligible = nonempty & ~_has_slot(bins) & (n_pos > 0) & (bound >= jnp.max(edge) * ASSIGN_SLACK)
     top, top_bins = lax.top_k(jnp.where(eligible, bound, -1.0), n_slots)
-    take = top >= 0
-    top_bins = top_bins.astype(jnp.int32)
-    fresh = _bin_totals(counts_before, top_bins) == 0
-    bins, complete, _ = _fill(bins, complete, None, top_bins, fresh, None, take)
-    return bins, complete
+    free = bins < 0
+    unused = jnp.zeros(n_slots, bool)
+    new_bins, _, _ = _fill(bins, free, None, top_bins.astype(jnp.int32), unused, None, top >= 0)
+    return new_bins, free & (new_bins >= 0)
 
 
-def merge(a, b, a_counts, b_counts):
-    """The slots of two states merged: ``a, b`` are ``(bins, complete, fine)``.
+def fold(slots, counts_before, counts_after, key, code, replay, buffer):
+    """Folds a batch into the slots: free ones go to promising bins first.
 
-    A bin slotted in both adds its counts, complete when both were; slotted in one only,
-    it stays complete when the other state saw no score of it. ``b``'s other slots fill
-    ``a``'s free ones in order (the rest are dropped, and their bins known by counts only).
+    A slot given out now is complete when its bin held nothing before this batch, or when
+    ``replay`` (the buffer held every earlier score): the buffer's scores are counted in.
     """
-    a_bins, a_complete, a_fine = a
-    b_bins, b_complete, b_fine = b
-    match = (a_bins[:, None] == b_bins[None, :]) & (a_bins[:, None] >= 0)
-    in_b = jnp.any(match, axis=1)
+    bins, complete, fine = slots
+    bins, new = choose(bins, counts_after)
+    fresh = replay | (_bin_totals(counts_before, bins) == 0)
+    complete = jnp.where(new, fresh, complete)
+    fine = f1_curve.fine_counts(key, code, bins, fine)
+    if buffer[0].shape[0]:
+        earlier = f1_curve.fine_counts(buffer[0], buffer[1], bins)
+        fine = fine + jnp.where(replay, earlier, jnp.zeros_like(earlier))
+    return bins, complete, fine
+
+
+def merge(a, b, counts):
+    """The slots of two states merged; ``a, b`` are ``(bins, complete, fine, counts, whole,
+    buffer keys, buffer codes)``, ``counts`` their sum.
+
+    The merged slots hold ``a``'s bins, then ``b``'s other bins, then promising ones while
+    slots are free. Each side supplies a slot's counts: from its matching slot (complete
+    if that was), from its buffer when it holds every score it saw (complete), or nothing
+    (complete if it saw no score of that bin). A slot is complete when both sides are.
+    """
+    bins = a[0]
+    rest = (b[0] >= 0) & ~jnp.any(b[0][:, None] == bins[None, :], axis=1)
+    none = jnp.zeros(bins.shape, bool)
+    bins, _, _ = _fill(bins, none, None, b[0], none, None, rest)
+    bins, _ = choose(bins, counts)
+    fine_a, complete_a = _side(bins, *a)
+    fine_b, complete_b = _side(bins, *b)
+    return bins, complete_a & complete_b, fine_a + fine_b
+
+
+def _side(bins, s_bins, s_complete, s_fine, s_counts, whole, keys, codes):
+    match = (bins[:, None] == s_bins[None, :]) & (bins[:, None] >= 0)
+    has = jnp.any(match, axis=1)
     j = jnp.argmax(match, axis=1)
-    fine = a_fine + jnp.where(in_b[:, None, None], b_fine[j], 0).astype(a_fine.dtype)
-    b_clean = _bin_totals(b_counts, a_bins) == 0
-    complete = a_complete & jnp.where(in_b, b_complete[j], b_clean)
-    rest = (b_bins >= 0) & ~jnp.any(match, axis=0)
-    rest_complete = b_complete & (_bin_totals(a_counts, b_bins) == 0)
-    return _fill(a_bins, complete, fine, b_bins, rest_complete, b_fine, rest)
+    fine = jnp.where(has[:, None, None], s_fine[j], 0).astype(s_fine.dtype)
+    complete = jnp.where(has, s_complete[j], _bin_totals(s_counts, bins) == 0)
+    if keys.shape[0]:
+        replayed = f1_curve.fine_counts(keys, codes, bins)
+        fine = jnp.where(whole, replayed, fine)
+        complete = complete | whole
+    return fine, complete
 
 
 def fold_extremes(bin_min, bin_max, key, code):
@@ -109,11 +141,6 @@ def fold_extremes(bin_min, bin_max, key, code):
     bin_min = bin_min.at[index].min(flat, mode="drop")
     bin_max = bin_max.at[index].max(flat, mode="drop")
     return bin_min, bin_max
-
-
-def fold_batch(bins, complete, fine, key, code):
-    """Adds a batch's exact counts to the slots (after ``assign``)."""
-    return f1_curve.fine_counts(key, code, bins, fine)
 
 
 def result(counts, bins, complete, fine, bin_min):

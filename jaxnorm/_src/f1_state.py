@@ -289,7 +289,7 @@ class F1AdaptiveThreshold:
         elif self.mode == "exact":
             key, f1, lost = _exact_best(self.counts, self.chunks, n_pos + n_zero + n_other)
         elif whole:
-            f1, key = f1_curve.sort_sweep(self.buf_keys, self.buf_codes)
+            f1, key = f1_curve.sort_sweep(*_head(self.buf_keys, self.buf_codes, _bucket(fill)))
             lost = 0.0
         else:
             key, f1, lost = _bounded_best(
@@ -359,14 +359,27 @@ def _fold(fixed, scores, labels, mask, keep, axis_name):
     new_counts = counts + batch
     if bins.shape[0]:
         bin_min, bin_max = f1_slots.fold_extremes(bin_min, bin_max, key, code)
+        size = buf[0].shape[0]
+        earlier = buf
+        if size:
+            buf = f1_buffer.write(*buf, key, code)
+        whole_before = _whole(earlier[2], size, axis_name)
+        whole_after = _whole(buf[2], size, axis_name)
         before, after = counts, new_counts
         if axis_name is not None:  # every device decides on the global counts
             before = lax.psum(counts, axis_name)
             after = before + lax.psum(batch, axis_name)
-        bins, complete = f1_slots.assign(bins, complete, neg_pos(before), neg_pos(after))
-        fine = f1_slots.fold_batch(bins, complete, fine, key, code)
-    if buf[0].shape[0]:
-        buf = f1_buffer.write(*buf, key, code)
+
+        def step(slots):
+            return f1_slots.fold(
+                slots, neg_pos(before), neg_pos(after), key, code, whole_before, earlier[:2]
+            )
+
+        slots = (bins, complete, fine)
+        # Slots wait while the buffer holds every score (then the buffer is replayed into
+        # them): a batch larger than the buffer never fits, so it needs no test.
+        slots = step(slots) if not size or key.size > size else _unless(whole_after, step, slots)
+        bins, complete, fine = slots
     fixed = (
         new_counts,
         _add_count(n_values, jnp.sum(batch, dtype=jnp.uint32)),
@@ -387,6 +400,40 @@ def _fold(fixed, scores, labels, mask, keep, axis_name):
     return fixed, stored, code
 
 
+def _bucket(n: int) -> int:
+    """A power of two >= ``n`` (at least 1024): the sizes a sort compiles for."""
+    return max(1024, 1 << max(0, int(n) - 1).bit_length())
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _head(keys, codes, n: int):
+    return keys[:n], codes[:n]
+
+
+def _whole(fill, size: int, axis_name):
+    """Whether a buffer of ``size`` filled to ``fill`` holds every score (on every device)."""
+    if not size:
+        return jnp.zeros((), bool)
+    whole = fill <= size
+    if axis_name is not None:
+        whole = lax.pmin(whole.astype(jnp.uint8), axis_name) > 0
+    return whole
+
+
+def _unless(skip, fn, operand):
+    """``operand`` where ``skip``, else ``fn(operand)``. CPU branches and skips the work;
+    accelerators compute both and select, since a conditional there reads its predicate
+    back to the host (XLA:GPU), which would stall every batch."""
+
+    def branch(x):
+        return lax.cond(skip, lambda y: y, fn, x)
+
+    def select(x):
+        return jax.tree.map(lambda a, b: jnp.where(skip, a, b), x, fn(x))
+
+    return lax.platform_dependent(operand, cpu=branch, default=select)
+
+
 def _same_everywhere(x, axis_name):
     if x.dtype == jnp.bool_:
         return lax.pmax(x.astype(jnp.uint8), axis_name).astype(bool)
@@ -402,13 +449,19 @@ def _add_count(words, n):
 def _merge_fixed(a, b):
     counts, nv, nb, bmin, bmax, bins, complete, fine, *buf = a
     b_counts, b_nv, b_nb, b_bmin, b_bmax, b_bins, b_complete, b_fine, *b_buf = b
-    total = _add_count(nv, b_nv[0]).at[1].add(b_nv[1])
+    total = _add_count(nv, b_nv[0])
+    total = jnp.stack([total[0], total[1] + b_nv[1]])
     if bins.shape[0]:
-        bins, complete, fine = f1_slots.merge(
-            (bins, complete, fine), (b_bins, b_complete, b_fine), neg_pos(counts), neg_pos(b_counts)
-        )
-    if buf[0].shape[0]:
-        buf = f1_buffer.merge(buf, b_buf)
+        size = buf[0].shape[0]
+        a = (bins, complete, fine, neg_pos(counts), _whole(buf[2], size, None), *buf[:2])
+        b = (b_bins, b_complete, b_fine, neg_pos(b_counts), _whole(b_buf[2], size, None))
+        merged = f1_slots.merge(a, (*b, *b_buf[:2]), neg_pos(counts + b_counts))
+        if size:
+            buf = f1_buffer.merge(buf, b_buf)
+        # A buffer that still holds every score needs no slots (they wait, as in _fold).
+        whole = _whole(buf[2], size, None)
+        empty = (jnp.full_like(bins, -1), jnp.zeros_like(complete), jnp.zeros_like(fine))
+        bins, complete, fine = jax.tree.map(lambda e, m: jnp.where(whole, e, m), empty, merged)
     return (
         counts + b_counts,
         total,
