@@ -3,11 +3,12 @@
 ``F1AdaptiveThreshold`` (non-binned) keeps every score and target; ``compute`` falls back
 to the highest score when no target equals 1 and to the lowest when none equals 0, else
 builds torchmetrics' binary precision-recall curve: scores sorted in descending order,
-``tps`` the running count of targets equal to 1 at the last index of each distinct score,
-``fps = 1 + index - tps``; ``precision = tps / (tps + fps)`` and ``recall = tps / tps[-1]``
-in float32 (torch divides int64 tensors in the default float dtype, converting each count
-first), both reversed and extended by 1 and 0; ``f1 = 2 p r / (p + r + 1e-10)`` in
-float32, NaN set to 0, and the threshold is the distinct score at the first maximum.
+``tps`` the running count of targets equal to 1 at the last index of each distinct score, a
+float32 tensor (``cumsum(target * 1.0)``: torch sums in float64 and rounds each sum),
+``fps = 1 + index - tps`` in float32; ``precision = tps / (tps + fps)`` and
+``recall = tps / tps[-1]`` in float32, both reversed and extended by 1 and 0;
+``f1 = 2 p r / (p + r + 1e-10)`` in float32, NaN set to 0, and the threshold is the
+distinct score at the first maximum.
 """
 
 from __future__ import annotations
@@ -25,11 +26,13 @@ def f1_curve(scores, labels):
     preds, target = preds[order], target[order]
     distinct = np.flatnonzero(preds[1:] != preds[:-1])
     idx = np.append(distinct, preds.size - 1)
-    tps = np.cumsum(target == 1, dtype=np.int64)[idx]
-    fps = 1 + idx - tps
+    # torchmetrics: tps = cumsum(target * 1.0), a float32 tensor (torch accumulates in
+    # float64, then rounds each sum); fps = 1 + index - tps, int64 minus float32 in float32.
+    tps = np.cumsum(target == 1, dtype=np.float64)[idx].astype(F32)
+    fps = (1 + idx).astype(F32) - tps
     with np.errstate(divide="ignore", invalid="ignore"):
-        precision = tps.astype(F32) / (tps + fps).astype(F32)
-        recall = tps.astype(F32) / F32(tps[-1])
+        precision = tps / (tps + fps)
+        recall = tps / tps[-1]
         precision = np.append(precision[::-1], F32(1))
         recall = np.append(recall[::-1], F32(0))
         f1 = (F32(2) * precision * recall) / (precision + recall + F32(1e-10))

@@ -124,6 +124,27 @@ def test_rounding_case_is_decided_by_float32():
     assert_same(ours(scores, labels), ref.f1_threshold(scores, labels))
 
 
+def test_f1_rounds_as_torchmetrics_beyond_2_to_the_24():
+    """Counts past 2**24 lose digits in float32: torchmetrics holds tps as float32 and takes
+    fps = (1 + index) - tps in float32, so precision is tps / (tps + fps), not tp / n."""
+    r = np.random.default_rng(3)
+    tp = r.integers(2**24, 2**31, 4000).astype(np.uint32)
+    fp = r.integers(0, 2**30, 4000).astype(np.uint32)
+    n_pos = np.uint32(2**31 + 12345)
+    f32 = np.float32
+    tps = tp.astype(f32)
+    fps = (tp.astype(np.int64) + fp).astype(f32) - tps
+    with np.errstate(invalid="ignore"):
+        p, rc = tps / (tps + fps), tps / f32(n_pos)
+        want = (f32(2) * p * rc) / (p + rc + f32(1e-10))
+    got = np.asarray(jax.jit(f1_curve.f1_float32)(tp, fp, n_pos))
+    np.testing.assert_array_equal(got, want)
+    naive = (f32(2) * (tps / (tp.astype(np.int64) + fp).astype(f32)) * rc) / (
+        (tps / (tp.astype(np.int64) + fp).astype(f32)) + rc + f32(1e-10)
+    )
+    assert np.any(naive != want), "the counts are too small to tell the two formulas apart"
+
+
 def test_subnormals_are_kept_apart_from_zero(path):
     scores, labels = CASES["subnormals"]
     got = ours(scores, labels)

@@ -123,6 +123,36 @@ def test_random_sets_equal_anomalib(seed):
     same(jaxnorm.f1_adaptive_threshold(scores, labels), anomalib_threshold([(scores, labels)]))
 
 
+def test_more_values_than_float32_counts_exactly():
+    """2**24 + 2**20 values: torchmetrics' float32 counts round, and jaxnorm's F1 curve must
+    round the same way, value for value (not only at the maximum)."""
+    from torchmetrics.functional.classification.precision_recall_curve import (
+        _binary_precision_recall_curve_compute,
+    )
+
+    from jaxnorm._src import f1_curve
+
+    r = np.random.default_rng(11)
+    n = 2**24 + 2**20
+    labels = r.random(n) < 0.5
+    scores = (r.integers(0, 40, n) + 3 * labels).astype(np.float32)  # 43 distinct values
+    p, rc, t = _binary_precision_recall_curve_compute(
+        (torch.from_numpy(scores), torch.from_numpy(labels)), None
+    )
+    theirs = ((2 * p * rc) / (p + rc + 1e-10))[:-1].numpy()
+    # tp and fp at each distinct score, ascending, as the curve's thresholds are
+    values = np.unique(scores)
+    np.testing.assert_array_equal(values, t.numpy())
+    at = np.searchsorted(values, scores)
+    tp = np.cumsum(np.bincount(at, weights=labels, minlength=values.size)[::-1])[::-1]
+    total = np.cumsum(np.bincount(at, minlength=values.size)[::-1])[::-1]
+    ours = f1_curve.f1_float32(
+        tp.astype(np.uint32), (total - tp).astype(np.uint32), np.uint32(labels.sum())
+    )
+    np.testing.assert_array_equal(np.asarray(ours), theirs)
+    same(jaxnorm.f1_adaptive_threshold(scores, labels), anomalib_threshold([(scores, labels)]))
+
+
 @pytest.mark.parametrize("mode", ["exact", "bounded"])
 def test_streamed_batches_equal_anomalib(mode):
     """4 batches of anomaly maps with masks, folded one by one as the PostProcessor does."""

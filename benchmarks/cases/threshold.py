@@ -37,7 +37,7 @@ EXACT = "jaxnorm F1AdaptiveThreshold (exact)"
 BOUNDED = "jaxnorm F1AdaptiveThreshold (bounded)"
 ANOMALIB = "anomalib 2.7 F1AdaptiveThreshold"
 TORCHMETRICS = "torchmetrics curve + anomalib's F1 (anomalib's math)"
-BINNED = "torchmetrics binned curve, 1000 thresholds"
+BINNED = "torchmetrics binned curve, 100 thresholds"
 NUMPY = "numpy argsort + cumsum"
 
 
@@ -121,7 +121,7 @@ def _binned(batches) -> Callable[[], Any]:
     scaled = [((s - lo) / (hi - lo), lab) for s, lab in batches]
 
     def run():
-        curve = BinaryPrecisionRecallCurve(thresholds=1000, validate_args=False)
+        curve = BinaryPrecisionRecallCurve(thresholds=100, validate_args=False)
         for scores, labels in scaled:
             curve.update(scores, labels.long())
         p, r, t = curve.compute()

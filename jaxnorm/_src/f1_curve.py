@@ -56,9 +56,16 @@ SORT_BELOW = 1 << 15
 
 
 def f1_float32(tp: jax.Array, fp: jax.Array, n_pos: jax.Array) -> jax.Array:
-    """anomalib 2.7's f1 at counts ``tp, fp`` (unsigned ints), in float32, NaN as 0."""
+    """anomalib 2.7's f1 at counts ``tp, fp`` (unsigned ints), in float32, NaN as 0.
+
+    Every operation rounds as torchmetrics' does, so the result is the same float32.
+    """
+    # torchmetrics holds tps as a float32 cumulative sum (each count exact, then rounded)
+    # and takes fps = (1 + index) - tps in float32: beyond 2**24 values these roundings
+    # show, so they are made here in the same order.
     tpf = tp.astype(jnp.float32)
-    precision = tpf / (tp + fp).astype(jnp.float32)
+    fpf = (tp + fp).astype(jnp.float32) - tpf
+    precision = tpf / (tpf + fpf)
     # XLA rewrites a division by a broadcast scalar as a product with its reciprocal, which
     # rounds differently (recall 5/6 comes out one ulp high, and decides some thresholds);
     # the barrier keeps it a true division, as torch's float32 one is.
