@@ -6,8 +6,9 @@ every distinct score ``t`` in ascending order, counts ``tp(t)`` (label 1, score 
 
     p = tp / (tp + fp),   r = tp / P,   f1 = 2 p r / (p + r + 1e-10)
 
-(counts converted to float32 first, NaN read as 0), then returns the **first** ``t`` with
-the largest ``f1``. ``f1_float32`` is that formula, operation for operation.
+(counts rounded to float32 first, ``fp`` as ``n - tp`` in float32, NaN read as 0), then
+returns the **first** ``t`` with the largest ``f1``. ``f1_float32`` is that formula,
+operation for operation.
 
 Sorting every score is what makes it slow (XLA:CPU's sort is ~20x slower than numpy's), and
 only a few scores can win. Here the keys (``f1_keys``) are split by their high 16 bits
@@ -20,12 +21,14 @@ into 65536 bins and counted (``bin_counts``: one scatter-add). For a threshold `
 
 The smallest score of each non-empty bin is a real threshold whose counts are known
 (``T_lo, F_lo``), so ``L``, the largest float32 f1 among them, is reached by some score.
-float32 rounding moves f1 by at most ~6 units in the last place (2**-24 each): counts
-converted, two divisions, a product, a sum and a division, each rounded once. A score that
-can reach ``L`` in float32 therefore lies in a bin with ``UB[b] >= L (1 - 7 * 2**-24)``;
-``candidate_bins`` keeps every bin with ``UB (1 + 2**-16) >= L``, a margin 256 times wider
-than needed (it covers the float32 rounding of ``UB`` itself too). Every score whose float32
-f1 equals the maximum is thus in a candidate bin, and so is the first of them.
+float32 rounding moves f1 by less than 16 units in the last place (2**-24 each): the
+counts' conversions (``tp + fp`` is recovered from ``n - tp`` to within 3 units, as
+``n - tp <= n``), two divisions, a product, a sum and a division, each rounded once, and
+adding ``1e-10`` only lowers it. A score that can reach ``L`` in float32 therefore lies in a
+bin with ``UB[b] >= L (1 - 16 * 2**-24)``; ``candidate_bins`` keeps every bin with
+``UB (1 + 2**-16) >= L``, a margin 16 times wider than needed (it covers the float32
+rounding of ``UB`` itself too). Every score whose float32 f1 equals the maximum is thus in
+a candidate bin, and so is the first of them.
 
 The exact work is then done only inside the candidate bins (``fine_counts``: a second
 scatter-add over the low 16 bits, which resolves every distinct float32 value) and
