@@ -191,6 +191,26 @@ def test_bounded_update_is_pure_and_jittable_without_recompiles():
     assert bits(state.compute()) == bits(ref.f1_threshold(*flat(batches)))
 
 
+def test_exact_fold_batch_runs_in_a_jitted_step_that_carries_the_state():
+    """What a hook does: fold inside its own jitted step, keep the chunk outside."""
+
+    @jax.jit
+    def step(state, x, y):
+        return state.fold_batch(x, y)
+
+    batches = [(jnp.asarray(x), jnp.asarray(y)) for x, y in make_batches(19)]
+    state, chunk = step(F1.empty(), *batches[0])
+    chunks = [chunk]
+    with count_compiles() as log:
+        for x, y in batches[1:]:
+            state, chunk = step(state, x, y)
+            chunks.append(chunk)
+    assert log.count == 0, log.names
+    assert state.chunks == ()
+    state = state.replace(chunks=tuple(chunks))
+    assert bits(state.compute()) == bits(ref.f1_threshold(*flat(make_batches(19))))
+
+
 def fold_with(step, batches, state):
     for x, y in batches:
         state = step(state, x, y)

@@ -12,17 +12,24 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxnorm._src import f1_buffer, f1_collective, f1_curve, f1_slots, placement, validation
+from jaxnorm._src import (
+    f1_buffer,
+    f1_collective,
+    f1_curve,
+    f1_fold,
+    f1_slots,
+    placement,
+    validation,
+)
 from jaxnorm._src.f1_curve import neg_pos
 from jaxnorm._src.f1_inputs import (
     NonFinitePolicy,
     check_inputs,
     check_policy,
     key_range,
-    prepare,
     raise_if_nonfinite,
 )
-from jaxnorm._src.f1_keys import N_BINS, N_CLASSES, as_float32, from_key
+from jaxnorm._src.f1_keys import from_key
 from jaxnorm._src.f1_threshold import fallback_end
 
 ArrayLike = validation.ArrayLike
@@ -30,8 +37,6 @@ Mode = Literal["exact", "bounded"]
 MODES = ("exact", "bounded")
 DEFAULT_SLOTS = 32
 DEFAULT_BUFFER = 1 << 16
-_NO_KEY = 0xFFFF_FFFF  # above every score's key: an empty bin's minimum
-_HALF = (jnp.float16, jnp.bfloat16)
 
 
 class F1Result(NamedTuple):
@@ -59,18 +64,19 @@ class F1AdaptiveThreshold:
 
     Two modes:
 
-    - ``"exact"`` (default): counts per bin of the scores' float bits (512 KiB), and every
-      counted score as a uint32 key (float16/bfloat16 as scores) plus a one-byte label:
-      no more than anomalib's metric keeps (every score and target). ``compute`` resolves
-      only the bins where the best F1 can lie (see ``jaxnorm._src.f1_curve``); the
-      threshold is anomalib's, bit for bit as float32.
-    - ``"bounded"``: fixed memory, ``(slots + 1) x 512 KiB`` whatever the data size, and
-      jittable end to end (``update`` inside your own ``jit``/``shard_map`` step). Beside
-      the bin counts it keeps exact counts for ``slots`` bins picked while the data
-      streams (see ``jaxnorm._src.f1_slots``). When those cover every bin where the best
-      F1 can lie, the threshold is anomalib's; otherwise ``compute_with_bound`` says at
-      most how much F1 it may have lost (never more than the largest count of negatives
-      in one bin over twice the number of positives).
+    - ``"exact"`` (default): counts per bin of the scores' float bits (768 KiB), and every
+      counted score (a float copy of each batch) plus a one-byte label: no more than
+      anomalib's metric keeps (every score and target). ``compute`` resolves only the bins
+      where the best F1 can lie (see ``jaxnorm._src.f1_curve``); the threshold is
+      anomalib's, bit for bit as float32.
+    - ``"bounded"``: fixed memory whatever the data size (about 18 MiB with the defaults),
+      and jittable (``update`` inside your own ``jit``/``shard_map`` step). It keeps up to
+      ``buffer`` scores whole, so smaller sets are exact; beyond, exact counts for
+      ``slots`` bins picked as the data streams (see ``jaxnorm._src.f1_slots``). When those
+      cover every bin where the best F1 can lie, the threshold is anomalib's; otherwise
+      ``compute_with_bound`` says at most how much F1 it may have lost (never more than
+      the largest count of negatives in one bin over twice the number of positives). On
+      CPU each ``update`` copies the slots (16 MiB with 32 slots).
 
     Example::
 
@@ -92,7 +98,9 @@ class F1AdaptiveThreshold:
       bin_min, bin_max: bounded mode: uint32 ``[65536]``, the order keys of the smallest
         and largest score of each bin (empty in exact mode).
       slot_bins, slot_complete, fine: the bounded mode's slots (empty in exact mode).
-      chunks: exact mode: ``((keys, labels), ...)`` per batch.
+      buf_keys, buf_codes, buf_fill: the bounded mode's small-set buffer (order keys,
+        label codes, entries used; ``buffer + 1`` once it overflowed).
+      chunks: exact mode: ``((scores, label codes), ...)`` per batch.
       mode, nonfinite: static: the mode, and the non-finite policy.
     """
 
@@ -139,7 +147,7 @@ class F1AdaptiveThreshold:
         if isinstance(buffer, bool) or not isinstance(buffer, int) or not 0 <= buffer < 2**31:
             raise ValueError(f"buffer={buffer!r}: expected an int >= 0 (scores kept whole).")
         bounded = mode == "bounded"
-        fields = _empty_fields(slots if bounded else 0, buffer if bounded else 0)
+        fields = f1_fold.empty_fields(slots if bounded else 0, buffer if bounded else 0)
         return cls(*fields, chunks=(), mode=mode, nonfinite=nonfinite)
 
     def update(
@@ -172,20 +180,38 @@ class F1AdaptiveThreshold:
             raise ValueError(
                 f"{where}: an exact state keeps every score, so it grows with each batch and "
                 "cannot be carried through jit. Inside a jitted step use "
-                "F1AdaptiveThreshold.empty(mode='bounded'), or update eagerly (each update "
-                "is one jitted call already)."
+                "F1AdaptiveThreshold.empty(mode='bounded'), or fold_batch and append_chunk "
+                "(see fold_batch), or update eagerly (each update is one jitted call already)."
             )
-        fixed = placement.place(self._fixed(), placement.target((scores,)))
-        fixed, stored, code = _fold(
-            fixed,
+        state = self._with(placement.place(self._fixed(), placement.target((scores,))), self.chunks)
+        state, chunk = state.fold_batch(scores, labels, mask, axis_name=axis_name)
+        return state.append_chunk(chunk)
+
+    def fold_batch(self, scores, labels, mask=None, *, axis_name=None):
+        """``update`` split for a caller's own jitted step that carries the state: pure.
+
+        Returns ``(state, chunk)``: the state with this batch counted, its chunks as they
+        were, and, in exact mode, the batch's stored scores and label codes (``None`` in
+        bounded mode). A step that carries an exact state carries it without chunks
+        (``state.replace(chunks=())``: then its structure never changes, and the step
+        compiles once), keeps the chunks outside, and puts them back before ``compute``
+        (``state.replace(chunks=tuple(chunks))``). Arguments as ``update``'s.
+        """
+        fixed, stored, code = f1_fold.fold(
+            self._fixed(),
             scores,
             labels,
             mask,
             keep=self.mode == "exact",
             axis_name=axis_name,
         )
-        chunks = self.chunks + ((stored, code),) if self.mode == "exact" else ()
-        return self._with(fixed, chunks)
+        return self._with(fixed, self.chunks), (stored, code) if self.mode == "exact" else None
+
+    def append_chunk(self, chunk) -> F1AdaptiveThreshold:
+        """The state with ``fold_batch``'s chunk kept (exact mode; ``None`` is a no-op)."""
+        if chunk is None:
+            return self
+        return self._with(self._fixed(), self.chunks + (tuple(chunk),))
 
     def merge(self, other: F1AdaptiveThreshold) -> F1AdaptiveThreshold:
         """The state that has seen what ``self`` and ``other`` saw (same mode).
@@ -205,7 +231,7 @@ class F1AdaptiveThreshold:
                 f"slots and a {other.mode} state with {other.fine.shape[0]}; merge states "
                 "made by the same F1AdaptiveThreshold.empty(...) call."
             )
-        fixed = _merge_fixed(self._fixed(), other._fixed())
+        fixed = f1_fold.merge_fixed(self._fixed(), other._fixed())
         return self._with(fixed, self.chunks + other.chunks)
 
     def reduce(self, axis_name: Hashable | None = None) -> F1AdaptiveThreshold:
@@ -236,7 +262,7 @@ class F1AdaptiveThreshold:
         if axis_name is not None:
             # The same on every device already; a max over equal values says so to
             # shard_map, which otherwise sees values derived from a gather as varying.
-            out = jax.tree.map(functools.partial(_same_everywhere, axis_name=axis_name), out)
+            out = jax.tree.map(functools.partial(f1_fold.same_everywhere, axis_name=axis_name), out)
         return out
 
     def compute(self, reducer=None) -> jax.Array:
@@ -289,7 +315,9 @@ class F1AdaptiveThreshold:
         elif self.mode == "exact":
             key, f1, lost = _exact_best(self.counts, self.chunks, n_pos + n_zero + n_other)
         elif whole:
-            f1, key = f1_curve.sort_sweep(*_head(self.buf_keys, self.buf_codes, _bucket(fill)))
+            f1, key = f1_curve.sort_sweep(
+                *f1_fold.head(self.buf_keys, self.buf_codes, f1_fold.bucket(fill))
+            )
             lost = 0.0
         else:
             key, f1, lost = _bounded_best(
@@ -303,7 +331,7 @@ class F1AdaptiveThreshold:
             chunks = self.chunks
             lo, hi = key_range(chunks)
         else:
-            lo, hi = _local_range(self.counts, self.bin_min, self.bin_max)
+            lo, hi = f1_fold.local_range(self.counts, self.bin_min, self.bin_max)
         lo, hi = int(lo), int(hi)
         if reducer is not None:
             lo, hi = f1_collective.reduce_range(reducer, lo, hi)
@@ -331,157 +359,6 @@ class F1AdaptiveThreshold:
 
     def _with(self, fixed: tuple, chunks: tuple) -> F1AdaptiveThreshold:
         return F1AdaptiveThreshold(*fixed, chunks=chunks, mode=self.mode, nonfinite=self.nonfinite)
-
-
-@functools.cache
-def _empty_fields(n_slots: int, buffer: int) -> tuple:
-    # Immutable arrays, shared by every empty state; made lazily and concretely (see
-    # MinMax's _empty_fields).
-    with jax.ensure_compile_time_eval():
-        return (
-            jnp.zeros((N_BINS, N_CLASSES), jnp.uint32),
-            jnp.zeros(2, jnp.uint32),
-            jnp.zeros((), jnp.uint32),
-            jnp.full(N_BINS if n_slots else 0, _NO_KEY, jnp.uint32),
-            jnp.zeros(N_BINS if n_slots else 0, jnp.uint32),
-            jnp.full(n_slots, -1, jnp.int32),
-            jnp.zeros(n_slots, bool),
-            jnp.zeros((n_slots, N_BINS, 2), jnp.uint32),
-            *f1_buffer.empty(buffer),
-        )
-
-
-@functools.partial(jax.jit, static_argnames=("keep", "axis_name"))
-def _fold(fixed, scores, labels, mask, keep, axis_name):
-    counts, n_values, n_bad_all, bin_min, bin_max, bins, complete, fine, *buf = fixed
-    key, code = prepare(scores, labels, mask)
-    batch, n_bad = f1_curve.bin_counts(key, code, mask)
-    new_counts = counts + batch
-    if bins.shape[0]:
-        bin_min, bin_max = f1_slots.fold_extremes(bin_min, bin_max, key, code)
-        size = buf[0].shape[0]
-        earlier = buf
-        if size:
-            buf = f1_buffer.write(*buf, key, code)
-        whole_before = _whole(earlier[2], size, axis_name)
-        whole_after = _whole(buf[2], size, axis_name)
-        before, after = counts, new_counts
-        if axis_name is not None:  # every device decides on the global counts
-            before = lax.psum(counts, axis_name)
-            after = before + lax.psum(batch, axis_name)
-
-        def step(slots):
-            return f1_slots.fold(
-                slots, neg_pos(before), neg_pos(after), key, code, whole_before, earlier[:2]
-            )
-
-        slots = (bins, complete, fine)
-        # Slots wait while the buffer holds every score (then the buffer is replayed into
-        # them): a batch larger than the buffer never fits, so it needs no test.
-        slots = step(slots) if not size or key.size > size else _unless(whole_after, step, slots)
-        bins, complete, fine = slots
-    fixed = (
-        new_counts,
-        _add_count(n_values, jnp.sum(batch, dtype=jnp.uint32)),
-        n_bad_all + n_bad,
-        bin_min,
-        bin_max,
-        bins,
-        complete,
-        fine,
-        *buf,
-    )
-    if not keep:
-        return fixed, None, None
-    # The scores themselves, in a buffer of their own (never an alias of the caller's, which
-    # DLPack may share with a tensor that changes later): a float copy of the batch, as
-    # cheap to write as the keys and no more bytes than anomalib keeps.
-    stored = jnp.copy(as_float32(scores)) if scores.dtype not in _HALF else jnp.copy(scores)
-    return fixed, stored, code
-
-
-def _bucket(n: int) -> int:
-    """A power of two >= ``n`` (at least 1024): the sizes a sort compiles for."""
-    return max(1024, 1 << max(0, int(n) - 1).bit_length())
-
-
-@functools.partial(jax.jit, static_argnums=2)
-def _head(keys, codes, n: int):
-    return keys[:n], codes[:n]
-
-
-def _whole(fill, size: int, axis_name):
-    """Whether a buffer of ``size`` filled to ``fill`` holds every score (on every device)."""
-    if not size:
-        return jnp.zeros((), bool)
-    whole = fill <= size
-    if axis_name is not None:
-        whole = lax.pmin(whole.astype(jnp.uint8), axis_name) > 0
-    return whole
-
-
-def _unless(skip, fn, operand):
-    """``operand`` where ``skip``, else ``fn(operand)``. CPU branches and skips the work;
-    accelerators compute both and select, since a conditional there reads its predicate
-    back to the host (XLA:GPU), which would stall every batch."""
-
-    def branch(x):
-        return lax.cond(skip, lambda y: y, fn, x)
-
-    def select(x):
-        return jax.tree.map(lambda a, b: jnp.where(skip, a, b), x, fn(x))
-
-    return lax.platform_dependent(operand, cpu=branch, default=select)
-
-
-def _same_everywhere(x, axis_name):
-    if x.dtype == jnp.bool_:
-        return lax.pmax(x.astype(jnp.uint8), axis_name).astype(bool)
-    return lax.pmax(x, axis_name)
-
-
-def _add_count(words, n):
-    low = words[0] + n
-    return jnp.stack([low, words[1] + (low < words[0]).astype(jnp.uint32)])
-
-
-@jax.jit
-def _merge_fixed(a, b):
-    counts, nv, nb, bmin, bmax, bins, complete, fine, *buf = a
-    b_counts, b_nv, b_nb, b_bmin, b_bmax, b_bins, b_complete, b_fine, *b_buf = b
-    total = _add_count(nv, b_nv[0])
-    total = jnp.stack([total[0], total[1] + b_nv[1]])
-    if bins.shape[0]:
-        size = buf[0].shape[0]
-        a = (bins, complete, fine, neg_pos(counts), _whole(buf[2], size, None), *buf[:2])
-        b = (b_bins, b_complete, b_fine, neg_pos(b_counts), _whole(b_buf[2], size, None))
-        merged = f1_slots.merge(a, (*b, *b_buf[:2]), neg_pos(counts + b_counts))
-        if size:
-            buf = f1_buffer.merge(buf, b_buf)
-        # A buffer that still holds every score needs no slots (they wait, as in _fold).
-        whole = _whole(buf[2], size, None)
-        empty = (jnp.full_like(bins, -1), jnp.zeros_like(complete), jnp.zeros_like(fine))
-        bins, complete, fine = jax.tree.map(lambda e, m: jnp.where(whole, e, m), empty, merged)
-    return (
-        counts + b_counts,
-        total,
-        nb + b_nb,
-        jnp.minimum(bmin, b_bmin),
-        jnp.maximum(bmax, b_bmax),
-        bins,
-        complete,
-        fine,
-        *buf,
-    )
-
-
-@jax.jit
-def _local_range(counts, bin_min, bin_max):
-    """The smallest and largest counted key, from a bounded state's per-bin extremes."""
-    nonempty = jnp.sum(counts, axis=1) > 0
-    lo = jnp.min(jnp.where(nonempty, bin_min, jnp.uint32(_NO_KEY)))
-    hi = jnp.max(jnp.where(nonempty, bin_max, jnp.uint32(0)))
-    return lo, hi
 
 
 def _exact_best(counts, chunks, n_total):
