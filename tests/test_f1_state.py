@@ -177,7 +177,8 @@ def test_a_second_epoch_compiles_nothing(mode, size, monkeypatch):
     with count_compiles() as log:
         fold(batches[1:6], F1.empty(mode)).compute()  # other values
         fold(batches[:6], F1.empty(mode)).compute()  # one batch more, same size class
-    assert set(log.names) <= {"jit(_fine_add)", "jit(sweep)"}, log.names
+    # jax < 0.7 names no compiled function ("?")
+    assert set(log.names) <= {"jit(_fine_add)", "jit(sweep)", "?"}, log.names
     assert log.count <= 2, log.names
 
 

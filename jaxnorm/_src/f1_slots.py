@@ -42,6 +42,16 @@ def _bin_totals(counts: jax.Array, bins: jax.Array) -> jax.Array:
     return jnp.where(bins >= 0, jnp.sum(counts[jnp.maximum(bins, 0)], axis=-1), 0)
 
 
+def _only_true(match: jax.Array) -> jax.Array:
+    """Per row of ``match`` (at most one True each), the column of its True (0 if none).
+
+    A sum, not ``argmax``: jax < 0.7 rejects argmax's two-operand reduce inside
+    ``shard_map`` when the mask varies over devices and the index does not.
+    """
+    columns = jnp.arange(match.shape[1], dtype=jnp.int32)
+    return jnp.sum(jnp.where(match, columns, 0), axis=1)
+
+
 def _has_slot(bins: jax.Array, complete: jax.Array | None = None) -> jax.Array:
     mark = bins >= 0 if complete is None else (bins >= 0) & complete
     safe = jnp.where(mark, bins, N_BINS)
@@ -56,7 +66,7 @@ def _fill(bins, complete, fine, new_bins, new_complete, new_fine, take):
     # For each free slot, the index of the taken entry with the same rank (or none).
     match = free[:, None] & (free_rank[:, None] == take_rank[None, :])
     got = jnp.any(match, axis=1)
-    src = jnp.argmax(match, axis=1)
+    src = _only_true(match)
     bins = jnp.where(got, new_bins[src], bins)
     complete = jnp.where(got, new_complete[src], complete)
     if new_fine is not None:
@@ -123,7 +133,7 @@ def merge(a, b, counts):
 def _side(bins, s_bins, s_complete, s_fine, s_counts, whole, keys, codes):
     match = (bins[:, None] == s_bins[None, :]) & (bins[:, None] >= 0)
     has = jnp.any(match, axis=1)
-    j = jnp.argmax(match, axis=1)
+    j = _only_true(match)
     fine = jnp.where(has[:, None, None], s_fine[j], 0).astype(s_fine.dtype)
     complete = jnp.where(has, s_complete[j], _bin_totals(s_counts, bins) == 0)
     if keys.shape[0]:
@@ -182,5 +192,5 @@ def covers(counts, bins, complete, wanted):
 def slot_fine_of(bins, complete, fine, wanted):
     """``[len(wanted), 65536, 2]``: the complete slots' counts of ``wanted`` (else 0)."""
     hit = (bins[None, :] == wanted[:, None]) & complete[None, :] & (wanted[:, None] >= 0)
-    j = jnp.argmax(hit, axis=1)
+    j = _only_true(hit)
     return jnp.where(jnp.any(hit, axis=1)[:, None, None], fine[j], 0).astype(fine.dtype)
