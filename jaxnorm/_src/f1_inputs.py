@@ -24,9 +24,9 @@ class F1NonFiniteScoresError(NonFiniteScoresError):
         self.count = count
         ValueError.__init__(
             self,
-            f"{where}: {count} non-finite score(s) (NaN or inf); the batches that held them "
-            "were not counted. Fix the model's outputs, or pass nonfinite='omit' to skip "
-            "non-finite scores (and their labels).",
+            f"{where}: {count} non-finite score(s) (NaN or inf), so no threshold is given. "
+            "Fix the model's outputs, or pass nonfinite='omit' to leave non-finite scores "
+            "(and their labels) out.",
         )
 
 

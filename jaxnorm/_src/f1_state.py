@@ -94,7 +94,7 @@ class F1AdaptiveThreshold:
       counts: uint32 ``[65536, 3]``: per bin, the scores with label 0, label 1, and
         another label (anomalib looks for 0 and 1; the rest count as negatives).
       n_values: uint32 ``[2]``: values counted, low word and carries.
-      n_nonfinite: uint32: NaN/inf scores seen (not counted).
+      n_nonfinite: uint32: NaN/inf scores seen (never in the counts).
       bin_min, bin_max: bounded mode: uint32 ``[65536]``, the order keys of the smallest
         and largest score of each bin (empty in exact mode).
       slot_bins, slot_complete, fine: the bounded mode's slots (empty in exact mode).
@@ -135,9 +135,10 @@ class F1AdaptiveThreshold:
           slots: bounded mode: how many bins get exact counts (512 KiB each).
           buffer: bounded mode: up to this many scores are kept whole (5 bytes each), so
             that smaller sets (image scores) are always exact; 0 keeps none.
-          nonfinite: ``"raise"``: a batch with NaN/inf scores is not counted, and
-            ``compute`` raises ``jaxnorm.NonFiniteScoresError`` with their number.
-            ``"omit"``: they are left out, with their labels.
+          nonfinite: ``"raise"``: NaN/inf scores are counted apart, and ``compute``
+            raises ``jaxnorm.NonFiniteScoresError`` with their number (``update`` reads
+            nothing back, so it cannot raise). ``"omit"``: they are left out, with their
+            labels.
         """
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}: expected one of {MODES}.")
