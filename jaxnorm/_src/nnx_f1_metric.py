@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import jax.numpy as jnp
 from flax import nnx
 
 from jaxnorm._src import placement
 from jaxnorm._src.compat import set_variable
 from jaxnorm._src.f1_state import DEFAULT_SLOTS, F1AdaptiveThreshold
+from jaxnorm._src.nnx_metric import read_mask
 
 # The state's array fields, each held in a MetricState variable of the same name.
 _FIELDS = (
@@ -101,11 +101,7 @@ class F1AdaptiveThresholdMetric(nnx.Metric):
                     f"as {self.label_argname}=..., or build the metric with argname=/"
                     "label_argname= to read other keys."
                 )
-        mask = kwargs.get(self.mask_argname) if self.mask_argname is not None else None
-        if mask is not None:
-            mask = jnp.asarray(mask)
-            if mask.dtype != jnp.bool_:
-                mask = mask != 0  # nnx's metrics accept 0/1 masks of any dtype
+        mask = read_mask(kwargs, self.mask_argname)
         scores = kwargs[self.argname]
         # Placed with the scores, as MinMaxMetric places its state (no second compile).
         state = placement.place(self.state(), placement.target((scores,)))
