@@ -249,6 +249,30 @@ def test_bounded_is_exact_on_stationary_data():
         assert bits(result.threshold) == bits(ref.f1_threshold(*flat(batches)))
 
 
+def test_bounded_buffer_overflow_replays_into_complete_slots():
+    """While the buffer holds every score no slot is given; the batch that overflows it
+    gives them out and replays the buffer, so they are complete; so does a merge of two
+    whole buffers that do not fit together."""
+    batches = make_batches(18, n_batches=4, shape=(4, 1, 16, 16))  # 1024 values a batch
+    want = bits(ref.f1_threshold(*flat(batches)))
+    state = F1.empty("bounded", buffer=1500)
+    state = state.update(*batches[0])
+    assert int(state.buf_fill) == 1024 and (np.asarray(state.slot_bins) < 0).all()
+    state = fold(batches[1:], state)
+    assert int(state.buf_fill) == 1501  # overflowed
+    assert (np.asarray(state.slot_bins) >= 0).any() and np.asarray(state.slot_complete).all()
+    result = state.compute_with_bound()
+    assert float(result.max_f1_lost) == 0 and bits(result.threshold) == want
+    a = fold(batches[:1], F1.empty("bounded", buffer=1500))
+    b = fold(batches[1:2], F1.empty("bounded", buffer=1500))
+    merged = a.merge(b)
+    assert int(merged.buf_fill) == 1501 and np.asarray(merged.slot_complete).any()
+    two = flat(batches[:2])
+    result = merged.compute_with_bound()
+    assert float(result.max_f1_lost) == 0
+    assert bits(result.threshold) == bits(ref.f1_threshold(*two))
+
+
 def test_bounded_loss_is_within_its_bound():
     """With one slot and a moving distribution, candidates go unresolved: the answer is
     then within ``max_f1_lost`` of anomalib's f1, and that within ``max n_neg / (2 P)``."""
