@@ -131,9 +131,10 @@ $(ANOMALIB2_VENV)/.installed: pyproject.toml Makefile ci/anomalib2-requirements.
 test-anomalib2: setup-anomalib2
 	$(ANOMALIB2_VENV)/bin/python -m pytest tests_anomalib2 $(PYTEST_ARGS)
 
-# The postprocessor benchmark case (ours against anomalib 2.7.0's PostProcessor).
+# The postprocessor and threshold benchmark cases (ours against anomalib 2.7.0's PostProcessor
+# and F1AdaptiveThreshold).
 bench-anomalib2: setup-anomalib2
-	$(ANOMALIB2_VENV)/bin/python -m benchmarks --cases postprocessor $(BENCH_ARGS)
+	$(ANOMALIB2_VENV)/bin/python -m benchmarks --cases postprocessor,threshold $(BENCH_ARGS)
 
 demo: setup
 	$(BIN)/python -m jaxnorm.demo $(DEMO_ARGS)

@@ -217,9 +217,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
             args, train, val, hook, timings, extras.progress
         )
 
-        # Adaptive thresholds in raw units, F1-optimal on the last validation epoch.
-        hook.image_threshold, _ = M.f1_optimal_threshold(val_scores, val.labels)
-        hook.pixel_threshold, _ = M.f1_optimal_threshold(val_maps, val.masks)
+        # Adaptive thresholds in raw units, anomalib's F1-optimal ones on the last epoch.
+        hook.image_threshold = float(jaxnorm.f1_adaptive_threshold(val_scores, val.labels))
+        hook.pixel_threshold = float(jaxnorm.f1_adaptive_threshold(val_maps, val.masks))
 
         t = time.perf_counter()
         raw, normalized = _test(model, hook, test, args.batch_size)
