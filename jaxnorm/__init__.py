@@ -14,6 +14,8 @@ with _kept():
     from jaxnorm._src.errors import NO_VALUES_MESSAGE as NO_VALUES_MESSAGE
     from jaxnorm._src.errors import NonFiniteScoresError as NonFiniteScoresError
     from jaxnorm._src.errors import StatisticsMissingError as StatisticsMissingError
+    from jaxnorm._src.f1_state import F1AdaptiveThreshold as F1AdaptiveThreshold
+    from jaxnorm._src.f1_threshold import f1_adaptive_threshold as f1_adaptive_threshold
     from jaxnorm._src.hook import MinMaxNormalizationHook as MinMaxNormalizationHook
     from jaxnorm._src.hook import Reducer as Reducer
     from jaxnorm._src.minmax import MinMax as MinMax

@@ -203,11 +203,9 @@ def _host_float(name: str, value, hint: str):
 def normalize(
     targets: ArrayLike, threshold: ArrayLike, min_val: ArrayLike, max_val: ArrayLike
 ) -> jax.Array:
-    r"""Maps raw anomaly scores to [0, 1] so that ``threshold`` lands at 0.5.
+    """Maps raw anomaly scores to [0, 1] so that ``threshold`` lands at 0.5::
 
-    .. math::
-
-      \mathrm{normalize}(x) = \mathrm{clip}\left(\frac{x - t}{\max - \min} + 0.5,\; 0,\; 1\right)
+      normalize(x) = clip((x - threshold) / (max_val - min_val) + 0.5, 0, 1)
 
     as in anomalib's ``normalize``, with one fix: when ``max_val == min_val`` the result is
     0 below the threshold, 0.5 at it and 1 above it, never NaN.
