@@ -13,20 +13,29 @@ FLOOR_CONSTRAINTS ?= ci/floor-constraints.txt
 # The integration test with real anomalib 0.7.0 (`make test-anomalib`), on Python 3.11.
 ANOMALIB_PYTHON ?= $(firstword $(wildcard /root/.pyenv/versions/3.11.*/bin/python3.11) python3.11)
 ANOMALIB_VENV ?= .venv-anomalib
+# The integration test with real anomalib 1.2.0 and 1.1.0 (`make test-anomalib1`), on Python 3.11.
+ANOMALIB1_VENV ?= .venv-anomalib1
 # The integration test with real anomalib 2.7.0 (`make test-anomalib2`), on Python 3.11.
 ANOMALIB2_VENV ?= .venv-anomalib2
 
 .PHONY: setup test docs demo bench bench-quick bench-replot lint clean setup-floor test-floor \
-	setup-anomalib test-anomalib setup-anomalib2 test-anomalib2 bench-anomalib2 ci
+	setup-anomalib test-anomalib setup-anomalib1 test-anomalib1 setup-anomalib2 test-anomalib2 \
+	bench-anomalib2 ci
 
 setup: $(VENV)/.installed
 
+# One line per step (pip is quiet, and the whole takes a minute or more).
 $(VENV)/.installed: pyproject.toml Makefile
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet "$(TORCH)"
-	$(BIN)/pip install --quiet -e ".[torch,demo,dev]"
-	touch $@
+	@echo "setup 1/4: creating a virtual environment in $(VENV) ($(PYTHON))"
+	@$(PYTHON) -m venv $(VENV)
+	@echo "setup 2/4: upgrading pip"
+	@$(BIN)/pip install --quiet --upgrade pip
+	@echo "setup 3/4: installing $(TORCH) (the longest step)"
+	@$(BIN)/pip install --quiet "$(TORCH)"
+	@echo "setup 4/4: installing jaxnorm (editable) with its torch, demo and dev extras"
+	@$(BIN)/pip install --quiet -e ".[torch,demo,dev]"
+	@touch $@
+	@echo "setup: done; $(VENV) is ready"
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -75,6 +84,33 @@ test-anomalib: setup-anomalib
 	TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 $(ANOMALIB_VENV)/bin/python -m pytest tests_anomalib \
 		$(PYTEST_ARGS)
 
+setup-anomalib1: $(ANOMALIB1_VENV)/.installed
+
+# anomalib 1.1.0 (the design with one shared MinMax) goes to its own folder beside the venv,
+# put before 1.2.0 on the path by the second pass of test-anomalib1: it is pure Python and
+# needs nothing 1.2.0 does not.
+ANOMALIB110 := $(ANOMALIB1_VENV)/anomalib-1.1.0
+$(ANOMALIB1_VENV)/.installed: pyproject.toml Makefile ci/anomalib1-requirements.txt \
+		ci/anomalib1-constraints.txt
+	rm -rf $(ANOMALIB1_VENV)
+	$(ANOMALIB_PYTHON) -m venv $(ANOMALIB1_VENV)
+	$(ANOMALIB1_VENV)/bin/pip install --quiet --upgrade pip
+	$(ANOMALIB1_VENV)/bin/pip install --quiet -c ci/anomalib1-constraints.txt \
+		-r ci/anomalib1-requirements.txt
+	$(ANOMALIB1_VENV)/bin/pip install --quiet --no-deps anomalib==1.2.0
+	$(ANOMALIB1_VENV)/bin/pip install --quiet --no-deps --target $(ANOMALIB110) anomalib==1.1.0
+	# The README's line for anomalib 1.x users; check_versions proves it moved none of the pins.
+	$(ANOMALIB1_VENV)/bin/pip install --quiet -e ".[torch,test]" "numpy<2"
+	$(ANOMALIB1_VENV)/bin/python ci/check_versions.py ci/anomalib1-constraints.txt
+	$(ANOMALIB1_VENV)/bin/python -c "import anomalib.models, torch_compat.anomalib1"
+	touch $@
+
+# Real anomalib 1.2.0 (Padim, PatchCore) with anomalib's callback and with ours
+# (tests_anomalib1/), then the same tests with anomalib 1.1.0, the older design.
+test-anomalib1: setup-anomalib1
+	$(ANOMALIB1_VENV)/bin/python -m pytest tests_anomalib1 $(PYTEST_ARGS)
+	PYTHONPATH=$(ANOMALIB110) $(ANOMALIB1_VENV)/bin/python -m pytest tests_anomalib1 $(PYTEST_ARGS)
+
 setup-anomalib2: $(ANOMALIB2_VENV)/.installed
 
 $(ANOMALIB2_VENV)/.installed: pyproject.toml Makefile ci/anomalib2-requirements.txt \
@@ -95,9 +131,10 @@ $(ANOMALIB2_VENV)/.installed: pyproject.toml Makefile ci/anomalib2-requirements.
 test-anomalib2: setup-anomalib2
 	$(ANOMALIB2_VENV)/bin/python -m pytest tests_anomalib2 $(PYTEST_ARGS)
 
-# The postprocessor benchmark case (ours against anomalib 2.7.0's PostProcessor).
+# The postprocessor and threshold benchmark cases (ours against anomalib 2.7.0's PostProcessor
+# and F1AdaptiveThreshold).
 bench-anomalib2: setup-anomalib2
-	$(ANOMALIB2_VENV)/bin/python -m benchmarks --cases postprocessor $(BENCH_ARGS)
+	$(ANOMALIB2_VENV)/bin/python -m benchmarks --cases postprocessor,threshold $(BENCH_ARGS)
 
 demo: setup
 	$(BIN)/python -m jaxnorm.demo $(DEMO_ARGS)
@@ -113,8 +150,8 @@ bench-replot: setup
 	$(BIN)/python -m benchmarks --replot
 
 lint: setup
-	$(BIN)/ruff check jaxnorm torch_compat tests benchmarks tests_anomalib tests_anomalib2 ci examples docs/conf.py
-	$(BIN)/ruff format --check jaxnorm torch_compat tests benchmarks tests_anomalib tests_anomalib2 ci examples docs/conf.py
+	$(BIN)/ruff check jaxnorm torch_compat tests benchmarks tests_anomalib tests_anomalib1 tests_anomalib2 ci examples docs/conf.py
+	$(BIN)/ruff format --check jaxnorm torch_compat tests benchmarks tests_anomalib tests_anomalib1 tests_anomalib2 ci examples docs/conf.py
 
 clean:
-	rm -rf $(VENV) $(FLOOR_VENV) $(ANOMALIB_VENV) $(ANOMALIB2_VENV) .pytest_cache .hypothesis docs/_build
+	rm -rf $(VENV) $(FLOOR_VENV) $(ANOMALIB_VENV) $(ANOMALIB1_VENV) $(ANOMALIB2_VENV) .pytest_cache .hypothesis docs/_build

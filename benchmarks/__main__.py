@@ -1,10 +1,12 @@
 """``python -m benchmarks``: runs every case side by side and publishes the results.
 
-Writes ``<out>/<machine>.json`` and ``<out>/<machine>.md``. A full run of every case then
-publishes what the JSON files in ``<out>`` hold (``benchmarks.publish``): the full tables of
-each machine in ``docs/_generated/benchmarks.md``, the plot of the speed ratios against
-anomalib in ``docs/_generated/benchmark-ratios.png``, and a short headline between the
-README's ``<!-- bench:start -->`` and ``<!-- bench:end -->`` markers. ``--replot`` publishes
+Writes ``<out>/<machine>.json`` and ``<out>/<machine>.md``, where ``<machine>`` names this
+machine's hardware (``cpu-<model>-<cores>c``, ``gpu-<device>``) or ``$JAXNORM_BENCH_MACHINE``.
+A full run of every case then publishes what the JSON files in ``<out>`` hold
+(``benchmarks.publish``): the full tables of every stored run in
+``docs/_generated/benchmarks.md``, the headline table in ``docs/_generated/headline.md`` and
+between the README's ``<!-- bench:start -->`` and ``<!-- bench:end -->`` markers, and the plot
+of the headline figures in ``docs/_generated/benchmark-ratios.png``. ``--replot`` publishes
 the stored results again without measuring. ``--quick`` runs fewer shapes and rounds for
 smoke tests, and ``--cases`` a subset: such runs are written as ``<machine>-quick.*`` or
 ``<machine>-<cases>.*`` and publish nothing.
@@ -152,7 +154,6 @@ def _publish(args: argparse.Namespace) -> None:
         args.docs,
         None if args.no_readme else args.readme,
         write_docs=not args.no_docs,
-        this_machine=environment.machine_name(),
     ):
         print(line, flush=True)
 

@@ -8,6 +8,7 @@ import importlib.metadata
 import os
 import platform
 import re
+import subprocess
 from typing import Any
 
 import jax
@@ -43,8 +44,18 @@ def jax_device() -> jax.Device:
     return jax.devices()[0]
 
 
+# Names the machine instead of its hardware: results land under this name, e.g. to keep two
+# runs of one machine apart, or to check that nothing depends on which machine runs the tests.
+MACHINE_ENV = "JAXNORM_BENCH_MACHINE"
+
+
 def machine_name() -> str:
-    """A file-name-safe label: ``cpu-<model>-<n>c`` or ``gpu-<device kind>``."""
+    """A file-name-safe label: ``cpu-<model>-<n>c`` or ``gpu-<device kind>``.
+
+    ``$JAXNORM_BENCH_MACHINE``, when set, is used instead (made file-name-safe).
+    """
+    if os.environ.get(MACHINE_ENV):
+        return _slug(os.environ[MACHINE_ENV])
     dev = jax_device()
     if dev.platform == "cpu":
         return f"cpu-{_slug(cpu_model())}-{cpu_count()}c"
@@ -59,6 +70,23 @@ def torch_device() -> str:
     if jax_device().platform == "gpu" and torch.cuda.is_available():
         return "cuda"
     return "cpu"
+
+
+def commit() -> str | None:
+    """The checkout's commit (``-dirty`` when files differ from it), or None outside git."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--abbrev=12"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
 
 
 def describe() -> dict[str, Any]:
@@ -82,6 +110,9 @@ def describe() -> dict[str, Any]:
         "cpu": cpu_model(),
         "cpu_cores": cpu_count(),
     }
+    code = commit()
+    if code:  # which code the figures measured
+        info["commit"] = code
     try:  # from the metadata: importing Lightning costs seconds
         info["pytorch_lightning"] = importlib.metadata.version("pytorch_lightning")
     except importlib.metadata.PackageNotFoundError:

@@ -46,7 +46,7 @@ class Row:
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """A goal from the issue, checked against this run.
+    """A performance goal, checked against this run.
 
     Attributes:
       label: what is compared, in words.

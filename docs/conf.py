@@ -1,7 +1,8 @@
 """Sphinx configuration of jaxnorm's documentation: ``make docs`` builds it into docs/_build.
 
 Pages are MyST Markdown; the API reference is generated from the docstrings (Google style,
-through napoleon). Nothing here reaches the network: no intersphinx.
+through napoleon). Nothing here reaches the network: no intersphinx, and a build fails if
+a page would load anything from it (``_check_offline``), as MathJax does.
 """
 
 from __future__ import annotations
@@ -66,6 +67,9 @@ GENERATED = {
     "_generated/benchmarks.md": re.compile(
         r"^```\{include\} _generated/benchmarks\.md\n.*?^```\n", re.M | re.S
     ),
+    "_generated/headline.md": re.compile(
+        r"^```\{include\} _generated/headline\.md\n.*?^```\n", re.M | re.S
+    ),
 }
 MISSING_NOTE = (
     ":::{{note}}\n`docs/{path}` is not in this checkout: `python -m benchmarks` writes it.\n:::\n"
@@ -88,6 +92,29 @@ def _plain_repo_links(app, relative_path, parent_docname, content: list[str]) ->
         content[0] = _REPO_LINK.sub(r"\1 (`\2`)", content[0])
 
 
+# The site must read offline: no page may load a script, a stylesheet or a font from the
+# network (Sphinx adds MathJax from a CDN to any page with math; formulas are plain text).
+_REMOTE = re.compile(r"<(?:script|link)\b[^>]*\b(?:src|href)=[\"']?(?:https?:)?//", re.I)
+
+
+def _check_offline(app, exception) -> None:
+    if exception is not None or app.builder.format != "html":
+        return
+    remote = sorted(
+        str(page.relative_to(app.outdir))
+        for page in Path(app.outdir).rglob("*.html")
+        if _REMOTE.search(page.read_text(encoding="utf-8"))
+    )
+    if remote:
+        from sphinx.errors import ExtensionError
+
+        raise ExtensionError(
+            f"pages that load from the network (a CDN script or stylesheet): {remote}. Write "
+            "formulas as plain text (a literal block), not with the math directive or role."
+        )
+
+
 def setup(app):
     app.connect("source-read", _note_missing_generated)
     app.connect("include-read", _plain_repo_links)
+    app.connect("build-finished", _check_offline)

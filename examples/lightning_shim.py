@@ -15,6 +15,9 @@ Run it: ``python examples/lightning_shim.py`` (a few seconds on a CPU).
 
 from __future__ import annotations
 
+import logging
+import warnings
+
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -22,6 +25,13 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch_compat import MinMaxNormalizationCallback
 
 torch.manual_seed(0)
+# This script prints only what it is about. Lightning's banners (the devices found, its tips,
+# "fit stopped") are INFO logs; its advice on loader workers and the deprecation that
+# Lightning 2.6 triggers in torch's pytree (LeafSpec) concern Lightning, not this script.
+for _name in ("pytorch_lightning", "lightning.pytorch", "lightning.fabric", "lightning_fabric"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
+warnings.filterwarnings("ignore", r".*does not have many workers", UserWarning)
+warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)`", FutureWarning)
 
 
 def make_images(n: int, anomalous: float) -> TensorDataset:

@@ -14,12 +14,28 @@ with _kept():
     from jaxnorm._src.errors import NO_VALUES_MESSAGE as NO_VALUES_MESSAGE
     from jaxnorm._src.errors import NonFiniteScoresError as NonFiniteScoresError
     from jaxnorm._src.errors import StatisticsMissingError as StatisticsMissingError
+    from jaxnorm._src.f1_state import F1AdaptiveThreshold as F1AdaptiveThreshold
+    from jaxnorm._src.f1_threshold import f1_adaptive_threshold as f1_adaptive_threshold
     from jaxnorm._src.hook import MinMaxNormalizationHook as MinMaxNormalizationHook
     from jaxnorm._src.hook import Reducer as Reducer
     from jaxnorm._src.minmax import MinMax as MinMax
     from jaxnorm._src.normalize import normalize as normalize
-    from jaxnorm._src.outputs import NormalizationStats as NormalizationStats
-    from jaxnorm._src.outputs import normalize_outputs as normalize_outputs
-    from jaxnorm._src.outputs import update_stats as update_stats
+    from jaxnorm._src.normalize import normalize_outputs as normalize_outputs
+    from jaxnorm._src.stats import NormalizationStats as NormalizationStats
+    from jaxnorm._src.stats import update_stats as update_stats
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "NO_VALUES_MESSAGE",
+    "MinMax",
+    "MinMaxNormalizationHook",
+    "NonFiniteScoresError",
+    "NormalizationStats",
+    "Reducer",
+    "StatisticsMissingError",
+    "nnx",
+    "normalize",
+    "normalize_outputs",
+    "update_stats",
+]

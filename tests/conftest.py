@@ -5,7 +5,7 @@ test module imports jax. Single-device tests simply use the default device.
 
 The sharded tests take the ``devices`` fixture: the 8 CPU devices, asked for by platform,
 so they run the same where the default backend is a GPU (``JAX_PLATFORMS=cuda,cpu``, as in
-benchmarks/gpu_check.sh). While such a test runs, jax's default device is the first CPU
+benchmarks/gpu/gpu_check.sh). While such a test runs, jax's default device is the first CPU
 device too, so the arrays it makes without placing them (a hook's state, ``MinMax.empty()``)
 sit with the sharded ones instead of on the GPU.
 """

@@ -1,4 +1,5 @@
-"""Synthetic surfaces for the anomalib integration tests (tests_anomalib, tests_anomalib2)."""
+"""Synthetic surfaces for the anomalib integration tests (tests_anomalib, tests_anomalib1,
+tests_anomalib2)."""
 
 from __future__ import annotations
 
@@ -21,3 +22,23 @@ def save(path: Path, img: np.ndarray) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.clip(img * 255, 0, 255).astype(np.uint8)).save(path)
+
+
+def write_folder(root: Path, seed: int, size: int, n_good: int, n_bad: int) -> Path:
+    """good/, bad/ and mask/ (one mask per bad image, a dark rectangle growing with its index):
+    the layout of anomalib's ``Folder`` datamodule (1.x and 2.x)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for i in range(n_good):
+        save(root / "good" / f"{i:03d}.png", texture(rng, size))
+    for i in range(n_bad):
+        img = texture(rng, size)
+        mask = np.zeros((size, size), bool)
+        r, c = rng.integers(8, size - 24, size=2)
+        mask[r : r + 4 + 2 * i, c : c + 16] = True
+        img[mask] = rng.uniform(0.0, 0.15)
+        save(root / "bad" / f"{i:03d}.png", img)
+        (root / "mask").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(mask.astype(np.uint8) * 255).save(root / "mask" / f"{i:03d}.png")
+    return root

@@ -12,16 +12,17 @@ from pathlib import Path
 import pytest
 
 from benchmarks import __main__ as bench_main
-from benchmarks import environment, publish, report
+from benchmarks import environment, headlines, publish, report
+from benchmarks import labels as L
 from benchmarks.cases import CASES
 from benchmarks.records import CaseResult, Row, Target, case_from_json
 from benchmarks.timing import Timing
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Issue 11's goals, by the start of their labels: each must be in every run's targets table,
-# judged on its platform's run and listed as not judged on the others.
-ISSUE_11_TARGETS = [
+# The goals set for one platform, by the start of their labels: each must be in every run's
+# targets table, judged on its platform's run and listed as not judged on the others.
+PLATFORM_TARGETS = [
     "CPU: hook per batch at tiny sizes, test",
     "CPU: hook per batch at tiny sizes, validation",
     "CPU: pipelined shim, test",
@@ -32,10 +33,6 @@ ISSUE_11_TARGETS = [
     "GPU: pipelined MinMax.update",
     "GPU: fused eval step, validation",
     "GPU: fused eval step, test",
-]
-
-# Issue 14's goals, by the start of their labels, as for issue 11.
-ISSUE_14_TARGETS = [
     "GPU: loop, validate: shim time per batch / anomalib's",
     "GPU: loop, validate: the shim's extra cost per run",
     "GPU: loop, test: shim time per batch / anomalib's",
@@ -53,6 +50,7 @@ def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device, as users run it
     env["PYTHONPATH"] = str(ROOT)
+    env[environment.MACHINE_ENV] = "Quick Test Machine"  # results land under this name
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks", "--quick", "--no-readme", "--out", str(out)],
         cwd=ROOT,
@@ -62,7 +60,8 @@ def quick_run(tmp_path_factory):
         timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    (result,) = out.glob("*-quick.json")
+    (result,) = out.glob("*.json")
+    assert result.name == "quick-test-machine-quick.json"
     return result, json.loads(result.read_text())
 
 
@@ -129,10 +128,10 @@ def test_quick_benchmark_load_reports_compiles_and_memory(quick_run):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("issue", [11, 14])
-def test_quick_benchmark_lists_every_issue_target(quick_run, issue):
+def test_quick_benchmark_lists_every_platform_target(quick_run):
     targets = [t for c in quick_run[1]["cases"] for t in c["targets"]]
-    for start in ISSUE_11_TARGETS if issue == 11 else ISSUE_14_TARGETS:
+    assert not [t["label"] for t in targets if "issue" in t["label"]]
+    for start in PLATFORM_TARGETS:
         (t,) = [t for t in targets if t["label"].startswith(start)]
         judged_here = start.split(":")[0].lower() == quick_run[1]["env"]["jax_backend"]
         assert bool(t["pending"]) != judged_here, t
@@ -229,7 +228,9 @@ def test_replot_rebuilds_docs_and_readme_from_stored_results(tmp_path):
         for case in data["cases"]:
             assert f"**{case['key']}**: {case['title']}" in md
             for t in case["targets"]:
-                assert report._md_table(["x"], [[t["label"]]]).splitlines()[-1][2:-2] in md
+                label = publish._ISSUE.sub("", t["label"])  # goals once named their issue
+                assert "issue" not in label
+                assert report._md_table(["x"], [[label]]).splitlines()[-1][2:-2] in md
 
     text = readme.read_text()
     assert text.startswith("# Title\n\nBefore.\n\n") and text.endswith("\n\nAfter.\n")
@@ -238,15 +239,16 @@ def test_replot_rebuilds_docs_and_readme_from_stored_results(tmp_path):
     assert len(block.splitlines()) + 1 <= publish.README_LINES
     assert "](docs/_generated/benchmark-ratios.png)" in block
     assert "](docs/performance.md)" in block
+    assert (docs / publish.HEADLINE_MD).read_text().startswith(publish.GENERATED)
     for data in full:
         assert data["env"]["machine"] in block
 
 
-def _stored_case(key: str, seconds: dict[str, float]) -> dict:
+def _stored_case(key: str, seconds: dict[str, float], group: str = "one group") -> dict:
     """A stored case of one group: each contender's time, anomalib's row first."""
     rows = [
         Row(
-            group="one group",
+            group=group,
             name=name,
             role="baseline" if name.startswith("anomalib") else "jaxnorm",
             timing=Timing(number=1, samples=(t,)),
@@ -256,31 +258,134 @@ def _stored_case(key: str, seconds: dict[str, float]) -> dict:
     return report._jsonable(CaseResult(key=key, title=f"{key} title", rows=rows))
 
 
+def _env(machine: str, date: str, platform: str = "cpu", cpu: str = "Test CPU") -> dict:
+    """A stored run's environment (``environment.describe()``), made up."""
+    return {
+        "machine": machine,
+        "date": f"{date} 00:00 UTC",
+        "python": "3.11.7",
+        "jax": "0.0.test",
+        "jaxlib": "0.0.test",
+        "torch": "0.0.test",
+        "numpy": "0.0.test",
+        "jax_backend": platform,
+        "jax_device": "cpu" if platform == "cpu" else "Test GPU",
+        "torch_device": "cpu" if platform == "cpu" else "cuda",
+        "cpu": cpu,
+        "cpu_cores": 2,
+    }
+
+
+def _store(results: Path, stem: str, env: dict, cases: list, argv: tuple = ()) -> None:
+    results.mkdir(exist_ok=True)
+    payload = {"env": env, "argv": list(argv), "cases": cases}
+    (results / f"{stem}.json").write_text(json.dumps(payload))
+
+
+_F32 = L.array_group(L.MAPS_256, "float32")
+
+
+def _normalize_case(speedup: float, baseline: str = L.ANOMALIB_NORMALIZE) -> dict:
+    """The ``normalize`` case as a run stores it: anomalib ``speedup`` times jaxnorm's time."""
+    return _stored_case("normalize", {baseline: speedup, L.NORMALIZE: 1.0}, group=_F32)
+
+
 def test_replot_adds_cases_of_a_partial_run_of_the_same_machine(tmp_path):
     pytest.importorskip("matplotlib", reason="the plot needs matplotlib (the demo extra)")
     # A case that runs only where its library is installed (anomalib 2's post-processor) is
-    # published from its own run, beside the machine's full run.
-    results = _results_copy(tmp_path)
-    machine = environment.machine_name()
-    full = json.loads((results / f"{machine}.json").read_text())
-    supplement = {
-        "env": {**full["env"], "date": "2030-01-01 00:00 UTC"},
-        "argv": ["--cases", "postprocessor"],
-        "cases": [_stored_case("postprocessor", {"anomalib 2 post-processor": 3.0, "ours": 1.0})],
-    }
-    (results / f"{machine}-postprocessor.json").write_text(json.dumps(supplement))
-    (machines_first, *_) = publish.load_machines(results, machine)
-    assert machines_first.name == machine
-    assert [c.key for c in machines_first.cases][-1] == "postprocessor"
-    (extra,) = publish.extra_headlines([machines_first])
-    assert publish.ratio(extra, machines_first) == pytest.approx(3.0)
+    # published from its own run, beside the machine's full run. The fixture is made here:
+    # no test depends on the machine that runs it.
+    results, machine = tmp_path / "results", "cpu-made-up-2c"
+    _store(results, machine, _env(machine, "2030-01-01"), [_normalize_case(4.0)])
+    times = {L.ANOMALIB2_POSTPROCESSOR: 3.0, L.POSTPROCESSOR: 1.0}
+    case = _stored_case("postprocessor", times, group="test, normalize + labels, 12 batches")
+    validation = "validation, F1 thresholds + min/max, 4 batches + epoch end"
+    case["rows"] += _stored_case("postprocessor", times, group=validation)["rows"]
+    supplement = [case]
+    _store(
+        results,
+        f"{machine}-postprocessor",
+        _env(machine, "2030-01-02"),
+        supplement,
+        argv=("--cases", "postprocessor"),
+    )
+    (run,) = publish.load_runs(results)
+    assert run.name == machine
+    assert [c.key for c in run.cases] == ["normalize", "postprocessor"]
+    (test,) = [h for h in headlines.HEADLINES if h.label == "anomalib 2 PostProcessor, test"]
+    assert headlines.ratio(test, run) == pytest.approx(3.0)
 
     docs = tmp_path / "docs"
-    publish.publish(results, docs, None, this_machine=machine)
+    publish.publish(results, docs, None)
     md = (docs / publish.DOCS_MD).read_text()
-    assert f"`{machine}-postprocessor.json` (2030-01-01 00:00 UTC)" in md
+    assert f"`{machine}-postprocessor.json` (2030-01-02 00:00 UTC)" in md
     assert "**postprocessor**: postprocessor title" in md
     assert (docs / publish.PLOT_PNG).is_file()
+
+
+def test_publish_fails_loudly_on_a_renamed_contender(tmp_path):
+    # A stored run measured the headline's case under a contender name that no longer
+    # exists: the figure must not vanish from the README in silence.
+    results = tmp_path / "results"
+    renamed = _normalize_case(4.0, baseline="anomalib 0.7 normalize (an old name)")
+    _store(results, "cpu-made-up-2c", _env("cpu-made-up-2c", "2030-01-01"), [renamed])
+    with pytest.raises(headlines.MissingRow, match=r"anomalib 0\.7 normalize \(torch eager\)"):
+        publish.publish(results, tmp_path / "docs", _readme(tmp_path))
+    # A run that did not measure the case at all shows "–", as before.
+    _store(results, "cpu-made-up-2c", _env("cpu-made-up-2c", "2030-01-01"), [])
+    publish.publish(results, tmp_path / "docs", None, write_docs=False)
+
+
+def test_headline_shows_the_newest_current_run_of_each_platform(tmp_path, monkeypatch):
+    # Three stored runs: an older CPU, a newer one of another CPU (as `make bench` on another
+    # machine leaves them), and a GPU run of a replaced design.
+    results = tmp_path / "results"
+    _store(results, "cpu-old-2c", _env("cpu-old-2c", "2030-01-01", cpu="Old CPU"),
+           [_normalize_case(2.0)])  # fmt: skip
+    _store(results, "cpu-new-2c", _env("cpu-new-2c", "2030-02-01", cpu="New CPU"),
+           [_normalize_case(5.0)])  # fmt: skip
+    _store(results, "gpu-made-up", _env("gpu-made-up", "2030-03-01", "gpu"),
+           [_normalize_case(0.5)])  # fmt: skip
+    monkeypatch.setitem(publish.SUPERSEDED, ("gpu-made-up", "2030-03-01"), "an old design")
+    runs = publish.load_runs(results)
+    assert [r.name for r in runs] == ["cpu-new-2c", "cpu-old-2c", "gpu-made-up"]
+    assert [r.name for r in publish.headline_runs(runs)] == ["cpu-new-2c"]
+
+    readme = _readme(tmp_path)
+    publish.publish(results, tmp_path / "docs", readme)
+    block = readme.read_text()
+    table = [line for line in block.splitlines() if line.startswith("|")]
+    assert table[0] == "| | cpu-new-2c |"
+    assert "| normalize, (32, 1, 256, 256) f32 | 5.00x |" in table
+    assert not [line for line in table if "0.50x" in line or "2.00x" in line]
+    assert "GPU: not measured for the current code" in block
+    assert "**gpu-made-up** (Test GPU, 2030-03-01), measured an old design" in block
+    assert "Older runs, in the full results only: **cpu-old-2c** (Old CPU, 2030-01-01)" in block
+    md = (tmp_path / "docs" / publish.DOCS_MD).read_text()
+    gpu = md[md.index("### gpu-made-up") :]
+    assert gpu.splitlines()[2].startswith("**Not today's speed:** this run measured an old")
+    old = md[md.index("### cpu-old-2c") : md.index("### gpu-made-up")]
+    assert "**An older run:** the headline shows **cpu-new-2c**" in old
+    assert (tmp_path / "docs" / publish.HEADLINE_MD).read_text().count("| 5.00x |") == 1
+
+
+def test_stored_gpu_run_of_the_replaced_design_is_not_a_headline(tmp_path):
+    # The H200 run stored in benchmarks/results measured a design replaced since: its
+    # figures must not read as today's GPU speed.
+    results, readme = _results_copy(tmp_path), _readme(tmp_path)
+    publish.publish(results, tmp_path / "docs", readme)
+    block = readme.read_text()
+    header = next(line for line in block.splitlines() if line.startswith("| |"))
+    assert "gpu" not in header
+    assert "GPU: not measured for the current code" in block
+    h200 = next(r for r in publish.load_runs(results) if r.name == "gpu-nvidia-h200")
+    assert h200.superseded and f"**{h200.name}** (NVIDIA H200, 2026-11-26)" in block
+
+
+def test_machine_name_can_be_set(monkeypatch):
+    monkeypatch.setenv(environment.MACHINE_ENV, "My Bench Box")
+    assert environment.machine_name() == "my-bench-box"
+    assert environment.describe()["machine"] == "my-bench-box"
 
 
 def test_replot_without_matplotlib_skips_the_plot_only(tmp_path, monkeypatch, capsys):
@@ -309,14 +414,17 @@ def test_every_headline_figure_is_found_in_a_run(quick_run):
     # The plot and the README find their rows by case, group and row names: a renamed row
     # would silently drop a figure.
     path, data = quick_run
-    m = publish.Machine(
+    run = publish.Run(
         name=data["env"]["machine"],
         env=data["env"],
         path=path,
         argv=data["argv"],
         cases=[case_from_json(c) for c in data["cases"]],
     )
-    missing = [h.label for h in publish.HEADLINES if not publish.ratio(h, m)]
+    # anomalib 2's case runs in its own environment (make bench-anomalib2)
+    measured = [h for h in headlines.HEADLINES if run.case(h.case) is not None]
+    assert {h.case for h in headlines.HEADLINES} - {h.case for h in measured} <= {"postprocessor"}
+    missing = [h.label for h in measured if not headlines.ratio(h, run)]
     assert not missing
     for phase in ("validate", "test"):
-        assert publish._loop_extras(m, phase).startswith("shim ")
+        assert headlines.loop_extras(run, phase).startswith("shim ")

@@ -426,26 +426,26 @@ def test_reducer_raises_at_epoch_end_with_the_summed_count():
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16], ids=str)
 def test_rowwise_normalize_stays_under_xlas_inline_mark_and_equals_the_plain_call(dtype):
-    from jaxnorm._src import hook_step
+    from jaxnorm._src import fused
 
-    n, row = hook_step.INLINE_ROWS, hook_step.INLINE_ROW
+    n, row = fused.INLINE_ROWS, fused.INLINE_ROW
     shapes = ((n,), (n, row - 1))
     same = (dtype, dtype)
-    assert hook_step.runs_rowwise(shapes, same)
-    assert not hook_step.runs_rowwise(((n,), (n, row)), same)  # one value more per row
-    assert not hook_step.runs_rowwise(((n + 1,), (n + 1, 4)), same)  # more loop steps than pay
-    assert not hook_step.runs_rowwise(((32,),), same[:1])  # inline as a whole already
-    assert not hook_step.runs_rowwise(((8,), (4, 2)), same)  # rows that do not line up
+    assert fused.runs_rowwise(shapes, same)
+    assert not fused.runs_rowwise(((n,), (n, row)), same)  # one value more per row
+    assert not fused.runs_rowwise(((n + 1,), (n + 1, 4)), same)  # more loop steps than pay
+    assert not fused.runs_rowwise(((32,),), same[:1])  # inline as a whole already
+    assert not fused.runs_rowwise(((8,), (4, 2)), same)  # rows that do not line up
     # XLA widens bfloat16 around the loop, over whole arrays: no gain.
-    assert not hook_step.runs_rowwise(shapes, (dtype, jnp.bfloat16))
+    assert not fused.runs_rowwise(shapes, (dtype, jnp.bfloat16))
     keys = ("pred_scores", "anomaly_maps")
     cpu = jax.devices("cpu")[0]
     rng = np.random.default_rng(0)
     table = np.array([[0.3, -1.0, 2.0], [0.1, -2.0, 1.5]], np.float32)
     params = jax.device_put(table, cpu)
     xs = [jax.device_put(rng.normal(size=s).astype(dtype), cpu) for s in shapes]
-    rowwise = hook_step.normalize_positional(keys, True)
-    plain = hook_step.normalize_positional(keys, False)
+    rowwise = fused.normalize_positional(keys, True)
+    plain = fused.normalize_positional(keys, False)
     for x, a, b, (t, lo, hi) in zip(
         xs, rowwise(params, *xs), plain(params, *xs), table, strict=True
     ):

@@ -105,7 +105,7 @@ class _ReadsCountEachBatch(jaxnorm.MinMaxNormalizationHook):
 
     def on_validation_batch_end(self, outputs, **kwargs):
         out = super().on_validation_batch_end(outputs, **kwargs)
-        jax.device_get(self._state.counters)  # any read of the record waits for the batch
+        jax.device_get(self.adapter.last_fold())  # any read of the record waits for the batch
         return out
 
 

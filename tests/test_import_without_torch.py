@@ -62,12 +62,16 @@ def test_jaxnorm_needs_no_torch():
     assert _run("import jaxnorm, jaxnorm.nnx", ("torch", "torchmetrics"))["type"] is None
 
 
-@pytest.mark.parametrize("hidden", [("torch", "torchmetrics"), ("torchmetrics",)])
+@pytest.mark.parametrize("hidden", [("torch", "torchmetrics"), ("torchmetrics",), ("torch",)])
 def test_torch_compat_without_the_extra_names_it(hidden):
     got = _run("import torch_compat", hidden)
     assert got["type"] == "ImportError", got  # not a bare ModuleNotFoundError
     assert 'pip install "jaxnorm[torch]"' in got["message"]
-    assert repr(hidden[0]) in got["message"]
+    # It names what is missing, and only that: with torch installed, torch is not named
+    # missing ("needs PyTorch ('torchmetrics' is not installed)" misled).
+    needs = got["message"].split(":")[0]
+    assert needs == "torch_compat needs " + " and ".join(map(repr, hidden)), got
+    assert ("(torch is)" in got["message"]) == ("torch" not in hidden)
     # the failed import leaves no XLA setting behind
     assert got["preallocate"] is None
 

@@ -49,19 +49,24 @@ def test_a_huge_threshold_in_json_names_the_key():
         jaxnorm.MinMaxNormalizationHook.from_json(text)
 
 
-def test_the_hook_delegates_to_the_persistence_module():
-    hook = jaxnorm.MinMaxNormalizationHook(stats="separate")
+def test_the_hook_saves_and_loads_through_the_persistence_conversions():
+    """persistence converts a Snapshot and never sees the hook: what the hook writes is the
+    conversion of its snapshot, and loading the conversion restores it."""
+    hook = jaxnorm.MinMaxNormalizationHook(stats="separate", image_threshold=0.25)
     hook.on_validation_batch_end(
         {"pred_scores": np.array([1.0, 3.0], np.float32), "anomaly_maps": np.zeros((1, 2, 2))}
     )
     hook.on_validation_epoch_end()
-    assert persistence.metadata(hook) == hook.metadata()
-    assert persistence.to_json(hook) == hook.to_json()
+    snap = persistence.from_json(hook.to_json())
+    assert snap.stats_mode == "separate"
+    assert snap.stats == {"image": (1.0, 3.0), "pixel": (0.0, 0.0)}
+    assert snap.thresholds == {"image": 0.25, "pixel": 0.5}
+    assert persistence.to_metadata(snap) == hook.metadata()
+    assert persistence.to_json(snap) == hook.to_json()
+    restored = persistence.from_state_dict(hook.state_dict())
+    assert restored.stats == hook.host_stats()
+    assert restored.num_values == hook.num_values == {"image": 2, "pixel": 4}
+    assert persistence.to_state_dict(restored, hook.stats).keys() == hook.state_dict().keys()
     other = jaxnorm.MinMaxNormalizationHook()
-    persistence.load_json(other, hook.to_json())
-    assert other.stats_mode == "separate"
-    assert other.host_stats() == {"image": (1.0, 3.0), "pixel": (0.0, 0.0)}
-    again = jaxnorm.MinMaxNormalizationHook(stats="separate")
-    persistence.load_state_dict(again, persistence.state_dict(hook))
-    assert again.host_stats() == hook.host_stats()
-    assert again.num_values == hook.num_values
+    other.load_json(hook.to_json())
+    assert other.stats_mode == "separate" and other.host_stats() == hook.host_stats()

@@ -102,7 +102,7 @@ def test_an_inference_mode_threshold_keeps_the_steady_path(has_plans):
     cb.on_test_start(None, module)
     for i in range(3):
         _normalize_and_check(module, cb, seed=20 + i)
-    assert (cb._plan is not None) == has_plans
+    assert cb.steady == has_plans
 
 
 # -- validation: the tensors handed over are folded as they were --------------------------
@@ -292,7 +292,7 @@ def test_number_thresholds_are_read_once_and_keep_the_steady_path(value, has_pla
     cb.on_test_start(None, module)
     for i in range(3):
         _normalize_and_check(module, cb, seed=40 + i)
-    assert (cb._plan is not None) == has_plans
+    assert cb.steady == has_plans
     module.image_threshold.value = 1.75  # a new value: seen at the next batch
     _normalize_and_check(module, cb, seed=50)
 

@@ -1,7 +1,8 @@
 """Checkpoints between torch_compat and anomalib 0.7, through real pytorch_lightning Trainers.
 
 anomalib is not installed here (its real-model test runs in its own environment); these tests
-reproduce what anomalib 0.7.0 does on the paths a checkpoint takes, written from its code:
+reproduce what anomalib 0.7.0 does on the paths a checkpoint takes, written from its code
+(``benchmarks.anomalib_ref`` holds the metric and the callback, which the benchmarks time too):
 
 - ``AnomalibMinMax``: ``anomalib.utils.metrics.MinMax``, a torchmetrics Metric whose ``min``
   and ``max`` states are persistent (src/anomalib/utils/metrics/min_max.py);
@@ -12,7 +13,8 @@ reproduce what anomalib 0.7.0 does on the paths a checkpoint takes, written from
 - ``LoadModelCallback``: loads a checkpoint's state dict in ``setup``
   (utils/callbacks/model_loader.py).
 
-Expected values come from the numpy reference of SPEC section 1 applied to the raw outputs.
+Expected values come from the numpy reference (tests/reference.py, anomalib 0.7.0's formula)
+applied to the raw outputs.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch
 
 import jaxnorm
 import torch_compat
+from benchmarks import anomalib_ref
 from tests import reference
 from tests import test_torch_compat_hooks as h
 from tests import test_torch_compat_lightning as tl
@@ -52,25 +55,9 @@ def _full_checkpoint_loads(monkeypatch):
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
 
 
-class AnomalibMinMax(torchmetrics.Metric):
-    """anomalib 0.7.0's ``MinMax`` metric, as written there."""
-
-    full_state_update = True
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.add_state("min", torch.tensor(float("inf")), persistent=True)
-        self.add_state("max", torch.tensor(float("-inf")), persistent=True)
-        self.min = torch.tensor(float("inf"))
-        self.max = torch.tensor(float("-inf"))
-
-    def update(self, predictions, *args, **kwargs):
-        del args, kwargs
-        self.max = torch.max(self.max, torch.max(predictions))
-        self.min = torch.min(self.min, torch.min(predictions))
-
-    def compute(self):
-        return self.min, self.max
+# anomalib 0.7.0's MinMax metric and callback, as written there: the project's one
+# restatement, which the benchmarks time too.
+AnomalibMinMax = anomalib_ref.MinMax
 
 
 class AnomalibModule(ns.Module):
@@ -84,62 +71,8 @@ class AnomalibModule(ns.Module):
         return super().load_state_dict(state_dict, strict=strict)
 
 
-def _anomalib_normalize(targets, threshold, min_val, max_val):
-    normalized = ((targets - threshold) / (max_val - min_val)) + 0.5
-    normalized = torch.minimum(normalized, torch.tensor(1))
-    return torch.maximum(normalized, torch.tensor(0))
-
-
-class AnomalibCallback(pl.Callback):
-    """anomalib 0.7.0's ``MinMaxNormalizationCallback``, as written there."""
-
-    def setup(self, trainer, pl_module, stage=None):
-        if not hasattr(pl_module, "normalization_metrics"):
-            pl_module.normalization_metrics = AnomalibMinMax().cpu()
-        elif not isinstance(pl_module.normalization_metrics, AnomalibMinMax):
-            raise AttributeError(
-                "Expected normalization_metrics to be of type MinMax, got "
-                f"{type(pl_module.normalization_metrics)}"
-            )
-
-    def on_test_start(self, trainer, pl_module):
-        for metric in (pl_module.image_metrics, pl_module.pixel_metrics):
-            if metric is not None:
-                metric.set_threshold(0.5)
-
-    def on_validation_batch_end(
-        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
-    ):
-        if "anomaly_maps" in outputs:
-            pl_module.normalization_metrics(outputs["anomaly_maps"])
-        elif "box_scores" in outputs:
-            pl_module.normalization_metrics(torch.cat(outputs["box_scores"]))
-        elif "pred_scores" in outputs:
-            pl_module.normalization_metrics(outputs["pred_scores"])
-
-    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        self._normalize_batch(outputs, pl_module)
-
-    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        self._normalize_batch(outputs, pl_module)
-
-    @staticmethod
-    def _normalize_batch(outputs, pl_module):
-        image_threshold = pl_module.image_threshold.value.cpu()
-        pixel_threshold = pl_module.pixel_threshold.value.cpu()
-        stats = pl_module.normalization_metrics.cpu()
-        outputs["pred_scores"] = _anomalib_normalize(
-            outputs["pred_scores"], image_threshold, stats.min, stats.max
-        )
-        if "anomaly_maps" in outputs:
-            outputs["anomaly_maps"] = _anomalib_normalize(
-                outputs["anomaly_maps"], pixel_threshold, stats.min, stats.max
-            )
-        if "box_scores" in outputs:
-            outputs["box_scores"] = [
-                _anomalib_normalize(s, pixel_threshold, stats.min, stats.max)
-                for s in outputs["box_scores"]
-            ]
+class AnomalibCallback(anomalib_ref.MinMaxNormalizationCallback, pl.Callback):
+    """anomalib 0.7.0's ``MinMaxNormalizationCallback``, a Lightning callback."""
 
 
 class LoadModelCallback(pl.Callback):
@@ -181,6 +114,19 @@ def test_anomalib_like_stand_ins_reproduce_the_failure_they_exist_for(tmp_path):
     model.normalization_metrics = torch.nn.Linear(1, 1)
     with pytest.raises(AttributeError, match="Expected normalization_metrics to be of type"):
         AnomalibCallback().setup(None, model)
+
+
+def test_anomalib_stand_in_rejects_what_anomalib_rejects():
+    # anomalib 0.7.0's callback raises on validation outputs without a key it knows, and its
+    # normalize takes tensors, arrays and numpy float32/float64 scalars only (min_max.py).
+    model = AnomalibModule()
+    callback = AnomalibCallback()
+    callback.setup(None, model)
+    with pytest.raises(ValueError, match=reference.NO_VALUES_MESSAGE):
+        callback.on_validation_batch_end(None, model, {"other": torch.ones(2)}, None, 0)
+    with pytest.raises(ValueError, match="Targets must be either Tensor or Numpy array"):
+        anomalib_ref.normalize(np.float16(1.0), 0.5, 0.0, 1.0)
+    assert anomalib_ref.normalize(np.float32(2.0), 0.5, 0.0, 1.0) == 1.0
 
 
 def test_trainer_test_ckpt_path_loads_into_anomalibs_metric(tmp_path):

@@ -23,7 +23,9 @@ import torch.distributed as dist
 import jaxnorm
 import jaxnorm.testing
 import torch_compat
+import torch_compat._allreduce
 import torch_compat._callback
+import torch_compat._change
 from tests import compat, reference
 from torch_compat.pytorch_lightning import MinMaxNormalizationCallback
 
@@ -514,7 +516,7 @@ def test_reducer_combines_ranks_with_min_max_sum(monkeypatch):
         calls.append(op)
         tensor.copy_(torch.from_numpy(combine(tensor.numpy(), values)))
 
-    monkeypatch.setattr(torch_compat._callback, "ddp_active", lambda: True)
+    monkeypatch.setattr(torch_compat._allreduce, "ddp_active", lambda: True)
     monkeypatch.setattr(dist, "all_reduce", all_reduce)
     monkeypatch.setattr(dist, "get_backend", lambda: "gloo")
     module, cb = fitted([{"pred_scores": torch.tensor([1.0, 2.0])}])
@@ -608,7 +610,7 @@ class CountingTensor(torch.Tensor):
 def test_unchanged_thresholds_and_stats_are_not_read_again_per_batch(monkeypatch):
     # As on an accelerator, where a read waits for the device (CPU values are read: see
     # test_cpu_sources_are_keyed_by_value).
-    monkeypatch.setattr(torch_compat._callback, "_on_host", lambda t: False)
+    monkeypatch.setattr(torch_compat._change, "on_host", lambda t: False)
     module, cb = fitted([make_outputs(0)])
     for threshold in (module.image_threshold, module.pixel_threshold):
         threshold.value = threshold.value.as_subclass(CountingTensor)
@@ -625,44 +627,51 @@ def test_unchanged_thresholds_and_stats_are_not_read_again_per_batch(monkeypatch
     assert CountingTensor.reads == 5
 
 
-def test_inference_tensors_off_the_cpu_are_keyed_by_identity():
-    version = torch_compat._callback._version
-    assert version(torch.tensor(1.0)) == 0
+def test_tensors_off_the_cpu_are_keyed_by_identity_storage_and_version():
+    """Off the host a read would wait for the device: the key is the tensor's device, dtype,
+    storage and version counter (inference tensors have none); values travel instead."""
+    key = torch_compat._change.key
     with torch.inference_mode():
-        on_cpu, elsewhere = torch.tensor(1.0), torch.empty((), device="meta")
-    assert version(on_cpu) is None  # no version counter; reading it costs nothing
-    assert version(elsewhere) == "inference"  # reading it would wait for the device
-    watched = torch_compat._callback._Watched()
-    watched.remember((elsewhere,), (version(elsewhere),))
-    assert watched.unchanged((elsewhere,), ("inference",))
-    assert not watched.unchanged((torch.empty((), device="meta"),), ("inference",))
+        inference = torch.empty((), device="meta")
+    t = torch.empty((), device="meta")
+    assert key(inference) == ("device", inference.device, torch.float32, 0, "inference")
+    assert key(t) == ("device", t.device, torch.float32, 0, 0)
+    t.add_(1)  # an in-place op bumps the version
+    assert key(t)[-1] == 1
+    watched = torch_compat._change.Watched()
+    watched.remember((inference,), (key(inference),))
+    assert watched.unchanged((inference,), (key(inference),))
+    assert not watched.unchanged((torch.empty((), device="meta"),), (key(inference),))
 
 
-def test_inference_tensors_off_the_cpu_are_keyed_by_storage():
-    version = torch_compat._callback._contents
-    with torch.inference_mode():
-        elsewhere = torch.empty((), device="meta")
-    assert version(elsewhere) == ("inference", elsewhere.data_ptr())
-    watched = torch_compat._callback._Watched()
-    watched.remember((elsewhere,), (version(elsewhere),))
-    assert watched.unchanged((elsewhere,), (version(elsewhere),))
-    assert not watched.unchanged((torch.empty((), device="meta"),), (version(elsewhere),))
-
-
-def test_cpu_sources_are_keyed_by_value():
+def test_cpu_sources_are_keyed_by_value_and_dtype():
     """A CPU read costs nothing: its value is the key, so writes the version counter misses
-    are seen; NaN keys compare equal, and what is not one number is read (and named)."""
-    version = torch_compat._callback._contents
+    are seen; the dtype is part of it; NaN keys compare equal, and what is not one number is
+    read (and named)."""
+    key = torch_compat._change.key
     t = torch.tensor(1.5)
-    assert version(t) == 1.5
+    assert key(t) == (torch.float32, 1.5)
     t.data.fill_(2.5)  # through .data: the version counter is not bumped
     t.numpy()[...] = 3.5  # nor through a numpy alias
-    assert t._version == 0 and version(t) == 3.5
+    assert t._version == 0 and key(t) == (torch.float32, 3.5)
+    assert key(t.half()) == (torch.float16, 3.5) != key(t)
     with torch.inference_mode():
         inference = torch.tensor(0.25)
-    assert version(inference) == 0.25
-    assert version(torch.tensor(math.nan)) == version(torch.tensor(-math.nan))
-    assert version(torch.zeros(2)) is None
+    assert key(inference) == (torch.float32, 0.25)
+    assert key(torch.tensor(math.nan)) == key(torch.tensor(-math.nan))
+    assert key(torch.zeros(2)) is None
+    assert key(np.float64(0.5)) == (np.dtype(np.float64), 0.5) and key(0.5) == (float, 0.5)
+
+
+def test_copies_of_a_watched_cache_are_empty():
+    import copy
+    import pickle
+
+    watched = torch_compat._change.Watched()
+    t = torch.tensor(1.0)
+    watched.remember((t,), (torch_compat._change.key(t),))
+    for copied in (copy.copy(watched), copy.deepcopy(watched), pickle.loads(pickle.dumps(watched))):
+        assert copied.objects == () and copied.keys is None
 
 
 def test_random_batch_sizes_compile_logarithmically_through_the_callback():
@@ -725,13 +734,13 @@ def batch_exchange(has_plans):
 def _steady_setup(monkeypatch):
     """A fitted callback, counting what a test batch does: full-path calls, imports, jitted
     calls (by wrapping the plan's function) and compiles."""
-    from jaxnorm._src import hook_step
+    from jaxnorm._src import fused
     from torch_compat import _dlpack
 
     module, cb = fitted([make_outputs(s, boxes=False) for s in range(2)])
     cb.on_test_start(None, module)
     counts = {"full": 0, "stat_tensors": 0, "imports": 0, "calls": 0, "exports": 0}
-    real_positional = hook_step.normalize_positional
+    real_positional = fused.normalize_positional
 
     def counted_positional(keys, rowwise):
         fn = real_positional(keys, rowwise)
@@ -745,8 +754,9 @@ def _steady_setup(monkeypatch):
     def spy(name, real):
         return lambda *a, **k: counts.__setitem__(name, counts[name] + 1) or real(*a, **k)
 
-    monkeypatch.setattr(hook_step, "normalize_positional", counted_positional)
-    monkeypatch.setattr(cb.hook, "normalize_batch", spy("full", cb.hook.normalize_batch))
+    monkeypatch.setattr(fused, "normalize_positional", counted_positional)
+    full = spy("full", cb.hook.adapter.normalize_batch)
+    monkeypatch.setattr(cb.hook.adapter, "normalize_batch", full)
     monkeypatch.setattr(
         torch_compat._callback,
         "stat_tensors",
@@ -836,7 +846,7 @@ def test_bad_batches_after_a_plan_raise_the_full_paths_errors(bad, match, has_pl
     module, cb = fitted([make_outputs(0, boxes=False)])
     for i in range(2):
         cb.on_test_batch_end(None, module, make_outputs(10 + i, n=8, boxes=False), None, i)
-    assert (cb._plan is not None) == has_plans
+    assert cb.steady == has_plans
     outputs = make_outputs(20, n=8, boxes=False)
     bad(outputs)
     with pytest.raises((ValueError, TypeError), match=match):
@@ -848,7 +858,7 @@ def test_missing_statistics_raise_on_the_first_batch_that_could_take_a_plan():
     cb.setup(None, module, "fit")
     with pytest.raises(jaxnorm.StatisticsMissingError, match="no normalization statistics"):
         cb.on_test_batch_end(None, module, make_outputs(0, boxes=False), None, 0)
-    assert cb._plan is None
+    assert not cb.steady
 
 
 # -- the steady validation path ------------------------------------------------------------

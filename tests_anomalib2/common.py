@@ -7,9 +7,7 @@ import functools
 import inspect
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 from tests import synthetic_images
 
@@ -29,28 +27,9 @@ BUFFERS = (
 FIELDS = ("pred_score", "anomaly_map", "pred_label", "pred_mask")
 
 
-def _texture(rng: np.random.Generator) -> np.ndarray:
-    return synthetic_images.texture(rng, IMAGE_SIZE)
-
-
-_save = synthetic_images.save
-
-
 def write_folder(root: Path, seed: int = SEED) -> Path:
     """good/, bad/ and mask/ (one mask per bad image): anomalib's ``Folder`` layout."""
-    rng = np.random.default_rng(seed)
-    for i in range(N_GOOD):
-        _save(root / "good" / f"{i:03d}.png", _texture(rng))
-    for i in range(N_BAD):
-        img = _texture(rng)
-        mask = np.zeros((IMAGE_SIZE, IMAGE_SIZE), bool)
-        r, c = rng.integers(8, IMAGE_SIZE - 24, size=2)
-        mask[r : r + 4 + 2 * i, c : c + 16] = True
-        img[mask] = rng.uniform(0.0, 0.15)
-        _save(root / "bad" / f"{i:03d}.png", img)
-        (root / "mask").mkdir(parents=True, exist_ok=True)
-        Image.fromarray(mask.astype(np.uint8) * 255).save(root / "mask" / f"{i:03d}.png")
-    return root
+    return synthetic_images.write_folder(root, seed, IMAGE_SIZE, N_GOOD, N_BAD)
 
 
 def datamodule(root: Path, masks: bool = True):

@@ -8,9 +8,7 @@ under the same DDP run (its torchmetrics sync) and to numpy over everything.
 
 from __future__ import annotations
 
-import json
 import math
-import pickle
 from pathlib import Path
 
 import numpy as np
@@ -43,18 +41,9 @@ def val():
 
 
 def run_ranks(tmp_path, val):
-    with open(tmp_path / "inputs.pkl", "wb") as f:
-        pickle.dump({"val": val, "world_size": WORLD_SIZE, "timeout": COLLECTIVE_TIMEOUT}, f)
-
-    commands = launch.ddp_commands(str(WORKER), [str(tmp_path)], WORLD_SIZE)
-
-    finished = launch.run_group(commands, tmp_path / "logs", GROUP_TIMEOUT)
-    assert finished.returncodes == [0] * WORLD_SIZE, finished.report()
-    results = []
-    for rank in range(WORLD_SIZE):
-        with open(tmp_path / f"rank{rank}.json") as f:
-            results.append(json.load(f))
-        assert results[rank]["world_size"] == WORLD_SIZE
+    inputs = {"val": val, "world_size": WORLD_SIZE, "timeout": COLLECTIVE_TIMEOUT}
+    results = launch.run_ddp_workers(WORKER, tmp_path, inputs, WORLD_SIZE, GROUP_TIMEOUT)
+    assert [r["world_size"] for r in results] == [WORLD_SIZE] * WORLD_SIZE
     return results
 
 

@@ -22,7 +22,7 @@ from common import BUFFERS, FIELDS
 
 import jaxnorm
 from jaxnorm.testing import count_compiles
-from torch_compat import _dlpack, _postprocessor
+from torch_compat import _change, _dlpack, _postprocessor
 from torch_compat.anomalib2 import PostProcessor
 
 
@@ -241,10 +241,14 @@ def test_tracing_and_onnx_export_take_anomalibs_torch_formula(monkeypatch):
     assert spy.calls == 0
 
 
-def test_no_recompile_and_no_torch_host_read_per_batch(monkeypatch):
+def test_no_recompile_and_no_torch_host_read_per_batch_on_an_accelerator(monkeypatch):
+    """On an accelerator (stood in for: _change.on_host says no) a read would wait for the
+    device: the buffers travel with each batch and nothing is read. (On the CPU the
+    buffers are read and keyed by value: a read there waits for nothing.)"""
+    monkeypatch.setattr(_change, "on_host", lambda t: False)
     ours, theirs = validated_pair()
     fields = [val_batch(50 + i, labels=False) for i in range(4)]
-    ours.on_test_batch_end(None, None, batch(fields[0]))  # compiles, reads the sensitivities
+    ours.on_test_batch_end(None, None, batch(fields[0]))  # compiles, checks the buffers
     # Any host read of a tensor now fails; anomalib's own labels read their threshold.
     for name in ("item", "tolist", "numpy", "__float__", "__bool__", "__int__"):
         monkeypatch.setattr(torch.Tensor, name, _no_host_read)
@@ -495,3 +499,140 @@ def test_forward_on_edge_inputs_equals_anomalibs(name):
         got, want = ours(InferenceBatch(**fields)), theirs(InferenceBatch(**fields))
     for field in FIELDS:
         assert_same(getattr(got, field), getattr(want, field), (name, "inference mode", field))
+
+
+# -- caches: every write to a buffer or a sensitivity is seen (torch_compat._change) --------
+
+
+@pytest.fixture(params=["cpu", "accelerator"])
+def where(request, monkeypatch):
+    """The CPU rule (buffers read and keyed by value), or an accelerator's, stood in for by
+    ``_change.on_host`` (their values travel with each batch; only the checks are keyed)."""
+    if request.param == "accelerator":
+        monkeypatch.setattr(_change, "on_host", lambda t: False)
+    return request.param
+
+
+def assert_same_outputs(ours, theirs, seed, what):
+    fields = val_batch(seed, labels=False)
+    a, b = batch(fields), batch(fields)
+    ours.on_test_batch_end(None, None, a)
+    theirs.on_test_batch_end(None, None, b)
+    for field in FIELDS:
+        assert_same(getattr(a, field), getattr(b, field), (what, "test", field))
+    inference = InferenceBatch(pred_score=fields["pred_score"], anomaly_map=fields["anomaly_map"])
+    for field, got, want in zip(FIELDS, ours(inference), theirs(inference), strict=False):
+        assert_same(got, want, (what, "forward", field))
+
+
+def steady_pair(epochs=1, **kwargs):
+    """Twins validated ``epochs`` times, and two test batches each: every cache is warm."""
+    ours, theirs = PostProcessor(**kwargs), AnomalibPostProcessor(**kwargs)
+    for epoch in range(epochs):
+        batches = [val_batch(10 * epoch + i) for i in range(2)]
+        validate(ours, batches)
+        validate(theirs, batches)
+    for seed in (60, 61):
+        assert_same_outputs(ours, theirs, seed, "warm")
+    return ours, theirs
+
+
+WRITES = {
+    "fill_": lambda pp: pp.image_min.fill_(-2.0),
+    "data.fill_": lambda pp: pp.image_min.data.fill_(-2.0),
+    "numpy alias": lambda pp: pp.image_max.numpy().__setitem__(..., 10.0),
+    "dlpack alias": lambda pp: torch.from_dlpack(pp.pixel_max).fill_(9.0),
+    "data =": lambda pp: setattr(pp._image_threshold, "data", torch.tensor(3.0)),
+    "buffer replaced": lambda pp: setattr(pp, "_pixel_threshold", torch.tensor(0.4)),
+    "load_state_dict": lambda pp: pp.load_state_dict(
+        {**pp.state_dict(), "image_max": torch.tensor(11.0)}
+    ),
+    "load_state_dict(assign=True)": lambda pp: pp.load_state_dict(
+        {**pp.state_dict(), "pixel_min": torch.tensor(-8.0)}, assign=True
+    ),
+    "inference mode": lambda pp: _in_inference_mode(lambda: pp.image_max.fill_(12.0)),
+    "threshold matching off": lambda pp: (
+        pp._image_threshold.fill_(math.nan),
+        setattr(pp, "enable_threshold_matching", False),
+    ),
+}
+
+
+def _in_inference_mode(fn):
+    with torch.inference_mode():
+        fn()
+
+
+@pytest.mark.parametrize("write", list(WRITES))
+def test_every_write_to_a_buffer_is_seen_by_the_next_batch(where, write):
+    """Writes that leave torch's version counter as it was (.data, numpy and DLPack
+    aliases, .data =) were missed: later batches were normalized with the old value."""
+    ours, theirs = steady_pair()
+    for pp in (ours, theirs):
+        WRITES[write](pp)
+    assert_same_buffers(ours, theirs)
+    for seed in (70, 71):
+        assert_same_outputs(ours, theirs, seed, write)
+
+
+@pytest.mark.parametrize("kind", ["tensor", "numpy 0-d", "float"])
+def test_a_sensitivity_written_in_place_is_seen(where, kind):
+    """A sensitivity written in place (a tensor's fill_, a numpy array's [...] =) kept the
+    old cut: hundreds of mask pixels differed."""
+    ours, theirs = steady_pair()
+    make = {"tensor": torch.tensor, "numpy 0-d": np.array, "float": float}[kind]
+    for pp in (ours, theirs):
+        pp.pixel_sensitivity = make(0.4)
+    assert_same_outputs(ours, theirs, 80, kind)
+    for value, seed in ((0.05, 81), (0.7, 82)):
+        for pp in (ours, theirs):
+            if kind == "float":
+                pp.pixel_sensitivity = value
+            else:
+                pp.pixel_sensitivity[...] = value
+        assert_same_outputs(ours, theirs, seed, (kind, value))
+
+
+def test_a_deep_copy_that_validates_again_uses_its_own_statistics(where):
+    """The copy's version counters restart (at 1): after two more validations they met the
+    remembered ones (3), and the copy normalized with the original's statistics."""
+    ours, theirs = steady_pair(epochs=3)
+    ours_copy, theirs_copy = copy.deepcopy(ours), copy.deepcopy(theirs)
+    for epoch in range(2):
+        batches = [val_batch(90 + 10 * epoch + i, scale=9.0) for i in range(2)]
+        validate(ours_copy, batches)
+        validate(theirs_copy, batches)
+    assert_same_buffers(ours_copy, theirs_copy)
+    for seed in (91, 92):
+        assert_same_outputs(ours_copy, theirs_copy, seed, "copy")
+        assert_same_outputs(ours, theirs, seed, "original")
+
+
+@pytest.mark.parametrize("convert", ["half", "bfloat16", "double"])
+@pytest.mark.parametrize("scores", [torch.float32, torch.float16, torch.bfloat16])
+def test_half_precision_buffers_compute_as_anomalib(where, convert, scores):
+    """After module.half() / .to(torch.bfloat16) (Lightning's "16-true"/"bf16-true")
+    anomalib computes the range and the midpoint in the buffers' dtype."""
+    ours, theirs = steady_pair()
+    # A range and a midpoint that half precision cannot hold exactly.
+    values = {"image_min": -1.1, "image_max": 5.3, "pixel_min": -0.7, "pixel_max": 3.3}
+    for pp in (ours, theirs):
+        set_buffers(pp, {**values, "_image_threshold": math.nan, "_pixel_threshold": 0.3})
+        if convert == "double":
+            pp.double()
+        else:
+            pp.to(torch.float16 if convert == "half" else torch.bfloat16)
+    assert ours.image_min.dtype == theirs.image_min.dtype != torch.float32
+    for seed in (95, 96):
+        fields = val_batch(seed, labels=False)
+        fields["pred_score"] = fields["pred_score"].to(scores)
+        fields["anomaly_map"] = fields["anomaly_map"].to(scores)
+        inference = InferenceBatch(
+            pred_score=fields["pred_score"], anomaly_map=fields["anomaly_map"]
+        )
+        for field, got, want in zip(FIELDS, ours(inference), theirs(inference), strict=False):
+            if convert == "double" and got is not None and got.dtype.is_floating_point:
+                # float64 statistics without x64: within float32 rounding (differences.md)
+                torch.testing.assert_close(got, want, rtol=0, atol=2e-7, check_dtype=True)
+            elif convert != "double":
+                assert_same(got, want, (convert, scores, field))

@@ -46,10 +46,16 @@ with _kept():
             raise
         if not _user_set_preallocate:  # a failed import leaves the environment as it was
             _os.environ.pop(_PREALLOCATE, None)
+        # Name every module of the extra that is missing, not only the first one imported.
+        missing = [m for m in _TORCH_EXTRA if importlib.util.find_spec(m) is None]
+        missing = missing or [error.name]
         raise ImportError(
-            f"torch_compat needs PyTorch ({error.name!r} is not installed): install jaxnorm "
-            'with its torch extra, `pip install "jaxnorm[torch]"` (from a checkout: '
-            '`pip install -e ".[torch]"`), which brings torch, pytorch-lightning and '
+            f"torch_compat needs {' and '.join(map(repr, missing))}: "
+            + ("it is" if len(missing) == 1 else "they are")
+            + " not installed"
+            + ("." if "torch" in missing else " (torch is).")
+            + ' Install jaxnorm with its torch extra, `pip install "jaxnorm[torch]"` (from a '
+            'checkout: `pip install -e ".[torch]"`), which brings torch, pytorch-lightning and '
             "torchmetrics. jaxnorm itself works without them."
         ) from error
 

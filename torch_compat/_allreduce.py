@@ -22,6 +22,12 @@ def ddp_active() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def epoch_reducer():
+    """The reducer an adapter gives its hook at each validation epoch: ``allreduce_stats``
+    under DDP, else none. Chosen per epoch: the process group may come up after setup."""
+    return allreduce_stats if ddp_active() else None
+
+
 def _collective_device() -> torch.device:
     # NCCL reduces CUDA tensors only; gloo (and a "cpu:gloo,cuda:nccl" pair) takes CPU ones.
     if dist.get_backend() == "nccl":

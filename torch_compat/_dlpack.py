@@ -56,20 +56,13 @@ try:
     # (..., copy) and (..., copy, dl_device_type); the arities are tried newest first, and
     # when none fits, the public function is used for good.
     from jax._src.lib import _jax as _jaxlib
-
-    _fast_from_dlpack = _jaxlib.dlpack_managed_tensor_to_buffer
-except (ImportError, AttributeError):  # pragma: no cover - depends on the jaxlib
-    _fast_from_dlpack = None
+except ImportError:  # pragma: no cover - depends on the jaxlib
+    _jaxlib = None
+_fast_from_dlpack = getattr(_jaxlib, "dlpack_managed_tensor_to_buffer", None)
 _fast_arities = [5, 4, 3]
 _fast_works = False  # one call succeeded: _fast_arities[0] is this jaxlib's arity
-
-try:
-    # What jax.Array.__dlpack__ calls after its checks (~8 us a call on CPU; this is ~1 us).
-    from jax._src.lib import _jax as _jaxlib
-
-    _fast_to_dlpack = _jaxlib.buffer_to_dlpack_managed_tensor
-except (ImportError, AttributeError):  # pragma: no cover - depends on the jaxlib
-    _fast_to_dlpack = None
+# What jax.Array.__dlpack__ calls after its checks (~8 us a call on CPU; this is ~1 us).
+_fast_to_dlpack = getattr(_jaxlib, "buffer_to_dlpack_managed_tensor", None)
 # torch's C functions behind torch.utils.dlpack (no stream handling: done per batch here).
 _to_capsule = torch.utils.dlpack.to_dlpack
 _from_capsule = getattr(torch._C, "_from_dlpack", torch.utils.dlpack.from_dlpack)
@@ -234,7 +227,7 @@ def to_jax(tensor: torch.Tensor, *, name: str = "tensor") -> jax.Array:
     if not jax_reads_device(t.device):
         _warn_host_copy(t.device)
         t = t.cpu()
-    elif t.device.type == "cpu" and _cuda_available() and t.is_pinned():
+    elif t.device.type == "cpu" and cuda_available() and t.is_pinned():
         # DLPack labels pinned memory as CUDA host memory, which jax reads as a CUDA device.
         t = t.clone()
     if t.dtype == torch.float64 and not jax.config.jax_enable_x64:
@@ -276,7 +269,9 @@ def _match(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 @functools.cache
-def _cuda_available() -> bool:
+def cuda_available() -> bool:
+    """Whether torch sees CUDA (asked once): then DLPack labels pinned CPU memory as CUDA
+    host memory, which jax would read as a CUDA device, so pinned tensors are copied."""
     return torch.cuda.is_available()
 
 
@@ -358,6 +353,9 @@ def import_batch(
     ]
 
 
+_export_whole = True  # jaxlib takes a single-device jax.Array as it is (found at first export)
+
+
 def export_batch(
     arrays, device: torch.device, stream: torch.cuda.Stream | None = None
 ) -> list[torch.Tensor]:
@@ -379,9 +377,6 @@ def export_batch(
         except TypeError:  # a jaxlib that takes single-device buffers only
             _export_whole = False
     return [_from_capsule(_fast_to_dlpack(a.addressable_data(0), stream=stream)) for a in arrays]
-
-
-_export_whole = True  # jaxlib takes a single-device jax.Array as it is
 
 
 def wait_for(array: jax.Array, device: torch.device) -> None:

@@ -16,8 +16,10 @@ import torch
 import torchmetrics
 
 from jaxnorm import MinMax as JaxMinMax
-from jaxnorm._src.outputs import IMAGE, PIXEL, StatsMode, check_stats_mode
+from jaxnorm._src.stats import IMAGE, PIXEL
+from jaxnorm._src.validation import StatsMode, check_stats_mode
 from torch_compat._dlpack import to_jax, to_torch
+from torch_compat._tensors import write_in_place
 
 _SHARED_STATES = ("min", "max")
 _PIXEL_STATES = ("pixel_min", "pixel_max")
@@ -58,18 +60,6 @@ _SEPARATE_EXPLANATION = (
     "this checkpoint holds separate image and pixel normalization statistics; create "
     "MinMaxNormalizationCallback(stats='separate') to load it"
 )
-
-
-def write_in_place(tensor: torch.Tensor, value: float | torch.Tensor) -> None:
-    """Writes ``value`` into ``tensor`` in place: its device, dtype and identity stay."""
-    # An inference tensor (made under torch.inference_mode, as Lightning's evaluation loops
-    # are) can only be written inside inference mode; any other tensor under no_grad.
-    context = torch.inference_mode() if tensor.is_inference() else torch.no_grad()
-    with context:
-        if isinstance(value, torch.Tensor):
-            tensor.copy_(value.reshape(tensor.shape))
-        else:
-            tensor.fill_(value)
 
 
 class MinMax(torchmetrics.Metric):
@@ -313,12 +303,7 @@ def write_stats(
     """
     pairs = stat_tensors(metrics, stats_mode)
     if pairs[PIXEL] is pairs[IMAGE] and stats_mode == "separate" and stats[IMAGE] != stats[PIXEL]:
-        raise ValueError(
-            f"pl_module.{ATTRIBUTE} is a {type(metrics).__qualname__}, which holds one min/max "
-            "pair, but the callback has separate image and pixel statistics (stats='separate'); "
-            f"set `pl_module.{ATTRIBUTE} = torch_compat.MinMax(stats='separate')` before "
-            "validating, or use stats='shared'."
-        )
+        raise _one_pair_error(metrics)
     for which in (IMAGE, PIXEL) if pairs[PIXEL] is not pairs[IMAGE] else (IMAGE,):
         (_, lo_t), (_, hi_t) = pairs[which]
         lo, hi = stats[which]
@@ -329,3 +314,24 @@ def write_stats(
     if isinstance(metrics, torchmetrics.Metric):
         metrics._computed = None
         metrics._update_count = max(metrics._update_count, 1)
+
+
+def check_holds_separate(metrics: Any, stats_mode: StatsMode) -> None:
+    """Raises when separate statistics are to be collected into a metric that holds one pair.
+
+    Raises:
+      ValueError: naming the metric's class and what to do.
+    """
+    if stats_mode == "separate":
+        pairs = stat_tensors(metrics, stats_mode)
+        if pairs[PIXEL] is pairs[IMAGE]:
+            raise _one_pair_error(metrics)
+
+
+def _one_pair_error(metrics: Any) -> ValueError:
+    return ValueError(
+        f"pl_module.{ATTRIBUTE} is a {type(metrics).__qualname__}, which holds one min/max "
+        "pair, but the callback collects separate image and pixel statistics "
+        f"(stats='separate'); set `pl_module.{ATTRIBUTE} = "
+        "torch_compat.MinMax(stats='separate')` before validating, or use stats='shared'."
+    )

@@ -3,7 +3,7 @@
 ``JaxState`` folds validation batches into a ``jaxnorm.MinMaxNormalizationHook`` (separate
 image and pixel statistics, as anomalib 2 keeps them), stores them in anomalib's buffers at
 validation epoch end, and normalizes and labels test and predict batches with
-``jaxnorm._src.normalize_v2`` in one dispatch per batch.
+``jaxnorm._src.anomalib2_normalize`` in one dispatch per batch.
 """
 
 from __future__ import annotations
@@ -17,20 +17,16 @@ import numpy as np
 import torch
 
 from jaxnorm import MinMaxNormalizationHook, NonFiniteScoresError
-from jaxnorm._src import normalize_v2, persistence, validation
-from jaxnorm._src.hook import NonFinitePolicy
-from jaxnorm._src.outputs import IMAGE, PIXEL
-from torch_compat import _dlpack
-from torch_compat._allreduce import allreduce_stats, ddp_active
-from torch_compat._callback import (
-    _exchangeable,
-    _versions,
-    _Watched,
-    batch_device,
-    fold_validation_batch,
-)
+from jaxnorm._src import anomalib2_normalize, validation
+from jaxnorm._src.stats import IMAGE, PIXEL
+from jaxnorm._src.validation import NonFinitePolicy
+from torch_compat import _allreduce, _change, _dlpack
+from torch_compat._change import Watched
 from torch_compat._dlpack import to_jax
-from torch_compat._minmax import write_in_place
+from torch_compat._exchange import PLAN_DTYPES, batch_device, exchangeable
+from torch_compat._lifecycle import validation_epoch_end
+from torch_compat._steady import fold_validation_batch
+from torch_compat._tensors import write_in_place
 
 # anomalib 2's batch fields, and the 0.x keys under which the hook takes them.
 SCORE, MAP = "pred_score", "anomaly_map"
@@ -38,17 +34,7 @@ _HOOK_KEYS = {SCORE: "pred_scores", MAP: "anomaly_maps"}
 _FIELDS = {v: k for k, v in _HOOK_KEYS.items()}
 # (statistic, its buffers) as anomalib 2's PostProcessor names them.
 _BUFFERS = ((IMAGE, ("image_min", "image_max")), (PIXEL, ("pixel_min", "pixel_max")))
-_THRESHOLD_BUFFERS = ("_image_threshold", "_pixel_threshold", *(n for _, p in _BUFFERS for n in p))
 _LABELS = ((SCORE, "pred_label", "image_sensitivity"), (MAP, "pred_mask", "pixel_sensitivity"))
-
-
-def check_nonfinite(nonfinite: str) -> NonFinitePolicy:
-    if nonfinite not in ("raise", "omit"):
-        raise ValueError(
-            f"nonfinite={nonfinite!r}: expected 'raise' (NaN/inf validation scores raise "
-            "jaxnorm.NonFiniteScoresError) or 'omit' (they are skipped)."
-        )
-    return nonfinite  # type: ignore[return-value]
 
 
 def exporting() -> bool:
@@ -104,15 +90,36 @@ def as_output(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 class JaxState:
-    """What ``PostProcessor`` keeps beside anomalib's buffers: never pickled, never a module."""
+    """What ``PostProcessor`` keeps beside anomalib's buffers: never pickled, never a module.
+
+    Its caches follow the rule of ``_change``: anomalib's buffers and sensitivities are
+    keyed by value on the host (read at every batch, ~0.2 us each), and on an accelerator
+    the buffers travel with every batch (one ``torch.stack``), only their checks keyed.
+    Copies and pickles drop every cache.
+    """
 
     def __init__(self, nonfinite: NonFinitePolicy = "raise") -> None:
-        self.nonfinite = check_nonfinite(nonfinite)
+        self.nonfinite = validation.check_nonfinite(nonfinite)
         self.hook = MinMaxNormalizationHook(stats="separate", nonfinite=nonfinite, reducer=None)
-        self._params = None
-        self._params_source = _Watched()
-        self._cuts: tuple[Any, Any] | None = None
+        self._drop_caches()
+
+    def _drop_caches(self) -> None:
+        self._checked = Watched()  # the buffers check_buffers passed (their keys)
+        self._params = None  # on the host: the buffers on jax, for the keys _checked holds
+        self._sensitivities = Watched()
+        self._cuts: tuple[Any, tuple[float, float]] | None = None
         self._plan = None  # the validation batches' layout (see fold_validation_batch)
+
+    _CACHES = ("_checked", "_params", "_sensitivities", "_cuts", "_plan")
+
+    def __getstate__(self) -> dict:
+        # Copies (also copy.copy, which would share them) and pickles hold no cache: they
+        # read again. The hook goes with its own state (shared by a shallow copy).
+        return {k: v for k, v in self.__dict__.items() if k not in self._CACHES}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._drop_caches()
 
     # -- validation ------------------------------------------------------------------------
 
@@ -141,59 +148,55 @@ class JaxState:
             the statistics of the clean batches are stored.
         """
         hook = self.hook
-        hook.reducer = allreduce_stats if ddp_active() else None
-        error = None
+        hook.reducer = _allreduce.epoch_reducer()
         try:
-            hook.on_validation_epoch_end()
+            with validation_epoch_end(hook) as stats:
+                for which, names in _BUFFERS:
+                    lo, hi = stats[which]
+                    if lo <= hi:  # (+inf, -inf): nothing folded
+                        for name, value in zip(names, (lo, hi), strict=True):
+                            write_in_place(getattr(module, name), value)
+                hook.reset()
         except NonFiniteScoresError as e:
-            error = _renamed(e)
-        stats = hook.host_stats()
-        for which, names in _BUFFERS:
-            lo, hi = stats[which]
-            if lo <= hi:  # (+inf, -inf): nothing folded
-                for name, value in zip(names, (lo, hi), strict=True):
-                    write_in_place(getattr(module, name), value)
-        hook.reset()
-        if error is not None:
-            raise error
+            raise _renamed(e) from None
 
     # -- test, predict and forward ---------------------------------------------------------
 
-    def params(self, module: Any) -> Any:
-        """``[[t, min, max] image, [t, min, max] pixel]`` as a jax array, remade when anomalib's
-        buffers change (by identity and version: reading them would wait for the device)."""
-        tensors = tuple(getattr(module, name) for name in _THRESHOLD_BUFFERS)
-        key = (bool(module.enable_threshold_matching),)
-        versions = _versions(tensors)
-        versions = None if versions is None else (*versions, *key)
-        if self._params is None or not self._params_source.unchanged(tensors, versions):
-            check_buffers(module)
-            with torch.no_grad():
-                # anomalib's own properties: threshold matching and its NaN fallbacks.
-                stacked = torch.stack(
-                    [
-                        module.image_threshold,
-                        module.image_min,
-                        module.image_max,
-                        module.pixel_threshold,
-                        module.pixel_min,
-                        module.pixel_max,
-                    ]
-                ).to(torch.float32)
-            self._params = to_jax(stacked.reshape(2, 3), name="PostProcessor buffers")
-            self._params_source.remember(tensors, versions)
-        return self._params
+    def buffers(self, module: Any) -> tuple[Any, torch.Tensor | None]:
+        """anomalib's buffers as ``anomalib2_normalize.postprocess`` takes them, checked:
+        ``(jax array, None)`` on the host, made once per change of their values; ``(None,
+        tensor)`` on an accelerator, gathered now (one ``torch.stack``) to cross with the
+        batch, checked once per change of their keys."""
+        tensors = tuple(getattr(module, name) for name in anomalib2_normalize.BUFFERS)
+        keys = _change.keys(tensors)
+        if not self._checked.unchanged(tensors, keys):
+            check_buffers(module)  # reads them on the host: once per change
+            self._params = None
+            self._checked.remember(tensors, keys)
+        dtypes = {t.dtype for t in tensors}
+        dtype = dtypes.pop() if len(dtypes) == 1 and dtypes <= PLAN_DTYPES else torch.float32
+        if _change.on_device(tensors) is not None:
+            return None, _change.gather(tensors, dtype)
+        if not _change.all_on_host(tensors):  # a mix of devices: read, never cached
+            return to_jax(_change.gather([t.cpu() for t in tensors], dtype)), None
+        if self._params is None:
+            self._params = to_jax(_change.gather(tensors, dtype), name="PostProcessor buffers")
+        return self._params, None
 
     def cuts(self, module: Any) -> tuple[Any, tuple[float, float]]:
-        """The label thresholds ``1 - sensitivity`` (float32, as anomalib's properties)."""
+        """The label thresholds ``1 - sensitivity`` (float32, anomalib's properties), keyed
+        by the sensitivities' values (numbers, numpy arrays and host tensors: read at every
+        batch; a sensitivity on an accelerator has no value key, and is read every batch)."""
         sens = (module.image_sensitivity, module.pixel_sensitivity)
-        if self._cuts is None or self._cuts[0] != sens:
+        keys = _change.keys(sens) if _change.all_on_host(sens) else None
+        if self._cuts is None or not self._sensitivities.unchanged(sens, keys):
             values = (
                 float(module.normalized_image_threshold),
                 float(module.normalized_pixel_threshold),
             )
-            self._cuts = (sens, values, np.array(values, np.float32))
-        return self._cuts[2], self._cuts[1]
+            self._cuts = (values, np.array(values, np.float32))
+            self._sensitivities.remember(sens, keys)
+        return self._cuts[1], self._cuts[0]
 
     def process(
         self, module: Any, values: Mapping[str, torch.Tensor], labels: bool
@@ -212,14 +215,25 @@ class JaxState:
                         wanted.append((field, label))
         keys = tuple(values)
         tensors = [plain_view(values[k]) for k in keys]
+        params, gathered = self.buffers(module)
         device = batch_device(tensors)
         if device is not None:  # one stream ordering for the batch, each way
             stream = _dlpack.torch_stream(device)
-            arrays = _dlpack.import_batch([_exchangeable(t) for t in tensors], device, stream)
+            crossing = [exchangeable(t) for t in tensors]
+            if gathered is not None and gathered.device == device:
+                *arrays, params = _dlpack.import_batch([*crossing, gathered], device, stream)
+            else:
+                arrays = _dlpack.import_batch(crossing, device, stream)
         else:
             arrays = [to_jax(t, name=f"batch.{k}") for k, t in zip(keys, tensors, strict=True)]
-        out = normalize_v2.postprocess(
-            dict(zip(keys, arrays, strict=True)), self.params(module), cuts, tuple(wanted)
+        if params is None:  # gathered on another device than the batch's
+            params = to_jax(gathered, name="PostProcessor buffers")
+        out = anomalib2_normalize.postprocess(
+            dict(zip(keys, arrays, strict=True)),
+            params,
+            cuts,
+            tuple(wanted),
+            matching=bool(module.enable_threshold_matching),
         )
         if device is not None:
             exported = _dlpack.export_batch(list(out.values()), device, stream)
@@ -267,7 +281,7 @@ def check_buffers(module: Any) -> None:
         if value.numel() != 1:
             raise ValueError(f"post_processor: '{name}' has shape {tuple(value.shape)}.")
         if not math.isnan(value.item()):
-            persistence.check_threshold(f"post_processor: '{name}'", value.item())
+            validation.check_threshold(f"post_processor: '{name}'", value.item())
 
 
 def _renamed(e: NonFiniteScoresError) -> NonFiniteScoresError:

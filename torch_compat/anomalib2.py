@@ -55,7 +55,6 @@ import torch  # noqa: E402
 from jaxnorm._src.random_state import global_random_state_kept as _kept  # noqa: E402
 
 with _kept():
-    from torch_compat import _postprocessor
     from torch_compat._postprocessor import MAP, SCORE, JaxState, exporting, plain
 
 __all__ = ["AnomalibPostProcessor", "PostProcessor"]
@@ -112,7 +111,7 @@ class PostProcessor(AnomalibPostProcessor):
         nonfinite: str = "raise",
         **kwargs: Any,
     ) -> None:
-        state = JaxState(_postprocessor.check_nonfinite(nonfinite))
+        state = JaxState(nonfinite)  # checks the option before anomalib's constructor runs
         super().__init__(
             enable_normalization=enable_normalization,
             enable_thresholding=enable_thresholding,
@@ -157,33 +156,28 @@ class PostProcessor(AnomalibPostProcessor):
 
     def post_process_batch(self, batch: Any) -> None:
         """Normalizes and labels the batch in place: one jaxnorm dispatch."""
-        if not self.enable_normalization:
+        if not (self.enable_normalization and self._process_in_place(batch)):
             super().post_process_batch(batch)
-            return
-        values = {k: getattr(batch, k, None) for k in (SCORE, MAP)}
-        values = {k: v for k, v in values.items() if v is not None}
+
+    def normalize_batch(self, batch: Any) -> None:
+        """Normalizes ``anomaly_map`` and ``pred_score`` in place through jaxnorm."""
+        self._process_in_place(batch, labels=False)
+
+    def _process_in_place(self, batch: Any, labels: bool | None = None) -> bool:
+        """Rewrites ``batch``'s scores and maps (and, with ``labels``, the labels it lacks)
+        with jaxnorm's results; ``False`` when it holds neither field (nothing done)."""
+        values = {k: v for k in (SCORE, MAP) if (v := getattr(batch, k, None)) is not None}
         if not values:
-            super().post_process_batch(batch)
-            return
-        labels = self.enable_thresholding
+            return False
+        labels = self.enable_thresholding if labels is None else labels
         out = self.__dict__[_STATE].process(self, values, labels=labels)
         for key in (MAP, SCORE):
             if key in out:
                 setattr(batch, key, out[key])
-        if labels:
-            for label in ("pred_label", "pred_mask"):
-                if getattr(batch, label, None) is None and label in out:
-                    setattr(batch, label, out[label])
-
-    def normalize_batch(self, batch: Any) -> None:
-        """Normalizes ``anomaly_map`` and ``pred_score`` in place through jaxnorm."""
-        values = {k: getattr(batch, k, None) for k in (SCORE, MAP)}
-        values = {k: v for k, v in values.items() if v is not None}
-        if values:
-            out = self.__dict__[_STATE].process(self, values, labels=False)
-            for key in (MAP, SCORE):
-                if key in out:
-                    setattr(batch, key, out[key])
+        for label in ("pred_label", "pred_mask") if labels else ():
+            if getattr(batch, label, None) is None and label in out:
+                setattr(batch, label, out[label])
+        return True
 
     def forward(self, predictions: InferenceBatch) -> InferenceBatch:
         """anomalib's ``forward``: through jaxnorm eagerly, anomalib's torch ops when traced."""
@@ -216,6 +210,8 @@ class PostProcessor(AnomalibPostProcessor):
         cls = type(self)
         new = cls.__new__(cls)
         new.__dict__.update(self.__dict__)
+        # The same hook (a shallow copy), none of the original's caches (see _change).
+        new.__dict__[_STATE] = copy.copy(self.__dict__[_STATE])
         return new
 
     def __deepcopy__(self, memo: dict) -> PostProcessor:

@@ -21,6 +21,7 @@ CASES: dict[str, str] = {
     "load": "benchmarks.cases.loadtest",
     # anomalib 2's PostProcessor: runs where anomalib >= 2 is installed (make bench-anomalib2).
     "postprocessor": "benchmarks.cases.postprocessor",
+    "threshold": "benchmarks.cases.threshold",
     "loop": "benchmarks.cases.lightning_loop",
 }
 

@@ -12,10 +12,11 @@ import ml_dtypes
 import numpy as np
 
 from benchmarks import environment, timing
+from benchmarks import labels as L
 
 # Anomaly maps of a 32-image test batch, and its image scores.
 SCORES = (32,)
-MAPS_256 = (32, 1, 256, 256)
+MAPS_256 = L.MAPS_256
 MAPS_512 = (32, 1, 512, 512)
 
 
@@ -38,11 +39,6 @@ class RunConfig:
         # Many short blocks rather than few long ones: on a shared machine the best block is
         # the one that caught a quiet moment, and short blocks catch more of them.
         return cls(quick=False, timer=timing.TimerConfig(rounds=25, block_s=0.02, warmup_s=0.05))
-
-
-def group_label(shape: tuple[int, ...], dtype: str) -> str:
-    """The group name of a configuration in tables."""
-    return f"{shape} {dtype}"
 
 
 def np_dtype(dtype: str) -> np.dtype:

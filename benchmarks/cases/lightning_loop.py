@@ -17,33 +17,28 @@ run without one. Figures come from the best run of each kind (and the median bes
 check that needs no subtraction of noisy runs, the time between consecutive batch ends inside
 the runs is shown too (its median is robust to a burst of load that spoils a whole run).
 
-On a GPU the images are 32 x 3 x 256 x 256 and the stem has ResNet-18's widths (issue 14's
-loop). On CPU the images are 32 x 3 x 8 x 8 and the stem a quarter as wide: the outputs are
-then 32 scores and (32, 1, 8, 8) maps, the tiny sizes where a batch's cost is host work, and
-issue 14's CPU goal for them is judged in a real loop; torch runs on one thread there.
+On a GPU the images are 32 x 3 x 256 x 256 and the stem has ResNet-18's widths. On CPU the
+images are 32 x 3 x 8 x 8 and the stem a quarter as wide: the outputs are then 32 scores and
+(32, 1, 8, 8) maps, the tiny sizes where a batch's cost is host work, and the CPU goal for
+them is judged in a real loop; torch runs on one thread there.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import gc
-import importlib.util
-import logging
+import statistics
 import time
 import types
-import warnings
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F  # noqa: N812 - torch's own spelling
-from torch import nn
 
-from benchmarks import anomalib_ref, environment, timing
-from benchmarks.cases import base, loops
+from benchmarks import environment, timing
+from benchmarks import labels as L
+from benchmarks.cases import base, loop_model, loops
 from benchmarks.records import CaseResult, Row
 from benchmarks.report import fmt_time
 
@@ -53,9 +48,7 @@ TITLE = (
     "cost per batch and per run of each callback"
 )
 
-NONE = "no callback"
-ANOMALIB = "anomalib 0.7 callback"
-SHIM = "torch_compat callback"
+NONE, ANOMALIB, SHIM = L.NO_CALLBACK, L.ANOMALIB_CALLBACK, L.SHIM
 CALLBACKS = (NONE, ANOMALIB, SHIM)
 PHASES = ("validate", "test")
 PER_BATCH, EXTRA_BATCH = "per batch", "+ per batch"
@@ -65,14 +58,6 @@ PER_RUN_BOUND_MS = 50.0
 # Distinct input batches cycled through a loop; every loop runs at least this many batches, so
 # the statistics anomalib accumulates over runs equal those the shim collects in each.
 POOL = 4
-
-# Lightning's advice for real training runs, not for a benchmark's loops, and a deprecation
-# inside Lightning itself (2.6 on torch 2.13); anything else still shows.
-_QUIET = [
-    (r"The '\w+_dataloader' does not have many workers", Warning),
-    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning),
-]
-_LOGGERS = ("pytorch_lightning", "lightning.pytorch", "lightning.fabric", "lightning_fabric")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +76,7 @@ class Sizes:
 
 
 def sizes(cfg: base.RunConfig) -> Sizes:
-    """The issue's loop on a GPU; tiny outputs on CPU, where host work is all a batch costs."""
+    """A real model's batch on a GPU; tiny outputs on CPU, where host work is all it costs."""
     if environment.torch_device() == "cuda":
         return Sizes(
             batch=32, side=256, width=64, n1=5 if cfg.quick else 15, rounds=2 if cfg.quick else 5
@@ -99,166 +84,6 @@ def sizes(cfg: base.RunConfig) -> Sizes:
     return Sizes(
         batch=32, side=8, width=16, n1=POOL if cfg.quick else 25, rounds=2 if cfg.quick else 9
     )
-
-
-# -- the model ------------------------------------------------------------------------------
-
-
-class BasicBlock(nn.Module):
-    """ResNet's basic block: two 3x3 convs with batch norm, and a projected shortcut."""
-
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.down = (
-            None
-            if stride == 1 and cin == cout
-            else nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.relu(self.bn1(self.conv1(x)))
-        y = self.bn2(self.conv2(y))
-        return F.relu(y + (x if self.down is None else self.down(x)))
-
-
-def stem(width: int) -> nn.Sequential:
-    """ResNet-18 from conv1 to layer2 (stride 8), ``width`` channels after conv1 (64 there)."""
-    return nn.Sequential(
-        nn.Conv2d(3, width, 7, 2, 3, bias=False),
-        nn.BatchNorm2d(width),
-        nn.ReLU(),
-        nn.MaxPool2d(3, 2, 1),
-        BasicBlock(width, width, 1),
-        BasicBlock(width, width, 1),
-        BasicBlock(width, 2 * width, 2),
-        BasicBlock(2 * width, 2 * width, 1),
-    )
-
-
-class Threshold(nn.Module):
-    """anomalib's threshold metric as the callbacks see it: a ``value`` tensor on the module."""
-
-    def __init__(self, value: float) -> None:
-        super().__init__()
-        self.register_buffer("value", torch.tensor(float(value)))
-
-
-class ModelLogic:
-    """The LightningModule's body (mixed into the namespace's ``LightningModule``)."""
-
-    def __init__(self, width: int, images: dict[str, list[torch.Tensor]]) -> None:
-        super().__init__()
-        self.features = stem(width)
-        self.image_threshold = Threshold(0.0)
-        self.pixel_threshold = Threshold(0.0)
-        self.image_metrics = None
-        self.pixel_metrics = None
-        self.images = images  # per stage: the pool of input batches, cycled
-        self.batches = 0
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        f = self.features(x)
-        maps = F.interpolate(
-            f.square().mean(1, keepdim=True),
-            size=x.shape[-2:],
-            mode="bilinear",
-            align_corners=False,
-        )
-        return {"anomaly_maps": maps, "pred_scores": maps.amax(dim=(1, 2, 3))}
-
-    def _step(self, stage: str, batch_idx: int) -> dict[str, torch.Tensor]:
-        pool = self.images[stage]
-        return self(pool[batch_idx % len(pool)])
-
-    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
-        del batch
-        return self._step("validate", batch_idx)
-
-    def test_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
-        del batch
-        return self._step("test", batch_idx)
-
-
-def _loader(n: int) -> Any:
-    # Indices only: the images stay on the model's device (a pool in ``ModelLogic.images``), so
-    # no host-to-device copy of 25 MiB per batch blurs what the callbacks cost.
-    return torch.utils.data.DataLoader(list(range(n)), batch_size=None)
-
-
-# -- Lightning -----------------------------------------------------------------------------
-
-
-def namespace() -> types.SimpleNamespace:
-    """The Lightning namespace torch_compat's default callback uses, and its pieces."""
-    if importlib.util.find_spec("pytorch_lightning") is not None:  # anomalib 0.x's
-        import pytorch_lightning as pl
-
-        from torch_compat.pytorch_lightning import MinMaxNormalizationCallback
-    else:
-        import lightning.pytorch as pl
-
-        from torch_compat.lightning import MinMaxNormalizationCallback
-
-    class AnomalibCallback(anomalib_ref.MinMaxNormalizationCallback, pl.Callback):
-        """anomalib 0.7's callback, with its ``setup`` and ``on_test_start``."""
-
-        def setup(self, trainer: Any, pl_module: Any, stage: str | None = None) -> None:
-            del trainer, stage
-            if not hasattr(pl_module, "normalization_metrics"):
-                pl_module.normalization_metrics = anomalib_ref.MinMax().cpu()
-
-        def on_test_start(self, trainer: Any, pl_module: Any) -> None:
-            del trainer
-            for metric in (pl_module.image_metrics, pl_module.pixel_metrics):
-                if metric is not None:
-                    metric.set_threshold(0.5)
-
-    class Last(pl.Callback):
-        """Placed last: keeps the last batch's outputs as the callbacks left them, and the
-        time each batch ended."""
-
-        def __init__(self) -> None:
-            self.outputs: Any = None
-            self.stamps: list[float] = []
-
-        def on_validation_batch_end(self, trainer, pl_module, outputs, *args: Any) -> None:
-            self.outputs = outputs
-            self.stamps.append(time.perf_counter())
-
-        def on_test_batch_end(self, trainer, pl_module, outputs, *args: Any) -> None:
-            self.outputs = outputs
-            self.stamps.append(time.perf_counter())
-
-    return types.SimpleNamespace(
-        pl=pl,
-        Module=type("LoopModel", (ModelLogic, pl.LightningModule), {}),
-        callbacks={
-            NONE: lambda: None,
-            ANOMALIB: AnomalibCallback,
-            SHIM: MinMaxNormalizationCallback,
-        },
-        Last=Last,
-    )
-
-
-@contextlib.contextmanager
-def quiet() -> Iterator[None]:
-    """Lightning's info lines (devices, ...) and its advice warnings off; other warnings stay."""
-    levels = {name: logging.getLogger(name).level for name in _LOGGERS}
-    with warnings.catch_warnings():
-        for message, category in _QUIET:
-            warnings.filterwarnings("ignore", message=message, category=category)
-        for name in _LOGGERS:
-            logging.getLogger(name).setLevel(logging.WARNING)
-        try:
-            yield
-        finally:
-            for name, level in levels.items():
-                logging.getLogger(name).setLevel(level)
 
 
 @dataclasses.dataclass
@@ -283,7 +108,7 @@ class Run:
         gc.disable()
         try:
             t0 = time.perf_counter()
-            fn(self.model, dataloaders=_loader(n), verbose=False)
+            fn(self.model, dataloaders=loop_model.loader(n), verbose=False)
             timing.sync_all(self.last.outputs)
             dt = time.perf_counter() - t0
         finally:
@@ -369,31 +194,24 @@ def _time_runs(runs: dict[str, Run], sz: Sizes) -> Measured:
     return m
 
 
-def _split(t1: float, t2: float, sz: Sizes) -> tuple[float, float]:
-    """(per batch, per run) from the times of ``n1`` and ``n2`` batches."""
-    per_batch = (t2 - t1) / (sz.n2 - sz.n1)
-    return per_batch, t1 - sz.n1 * per_batch
+def _split(m: Measured, sz: Sizes, phase: str, name: str) -> dict[str, tuple[float, float]]:
+    """(per batch, per run) of ``name`` from the runs of ``n1`` and ``n2`` batches.
 
-
-def _target(
-    res: CaseResult,
-    label: str,
-    values: dict[str, float],
-    op: str,
-    bound: float,
-    unit: str,
-    platform: str,
-) -> None:
-    res.add_target(
-        label, values["best"], op, bound, median=values["median"], unit=unit, platform=platform
-    )
+    From the best runs and from the median runs, as ``"best"`` and ``"median"``.
+    """
+    out = {}
+    for stat, pick in (("best", min), ("median", statistics.median)):
+        t1, t2 = pick(m.runs[name, phase, sz.n1]), pick(m.runs[name, phase, sz.n2])
+        per_batch = (t2 - t1) / (sz.n2 - sz.n1)
+        out[stat] = per_batch, t1 - sz.n1 * per_batch
+    return out
 
 
 def run(cfg: base.RunConfig) -> CaseResult:
     """Times validate and test loops of two lengths under each callback."""
     res = CaseResult(key=KEY, title=TITLE, columns=COLUMNS)
     try:
-        ns = namespace()
+        ns = loop_model.namespace()
     except ImportError as e:
         res.skipped = f"no Lightning to run a Trainer ({e})"
         return res
@@ -405,7 +223,7 @@ def run(cfg: base.RunConfig) -> CaseResult:
         # every run alike; the callbacks' torch ops on tiny tensors are single-threaded anyway.
         torch.set_num_threads(1)
     try:
-        with quiet():
+        with loop_model.quiet():
             runs = _make_runs(ns, sz)
             measured = _time_runs(runs, sz)
             # Both callbacks saw the same batches: their statistics and last test outputs agree.
@@ -429,7 +247,9 @@ def run(cfg: base.RunConfig) -> CaseResult:
         )
     )
 
-    figures: dict[tuple[str, str], dict[str, tuple[float, float]]] = {}
+    figures = {
+        (phase, name): _split(measured, sz, phase, name) for phase in PHASES for name in CALLBACKS
+    }
     label = f"{sz.batch} x 3 x {sz.side} x {sz.side} images"
     for phase in PHASES:
         for n in (sz.n1, sz.n2):
@@ -445,21 +265,6 @@ def run(cfg: base.RunConfig) -> CaseResult:
                         ),
                     )
                 )
-        for name in CALLBACKS:
-            figures[phase, name] = {
-                stat: _split(
-                    getattr(
-                        res.row(f"{phase}, {sz.n1} batches of {label}, whole run", name).timing,
-                        stat,
-                    ),
-                    getattr(
-                        res.row(f"{phase}, {sz.n2} batches of {label}, whole run", name).timing,
-                        stat,
-                    ),
-                    sz,
-                )
-                for stat in ("best", "median")
-            }
         group = f"{phase}: per batch and per run, from {sz.n1} and {sz.n2} batches (best runs)"
         for name in CALLBACKS:
             pb, pr = figures[phase, name]["best"]
@@ -494,32 +299,37 @@ def run(cfg: base.RunConfig) -> CaseResult:
             for stat in ("best", "median")
         }
 
+    def goal(label: str, values: dict[str, float], bound: float, unit: str, platform: str):
+        res.add_target(
+            label,
+            values["best"],
+            "<=",
+            bound,
+            median=values["median"],
+            unit=unit,
+            platform=platform,
+        )
+
     for phase in PHASES:
-        _target(
-            res,
+        goal(
             f"GPU: loop, {phase}: shim time per batch / anomalib's (<= 1: the shim adds no "
             "more per batch than anomalib's callback)",
             ratio(phase),
-            "<=",
             1.0,
             "x",
             "gpu",
         )
-        _target(
-            res,
+        goal(
             f"GPU: loop, {phase}: the shim's extra cost per run over no callback",
             extra_run_ms(phase),
-            "<=",
             PER_RUN_BOUND_MS,
             " ms",
             "gpu",
         )
-    _target(
-        res,
+    goal(
         "CPU: loop at tiny sizes (32 scores + (32, 1, 8, 8) maps, fresh every batch), test: "
         "shim time per batch / anomalib's",
         ratio("test"),
-        "<=",
         1.0,
         "x",
         "cpu",

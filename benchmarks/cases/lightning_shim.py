@@ -12,15 +12,17 @@ import jax
 import jax.dlpack
 import torch
 
-from benchmarks import anomalib_ref, environment, timing
+from benchmarks import environment, timing
+from benchmarks import labels as L
 from benchmarks.cases import base, loops
 from benchmarks.records import CaseResult, timed_rows
+from torch_compat import to_jax, to_torch
 
 KEY = "shim"
 TITLE = "Lightning callback per test batch: torch_compat vs anomalib 0.7, and DLPack alone"
 
-SHIM = "torch_compat callback on_test_batch_end"
-ANOMALIB = "anomalib 0.7 callback _normalize_batch"
+SHIM = L.SHIM_TEST_BATCH
+ANOMALIB = L.ANOMALIB_NORMALIZE_BATCH
 TO_JAX = "torch -> jax: jax.dlpack.from_dlpack(t)"
 TO_TORCH = "jax -> torch: torch.from_dlpack(a)"
 SHIM_TO_JAX = "torch -> jax: torch_compat.to_jax(t)"
@@ -36,26 +38,6 @@ def _batch(seed: int, with_maps: bool) -> dict[str, torch.Tensor]:
     return out
 
 
-def _fit_shim(callback_cls: type, val: list[dict[str, torch.Tensor]]) -> tuple[Any, Any]:
-    """A shim callback and module whose statistics come from ``val``, ready to test."""
-    cb, pm = callback_cls(), loops.pl_module()
-    cb.setup(None, pm, stage="fit")
-    cb.on_validation_epoch_start(None, pm)
-    for i, outputs in enumerate(val):
-        cb.on_validation_batch_end(None, pm, dict(outputs), None, i, 0)
-    cb.on_validation_epoch_end(None, pm)
-    cb.on_test_start(None, pm)
-    return cb, pm
-
-
-def _fit_anomalib(val: list[dict[str, torch.Tensor]]) -> tuple[Any, Any]:
-    cb, pm = anomalib_ref.MinMaxNormalizationCallback(), loops.pl_module()
-    pm.normalization_metrics = anomalib_ref.MinMax().to(environment.torch_device())
-    for i, outputs in enumerate(val):
-        cb.on_validation_batch_end(None, pm, dict(outputs), None, i, 0)
-    return cb, pm
-
-
 def _test_batch(cb: Any, pm: Any, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
     # The hook rewrites its dict in place: each call gets a fresh dict of the same tensors.
     outputs = dict(batch)
@@ -63,32 +45,17 @@ def _test_batch(cb: Any, pm: Any, batch: dict[str, torch.Tensor]) -> dict[str, A
     return outputs
 
 
-def _max_diff(a: dict[str, Any], b: dict[str, Any]) -> float:
-    return max(
-        float((torch.as_tensor(a[k]).float().cpu() - b[k].float().cpu()).abs().max()) for k in b
-    )
-
-
 def _dlpack_rows(res: CaseResult, cfg: base.RunConfig) -> None:
     for shape in (base.MAPS_256, base.SCORES):
-        group = f"DLPack {base.group_label(shape, 'float32')}"
+        group = f"DLPack {L.array_group(shape, 'float32')}"
         t = base.to_torch(base.raw_scores(shape))
         a = base.to_jax(base.raw_scores(shape))
         contenders = [
             timing.Contender(TO_JAX, lambda t=t: jax.dlpack.from_dlpack(t.detach().contiguous())),
             timing.Contender(TO_TORCH, lambda a=a: torch.from_dlpack(a), sync=timing.sync_all),
+            timing.Contender(SHIM_TO_JAX, lambda t=t: to_jax(t)),
+            timing.Contender(SHIM_TO_TORCH, lambda a=a, t=t: to_torch(a, t), sync=timing.sync_all),
         ]
-        try:  # the shim's own exchange, where it exists
-            from torch_compat import to_jax, to_torch
-        except ImportError:
-            pass
-        else:
-            contenders += [
-                timing.Contender(SHIM_TO_JAX, lambda t=t: to_jax(t)),
-                timing.Contender(
-                    SHIM_TO_TORCH, lambda a=a, t=t: to_torch(a, t), sync=timing.sync_all
-                ),
-            ]
         timings = timing.compare(contenders, cfg.timer)
         res.rows += timed_rows(group, contenders, timings)
         if shape == base.MAPS_256 and environment.torch_device() == "cpu":
@@ -109,26 +76,16 @@ def _dlpack_rows(res: CaseResult, cfg: base.RunConfig) -> None:
 
 
 def run(cfg: base.RunConfig) -> CaseResult:
-    """Times one test batch through each callback; skips the shim if it is not importable."""
+    """Times one test batch through each callback, and the DLPack exchanges alone."""
     res = CaseResult(key=KEY, title=TITLE)
     _dlpack_rows(res, cfg)
-    try:
-        from torch_compat import MinMaxNormalizationCallback
-    except ImportError as e:
-        res.skipped = (
-            f"torch_compat.MinMaxNormalizationCallback cannot be imported ({e}); "
-            "only the DLPack rows ran"
-        )
-        print(f"[{KEY}] skipped the callback rows: {res.skipped}", flush=True)
-        return res
-
     for with_maps in (True, False):
-        group = "maps (32,1,256,256) + 32 scores" if with_maps else "32 scores only"
+        group = L.SHIM_MAPS_GROUP if with_maps else "32 scores only"
         val = [_batch(seed=10 + i, with_maps=with_maps) for i in range(VAL_BATCHES)]
         test = _batch(seed=0, with_maps=with_maps)
-        shim, shim_pm = _fit_shim(MinMaxNormalizationCallback, val)
-        ref, ref_pm = _fit_anomalib(val)
-        diff = _max_diff(_test_batch(shim, shim_pm, test), _test_batch(ref, ref_pm, test))
+        shim, shim_pm = loops.fitted_shim(val)
+        ref, ref_pm = loops.fitted_anomalib(val)
+        diff = loops.max_diff(_test_batch(shim, shim_pm, test), _test_batch(ref, ref_pm, test))
         res.notes.append(f"{group}: max |shim - anomalib| = {diff:.2g}")
         contenders = [
             timing.Contender(

@@ -8,7 +8,7 @@ compilations (all of them, and those after warm-up, which should be none), the t
 batch over each chunk of ``CHUNK`` batches after warm-up, and the growth of the resident set
 (``VmRSS`` of ``/proc/self/status``, after ``gc.collect()``) and of the number of live jax
 arrays from the end of warm-up to the last batch. The goals: RSS growth under
-``RSS_BOUND_MIB`` (issue 10) and no growth of live arrays. Per-batch state that is kept
+``RSS_BOUND_MIB`` and no growth of live arrays. Per-batch state that is kept
 instead of folded (a list of device scalars, say) grows both, but small objects can fill
 pages the allocator freed earlier without growing the RSS: the count of live arrays is the
 signal nothing hides. Everything runs in one fresh subprocess

@@ -27,6 +27,7 @@ import torch
 
 import jaxnorm
 from benchmarks import anomalib_ref, environment
+from benchmarks import labels as L
 from benchmarks.cases import base
 
 IMAGE_THRESHOLD, PIXEL_THRESHOLD = 1.2, 0.9
@@ -34,9 +35,7 @@ IMAGE_THRESHOLD, PIXEL_THRESHOLD = 1.2, 0.9
 # row, few enough that a pool of (32, 1, 256, 256) maps stays small.
 POOL = 4
 
-HOOK = "jaxnorm hook"
-SHIM = "torch_compat callback"
-ANOMALIB = "anomalib 0.7 callback"
+HOOK, SHIM, ANOMALIB = L.HOOK, L.SHIM, L.ANOMALIB_CALLBACK
 
 Batch = dict[str, Any]
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks import labels as L
 from benchmarks.records import CaseResult, Row, Target
 
 KEY = "memory"
@@ -29,8 +30,8 @@ SHAPE = (64, 1, 1024, 1024)
 # Quick runs are smoke tests: a quarter of the size halves the probes' page-fault time.
 QUICK_SHAPE = (16, 1, 1024, 1024)
 MIB = 2**20
-JAXNORM = "jaxnorm.normalize"
-TORCH = "anomalib 0.7 normalize (torch eager)"
+JAXNORM = L.NORMALIZE
+TORCH = L.ANOMALIB_NORMALIZE
 ROOFLINE = "roofline: jit(x * s)"
 CONTENDERS = {"jaxnorm": JAXNORM, "torch": TORCH, "roofline": ROOFLINE}
 

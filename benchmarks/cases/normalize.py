@@ -14,15 +14,16 @@ import torch
 
 import jaxnorm
 from benchmarks import anomalib_ref, environment, timing
+from benchmarks import labels as L
 from benchmarks.cases import base
 from benchmarks.records import CaseResult, timed_rows
 
 KEY = "normalize"
 TITLE = "normalize: jaxnorm vs anomalib 0.7 eager torch, numpy and a read+write roofline"
 
-JAXNORM = "jaxnorm.normalize"
+JAXNORM = L.NORMALIZE
 JAXNORM_FLOATS = "jaxnorm.normalize, float stats"
-TORCH = "anomalib 0.7 normalize (torch eager)"
+TORCH = L.ANOMALIB_NORMALIZE
 NUMPY = "numpy, same formula"
 ROOFLINE = "roofline: jit(x * s)"
 
@@ -53,7 +54,7 @@ def run(cfg: base.RunConfig) -> CaseResult:
     agreement = []
     for shape in shapes:
         for dtype in ("float32", "bfloat16"):
-            group = base.group_label(shape, dtype)
+            group = L.array_group(shape, dtype)
             x_np = base.raw_scores(shape, dtype)
             x, xt = base.to_jax(x_np), base.to_torch(x_np)
             # Statistics as the README shows them: jax scalars straight from MinMax.
@@ -110,7 +111,7 @@ def run(cfg: base.RunConfig) -> CaseResult:
             if dtype == "float32" and shape in (base.SCORES, base.MAPS_256):
                 res.add_ratio_target(
                     f"CPU: normalize {group} with jax-array statistics: time / float-"
-                    "statistics time (issue 14)",
+                    "statistics time",
                     group,
                     JAXNORM,
                     JAXNORM_FLOATS,

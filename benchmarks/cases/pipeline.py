@@ -19,6 +19,7 @@ import torch
 
 import jaxnorm
 from benchmarks import anomalib_ref, environment, timing
+from benchmarks import labels as L
 from benchmarks.cases import base, loops
 from benchmarks.records import CaseResult, timed_rows
 
@@ -30,12 +31,10 @@ TITLE = (
 
 BATCHES = 200
 QUICK_BATCHES = 10
-TINY_MAPS = (32, 1, 8, 8)
+TINY_MAPS = L.TINY_MAPS
 
-NORMALIZE = "jaxnorm.normalize"
-TORCH_NORMALIZE = "anomalib 0.7 normalize (torch eager)"
-UPDATE = "MinMax.update (state chained)"
-TORCH_UPDATE = "anomalib 0.7 MinMax.update (torch)"
+NORMALIZE, TORCH_NORMALIZE = L.NORMALIZE, L.ANOMALIB_NORMALIZE
+UPDATE, TORCH_UPDATE = L.UPDATE_CHAINED, L.ANOMALIB_UPDATE
 FRESH_ONLY = "the clones alone (no callback)"
 
 
@@ -46,12 +45,8 @@ def timer(cfg: base.RunConfig) -> timing.TimerConfig:
     )
 
 
-def _label(maps: tuple[int, ...]) -> str:
-    return f"32 scores + {maps} maps"
-
-
 def _test_group(res: CaseResult, cfg: base.RunConfig, maps: tuple[int, ...], n: int) -> str:
-    group = f"test, {n} batches of {_label(maps)}"
+    group = L.loop_group("test", n, maps)
     val, test = loops.make_pool(maps, seed=10), loops.make_pool(maps, seed=20)
     hook = loops.fitted_hook(val.jax)
     shim, shim_pm = loops.fitted_shim(val.torch)
@@ -73,8 +68,8 @@ def _test_group(res: CaseResult, cfg: base.RunConfig, maps: tuple[int, ...], n: 
 
 
 def _fresh_test_group(res: CaseResult, cfg: base.RunConfig, n: int) -> str:
-    """The shim and anomalib's callback at tiny sizes, on new tensors every batch (issue 14)."""
-    group = f"fresh tensors every batch: test, {n} batches of {_label(TINY_MAPS)}"
+    """The shim and anomalib's callback at tiny sizes, on new tensors every batch."""
+    group = L.FRESH + L.loop_group("test", n, TINY_MAPS)
     val, test = loops.make_pool(TINY_MAPS, seed=10), loops.make_pool(TINY_MAPS, seed=20)
     shim, shim_pm = loops.fitted_shim(val.torch)
     ref, ref_pm = loops.fitted_anomalib(val.torch)
@@ -109,7 +104,7 @@ def _fresh_test_group(res: CaseResult, cfg: base.RunConfig, n: int) -> str:
 
 
 def _validation_group(res: CaseResult, cfg: base.RunConfig, maps: tuple[int, ...], n: int) -> str:
-    group = f"validation, {n} batches of {_label(maps)}"
+    group = L.loop_group("validation", n, maps)
     val = loops.make_pool(maps, seed=30)
     hook = jaxnorm.MinMaxNormalizationHook()
     shim, shim_pm = loops.shim_class()(), loops.pl_module()
@@ -223,7 +218,7 @@ def run(cfg: base.RunConfig) -> CaseResult:
     _validation_group(res, cfg, TINY_MAPS, n)
     norm, upd = _kernel_groups(res, cfg, n)
 
-    # Issue 11's goals: each is judged on its platform's run and listed as pending elsewhere.
+    # Each goal is judged on its platform's run and listed as pending elsewhere.
     for platform, bound in (("cpu", 4.0), ("gpu", 1.5)):
         res.add_ratio_target(
             f"{platform.upper()}: pipelined shim, {test}: anomalib time / shim time",
@@ -235,7 +230,7 @@ def run(cfg: base.RunConfig) -> CaseResult:
             platform=platform,
         )
     res.add_ratio_target(
-        f"CPU: shim time per test batch at tiny sizes, {fresh}: time / anomalib time (issue 14)",
+        f"CPU: shim time per test batch at tiny sizes, {fresh}: time / anomalib time",
         fresh,
         loops.SHIM,
         loops.ANOMALIB,

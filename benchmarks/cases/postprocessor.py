@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import labels as L
 from benchmarks import timing
 from benchmarks.cases import base, loops
 from benchmarks.records import CaseResult, timed_rows
@@ -36,8 +37,7 @@ TITLE = (
 )
 N_IMAGES, SIDE = 32, 256
 POOL = 6  # distinct batches, cycled: every call hands the post-processor other tensors
-OURS = "torch_compat.anomalib2.PostProcessor"
-THEIRS = "anomalib PostProcessor"
+OURS, THEIRS = L.POSTPROCESSOR, L.ANOMALIB2_POSTPROCESSOR
 F1_OURS, F1_THEIRS = "jax port: sort + cumsum + argmax", "anomalib F1AdaptiveThreshold.compute"
 
 

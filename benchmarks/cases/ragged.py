@@ -8,30 +8,29 @@ timed warm; the warm rounds count compilations too, which must be zero.
 from __future__ import annotations
 
 import time
-import types
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import torch
 
 import jaxnorm
 import jaxnorm.testing
 from benchmarks import anomalib_ref, environment, timing
-from benchmarks.cases import base
+from benchmarks import labels as L
+from benchmarks.cases import base, loops
 from benchmarks.records import CaseResult, timed_rows
 
 KEY = "ragged"
 TITLE = "ragged box scores: jaxnorm hook vs per-tensor jaxnorm loop vs torch eager loop"
 
-HOOK = "jaxnorm.MinMaxNormalizationHook"
+HOOK = L.HOOK_CLASS
 JAX_LOOP = "jaxnorm per tensor (concat for stats)"
-TORCH_LOOP = "anomalib 0.7 callback (torch eager)"
+TORCH_LOOP = L.ANOMALIB_CALLBACK_EAGER
 
 IMAGES, MAX_BOXES = 32, 64
-IMAGE_THRESHOLD, PIXEL_THRESHOLD = 1.2, 0.9
+IMAGE_THRESHOLD, PIXEL_THRESHOLD = loops.IMAGE_THRESHOLD, loops.PIXEL_THRESHOLD
 
 Batch = dict[str, Any]
 
@@ -71,7 +70,7 @@ def _cold(fn: Callable[[], Any], sync: Callable[[Any], None], clear: bool) -> tu
     return dt, log.count
 
 
-def _phases(n: int, max_boxes: int, hook_cls: type | None):
+def _phases(n: int, max_boxes: int):
     """The validation and test phase of each contender, as zero-argument functions."""
     val, test = _batches(n, max_boxes, seed=1), _batches(n, max_boxes, seed=2)
     val_j, test_j, val_t, test_t = _as_jax(val), _as_jax(test), _as_torch(val), _as_torch(test)
@@ -99,7 +98,7 @@ def _phases(n: int, max_boxes: int, hook_cls: type | None):
         ]
 
     cb = anomalib_ref.MinMaxNormalizationCallback()
-    pm = _anomalib_module(dev)
+    pm = loops.pl_module()
 
     def torch_val():
         pm.normalization_metrics = anomalib_ref.MinMax().to(dev)
@@ -115,37 +114,27 @@ def _phases(n: int, max_boxes: int, hook_cls: type | None):
             cb.on_test_batch_end(None, pm, o, None, 0, 0)
         return outs
 
-    phases = {
-        "validation": {JAX_LOOP: jax_val, TORCH_LOOP: torch_val},
-        "test": {JAX_LOOP: jax_test, TORCH_LOOP: torch_test},
-    }
-    if hook_cls is not None:
-        hook = hook_cls(image_threshold=IMAGE_THRESHOLD, pixel_threshold=PIXEL_THRESHOLD)
-
-        def hook_val():
-            hook.on_validation_epoch_start()
-            for o in val_j:
-                hook.on_validation_batch_end(o)
-            hook.on_validation_epoch_end()
-            hook.on_test_start()
-            return hook.stats
-
-        hook_val()
-
-        def hook_test():
-            return [hook.on_test_batch_end(dict(o)) for o in test_j]
-
-        phases["validation"] = {HOOK: hook_val, **phases["validation"]}
-        phases["test"] = {HOOK: hook_test, **phases["test"]}
-    return phases
-
-
-def _anomalib_module(dev: str) -> types.SimpleNamespace:
-    """The module attributes anomalib's callback reads."""
-    return types.SimpleNamespace(
-        image_threshold=types.SimpleNamespace(value=torch.tensor(IMAGE_THRESHOLD, device=dev)),
-        pixel_threshold=types.SimpleNamespace(value=torch.tensor(PIXEL_THRESHOLD, device=dev)),
+    hook = jaxnorm.MinMaxNormalizationHook(
+        image_threshold=IMAGE_THRESHOLD, pixel_threshold=PIXEL_THRESHOLD
     )
+
+    def hook_val():
+        hook.on_validation_epoch_start()
+        for o in val_j:
+            hook.on_validation_batch_end(o)
+        hook.on_validation_epoch_end()
+        hook.on_test_start()
+        return hook.stats
+
+    hook_val()
+
+    def hook_test():
+        return [hook.on_test_batch_end(dict(o)) for o in test_j]
+
+    return {
+        "validation": {HOOK: hook_val, JAX_LOOP: jax_val, TORCH_LOOP: torch_val},
+        "test": {HOOK: hook_test, JAX_LOOP: jax_test, TORCH_LOOP: torch_test},
+    }
 
 
 def _sync_for(name: str) -> Callable[[Any], None]:
@@ -159,13 +148,7 @@ def run(cfg: base.RunConfig) -> CaseResult:
     )
     # Quick runs cut the batches and the distinct lengths: each naive compile costs ~0.1 s.
     n, max_boxes = (4, 8) if cfg.quick else (200, MAX_BOXES)
-    hook_cls = getattr(jaxnorm, "MinMaxNormalizationHook", None)
-    if hook_cls is None:
-        res.skipped = (
-            "jaxnorm.MinMaxNormalizationHook does not exist yet; only the per-tensor loops ran"
-        )
-        print(f"[{KEY}] skipped the hook rows: {res.skipped}", flush=True)
-    phases = _phases(n, max_boxes, hook_cls)
+    phases = _phases(n, max_boxes)
     timer = timing.TimerConfig(rounds=3 if cfg.quick else 5, block_s=0.0, warmup_s=0.0)
     for phase, fns in phases.items():
         group = f"{phase}, {n} batches x {IMAGES} images"

@@ -8,7 +8,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from jaxnorm._src.minmax import MinMax
-from jaxnorm._src.outputs import NormalizationStats
+from jaxnorm._src.stats import NormalizationStats
 
 # Counts travel as two int32 words each, so they stay exact without x64:
 # count = high * 2**31 + low, with 0 <= low < 2**31.

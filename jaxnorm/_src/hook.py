@@ -1,31 +1,40 @@
-"""``MinMaxNormalizationHook``: anomalib's callback lifecycle for a hand-written Flax loop."""
+"""``MinMaxNormalizationHook``: anomalib's callback lifecycle for a hand-written Flax loop.
+
+The hook holds the lifecycle (validation epochs, test and predict) and the options. Its state
+on the device and the caches that keep per-batch work to one jitted dispatch are in
+``device_state``; the work itself in ``fold`` (validation) and ``fused`` (test and predict);
+saving and loading in ``persistence``. The Lightning adapters (``torch_compat``) drive it
+through its public API and ``hook.adapter`` (``jaxnorm._src.adapter``), nothing else.
+"""
 
 from __future__ import annotations
 
-import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import jax
-import numpy as np
 
-from jaxnorm._src import batching, errors, hook_step, persistence, placement, ragged, validation
+from jaxnorm._src import (
+    adapter,
+    batch_io,
+    batching,
+    device_state,
+    errors,
+    persistence,
+    validation,
+)
 from jaxnorm._src.minmax import MinMax
-from jaxnorm._src.outputs import (
+from jaxnorm._src.stats import (
     IMAGE,
-    NORMALIZED_KEYS,
     PIXEL,
     NormalizationStats,
-    StatsMode,
-    check_stats_mode,
+    mode_after_load,
     stats_sources,
 )
+from jaxnorm._src.validation import NonFinitePolicy, Reducer, StatsMode
 
-NonFinitePolicy = Literal["raise", "omit"]
-# (mins, maxs, counts) -> the same, reduced over every participant: min, max and sum.
-# mins/maxs are float32 [image, pixel]; counts int64 [n_values, n_nonfinite].
-Reducer = Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
+__all__ = ["MinMaxNormalizationHook", "NonFinitePolicy", "Reducer"]
 
 
 class MinMaxNormalizationHook:
@@ -90,21 +99,17 @@ class MinMaxNormalizationHook:
         nonfinite: NonFinitePolicy = "raise",
         reducer: Reducer | Literal["auto"] | None = "auto",
     ) -> None:
-        if nonfinite not in ("raise", "omit"):
-            raise ValueError(f"nonfinite={nonfinite!r}: expected 'raise' or 'omit'.")
-        self.stats_mode: StatsMode = check_stats_mode(stats)
+        self.nonfinite: NonFinitePolicy = validation.check_nonfinite(nonfinite)
+        self.stats_mode: StatsMode = validation.check_stats_mode(stats)
         self.accumulate = accumulate
-        self.nonfinite: NonFinitePolicy = nonfinite
         self.reducer = reducer
         self._thresholds: dict[str, float] = {}
-        # The state the last fold returned, and the placement it was folded at.
-        self._folded: hook_step.HookState | None = None
-        self._folded_at: jax.sharding.Sharding | None = None
-        self._invalidate()
+        self._device = device_state.DeviceState()
         self._buckets = batching.Buckets()
+        # What the Lightning adapters use beyond the public API (see jaxnorm._src.adapter).
+        self.adapter = adapter.HookAdapter(self, self._device, self._buckets, self._thresholds)
         self.image_threshold = image_threshold
         self.pixel_threshold = pixel_threshold
-        self.reset()
 
     # -- options ---------------------------------------------------------------------------
 
@@ -114,12 +119,7 @@ class MinMaxNormalizationHook:
 
     @accumulate.setter
     def accumulate(self, value: bool) -> None:
-        if not isinstance(value, (bool, np.bool_)):
-            raise ValueError(
-                f"accumulate={value!r}: expected True or False (a {type(value).__name__} "
-                "is not read as a flag)."
-            )
-        self._accumulate = bool(value)
+        self._accumulate = validation.check_flag("accumulate", value)
 
     @property
     def reducer(self) -> Reducer | Literal["auto"] | None:
@@ -127,12 +127,7 @@ class MinMaxNormalizationHook:
 
     @reducer.setter
     def reducer(self, value: Reducer | Literal["auto"] | None) -> None:
-        if not (value is None or value == "auto" or _is_function(value)):
-            raise ValueError(
-                f"reducer={value!r}: expected 'auto', None or a callable "
-                "(mins, maxs, counts) -> (mins, maxs, counts), see jaxnorm.Reducer."
-            )
-        self._reducer = value
+        self._reducer = validation.check_reducer(value)
 
     # -- thresholds ------------------------------------------------------------------------
 
@@ -153,23 +148,24 @@ class MinMaxNormalizationHook:
         self._set_threshold(PIXEL, value)
 
     def _set_threshold(self, which: str, value) -> None:
-        self._thresholds[which] = persistence.check_threshold(f"{which}_threshold", value)
-        self._invalidate()
+        self._thresholds[which] = validation.check_threshold(f"{which}_threshold", value)
+        self._device.invalidate()
 
     # -- statistics ------------------------------------------------------------------------
 
     def reset(self) -> None:
         """Forgets all statistics and counters."""
-        self._set_state(hook_step.HookState.initial())
-        self._host = _EMPTY_HOST
+        self._device.reset()
 
     @property
     def stats(self) -> NormalizationStats:
         """The current statistics (a pytree of device scalars: jit it, save it, reduce it).
 
-        Reading it does not wait for validation batches still in flight.
+        Reading it does not wait for validation batches still in flight. It is a new object
+        whenever the statistics change (a fold, a load, a reset), and the same object while
+        they do not.
         """
-        return self._state.stats
+        return self._device.stats
 
     def set_stats(self, stats: NormalizationStats | MinMax) -> None:
         """Replaces the statistics, e.g. with ones folded in your own jitted step or loaded.
@@ -186,42 +182,23 @@ class MinMaxNormalizationHook:
             raise ValueError(
                 f"stats: expected NormalizationStats or MinMax, got {type(stats).__name__}."
             )
-        host = persistence.checked_stats("set_stats", persistence.host_pairs(stats))
-        self._install(host)
-        persistence.separate_if_differ(self, host)
+        self._install(validation.checked_stats("set_stats", persistence.host_pairs(stats)))
 
     def _install(self, host: Mapping[str, tuple[float, float]]) -> None:
-        """Puts checked host statistics on the device (one transfer) and caches them."""
-        leaves = jax.device_put([np.float32(v) for which in (IMAGE, PIXEL) for v in host[which]])
-        stats = NormalizationStats(
-            image=MinMax(min=leaves[0], max=leaves[1]), pixel=MinMax(min=leaves[2], max=leaves[3])
-        )
-        self._state = self._state.replace(stats=stats)
-        self._host = dict(host)
-        self._invalidate()
-
-    def _invalidate(self) -> None:
-        """The thresholds or statistics changed: their device copy and checks are stale."""
-        self._params: jax.Array | None = None
-        self._checked: set[str] = set()
-
-    def _set_state(self, state: hook_step.HookState) -> None:
-        self._state = state
-        self._host: dict[str, tuple[float, float]] | None = None
-        self._unchecked = False  # batches folded under "raise" whose record was not read
-        self._invalidate()
+        self._device.install(host)
+        self.stats_mode = mode_after_load(self.stats_mode, host)
 
     @property
     def num_values(self) -> dict[str, int]:
         """Values folded into each statistic since the last reset (reads the device)."""
-        self._raise_pending()
-        return hook_step.Record(self._state.counters).num_values
+        self._device.raise_pending()
+        return self._device.record().num_values
 
     @property
     def num_nonfinite(self) -> dict[str, int]:
         """Non-finite values skipped under ``nonfinite="omit"`` since the last reset."""
-        self._raise_pending()
-        return hook_step.Record(self._state.counters).num_nonfinite
+        self._device.raise_pending()
+        return self._device.record().num_nonfinite
 
     def host_stats(self) -> dict[str, tuple[float, float]]:
         """``{"image": (min, max), "pixel": (min, max)}`` as Python floats (one host sync).
@@ -230,32 +207,8 @@ class MinMaxNormalizationHook:
           NonFiniteScoresError: a validation batch since the last read held non-finite
             scores under ``nonfinite="raise"`` (see ``on_validation_batch_end``).
         """
-        self._raise_pending()
-        return self._read_stats()
-
-    def _read_stats(self) -> dict[str, tuple[float, float]]:
-        if self._host is None:
-            s = self._state.stats
-            lo_hi = jax.device_get(((s.image.min, s.image.max), (s.pixel.min, s.pixel.max)))
-            (ilo, ihi), (plo, phi) = lo_hi
-            self._host = {IMAGE: (float(ilo), float(ihi)), PIXEL: (float(plo), float(phi))}
-        return self._host
-
-    def _raise_pending(self) -> None:
-        """Reads the error record of the batches folded since the last read (one sync), and
-        raises ``NonFiniteScoresError`` for the first rejected one."""
-        if not self._unchecked:
-            return
-        self._unchecked = False
-        record = hook_step.Record(self._state.counters)
-        if record.bad_key is None:
-            return
-        self._state = self._state.with_counters(record.reported())
-        raise errors.NonFiniteScoresError(
-            record.bad_key,
-            record.bad_count,
-            f" (validation batch {record.bad_batch} of this epoch)",
-        )
+        self._device.raise_pending()
+        return self._device.read()
 
     # -- validation ------------------------------------------------------------------------
 
@@ -267,12 +220,11 @@ class MinMaxNormalizationHook:
             ``nonfinite="raise"`` and was not reported yet (``on_validation_epoch_end`` was
             not called).
         """
-        self._raise_pending()
+        self._device.raise_pending()
         if not self.accumulate:
             self.reset()
         else:
-            record = hook_step.Record(self._state.counters)
-            self._state = self._state.with_counters(record.new_epoch())
+            self._device.new_epoch()
 
     def on_validation_batch_end(
         self, outputs: Mapping, *, valid_rows: int | None = None
@@ -302,36 +254,10 @@ class MinMaxNormalizationHook:
             whose value is not a numeric array.
         """
         routes = tuple(stats_sources(outputs, self.stats_mode))
-        values, rows = {}, {}
-        for _, key in routes:
-            if key == "box_scores":
-                padded, lengths = ragged.concat_padded(ragged.check_boxes(key, outputs[key]))
-                values[key], rows[key] = padded, np.int32(sum(lengths))
-                continue
-            x = validation.as_array(key, outputs[key])
-            if valid_rows is not None:
-                values[key], rows[key] = x, np.int32(_check_rows(key, x, valid_rows))
-                continue
-            values[key], n = self._buckets.pad(batching.VALIDATION, key, x, sized=True)
-            if n is not None:
-                rows[key] = np.int32(n)
-        self._fold(values, rows, routes)
+        keys = [key for _, key in routes]
+        values, rows = batch_io.validation_arrays(outputs, keys, self._buckets, valid_rows)
+        self._device.fold(values, routes, rows, omit=self.nonfinite == "omit")
         return outputs
-
-    def _fold(self, values: dict, rows: dict, routes: tuple) -> None:
-        """One jitted fold of ``values`` (checked arrays, by key) along ``routes``."""
-        # A fresh or reloaded state is placed where the fold puts its output, so that the
-        # fold compiles once (see placement); the state the last fold returned is there.
-        state, target = self._state, placement.target(values.values())
-        if target is not None and not (state is self._folded and target == self._folded_at):
-            state = placement.place(state, target)
-        self._state = hook_step.fold(
-            state, values, rows, routes=routes, omit=self.nonfinite == "omit"
-        )
-        self._folded, self._folded_at = self._state, target
-        self._host = None
-        self._invalidate()
-        self._unchecked = self.nonfinite == "raise"
 
     def on_validation_epoch_end(self) -> None:
         """Reports non-finite scores, and reduces the statistics across processes when a
@@ -346,28 +272,11 @@ class MinMaxNormalizationHook:
         """
         reducer = self._active_reducer()
         if reducer is None:
-            self._raise_pending()
+            self._device.raise_pending()
             return
-        state = self._state
-        s = state.stats
-        mins, maxs, counters = jax.device_get(
-            ((s.image.min, s.pixel.min), (s.image.max, s.pixel.max), state.counters)
-        )
-        record = hook_step.Record(counters)
-        counts = np.array([record.num_values[IMAGE], record.rejected], np.int64)
-        mins, maxs, counts = _reduced(
-            reducer(np.asarray(mins, np.float32), np.asarray(maxs, np.float32), counts)
-        )
-        self._unchecked = False
-        self._state = state.with_counters(record.new_epoch())
-        self._install(
-            persistence.checked_stats(
-                "reducer output", {IMAGE: (mins[0], maxs[0]), PIXEL: (mins[1], maxs[1])}
-            )
-        )
-        n_bad = int(counts[1])
+        bad_key, n_bad = self._device.reduce(reducer)
         if n_bad:
-            key = record.bad_key or "validation outputs"
+            key = bad_key or "validation outputs"
             raise errors.NonFiniteScoresError(key, n_bad, " (summed over all processes)")
 
     def _active_reducer(self) -> Reducer | None:
@@ -387,9 +296,8 @@ class MinMaxNormalizationHook:
         Each batch checks the statistics its keys need (with separate statistics, a model
         without maps needs no pixel statistics).
         """
-        stats = self.host_stats()
-        if all(lo > hi for lo, hi in stats.values()):
-            self._check_stats(["pred_scores"])
+        if all(lo > hi for lo, hi in self.host_stats().values()):
+            self._device.check(["pred_scores"], shared=self.stats_mode == "shared")
 
     def on_test_batch_end(self, outputs: Mapping) -> dict:
         """Returns a copy of ``outputs`` with scores, maps and boxes normalized to [0, 1]."""
@@ -431,94 +339,25 @@ class MinMaxNormalizationHook:
           NonFiniteScoresError: a validation batch held non-finite scores under
             ``nonfinite="raise"`` and was not reported yet.
         """
-        present = [key for key in NORMALIZED_KEYS if key in outputs]
-        if not present:
-            raise ValueError(errors.NO_VALUES_MESSAGE)
-        self._check_stats(present)
-        values, unpad, lengths = {}, {}, None
-        for key in present:
-            if key == "box_scores":
-                boxes = ragged.check_boxes(key, outputs[key])
-                values[key], lengths = ragged.concat_padded(boxes)
-                continue
-            x = validation.as_array(key, outputs[key])
-            if valid_rows is not None:
-                _check_rows(key, x, valid_rows)
-                values[key] = x
-                continue
-            values[key], n = self._buckets.pad(batching.NORMALIZE, key, x)
-            if n is not None:
-                unpad[key] = n
-        normalized = hook_step.normalize_all(values, self._device_params())
-        out = dict(outputs)
-        for key in present:
-            y = normalized[key]
-            if key == "box_scores":
-                out[key] = (
-                    ragged.split_host(y, lengths, outputs[key])
-                    if boxes_on_host
-                    else ragged.split(y, lengths, outputs[key])
-                )
-            elif key in unpad:
-                out[key] = batching.unpad(y, unpad[key], outputs[key])
-            else:
-                out[key] = y
-        return out
+        return self.adapter.normalize_batch(
+            outputs, boxes_on_host=boxes_on_host, valid_rows=valid_rows
+        )
 
-    def _device_params(self) -> jax.Array:
-        """``[[t, min, max] image, [t, min, max] pixel]`` on the device, made once per change."""
-        if self._params is None:
-            stats = self._read_stats()
-            dtype = np.float64 if jax.config.jax_enable_x64 else np.float32
-            self._params = jax.device_put(
-                np.array([[self._thresholds[w], *stats[w]] for w in (IMAGE, PIXEL)], dtype)
-            )
-        return self._params
+    def _snapshot(self, *, counts: bool = True) -> persistence.Snapshot:
+        # Metadata holds no counters: reading them would cost a sync and raise nothing more.
+        return persistence.Snapshot(
+            self.host_stats(),
+            dict(self._thresholds),
+            self.stats_mode,
+            *((self.num_values, self.num_nonfinite) if counts else ()),
+        )
 
-    def _omitted(self, which: str) -> int:
-        """How many non-finite scores validation left out of the ``which`` statistics (the
-        shared ones are counted under both names); read on the host, on the error path only."""
-        return hook_step.Record(self._state.counters).num_nonfinite[which]
-
-    def _check_stats(self, keys) -> None:
-        self._raise_pending()
-        needed = {NORMALIZED_KEYS[k] for k in keys}
-        if needed <= self._checked:
-            return
-        stats = self._read_stats()
-        for which in sorted(needed):
-            lo, hi = stats[which]
-            if lo > hi:
-                label = "" if self.stats_mode == "shared" else f"{which} "
-                source = "'pred_scores'" if which == IMAGE else "'anomaly_maps' or 'box_scores'"
-                seen = (
-                    " (validation outputs had no " + source + ")"
-                    if self.stats_mode == "separate"
-                    else ""
-                )
-                omitted = self._omitted(which)
-                if omitted:
-                    raise errors.StatisticsMissingError(
-                        f"no {label}normalization statistics: validation ran, but all "
-                        f"{omitted} of its scores were NaN or infinite and "
-                        "nonfinite='omit' left them out; fix the model's outputs (or load "
-                        "statistics with load_state_dict, load_json, set_stats) before test "
-                        "or predict; normalizing now would turn every score into 0.5."
-                    )
-                raise errors.StatisticsMissingError(
-                    f"no {label}normalization statistics{seen}: run validation "
-                    "(on_validation_batch_end) or load statistics (load_state_dict, "
-                    "load_json, set_stats) before test or predict; normalizing now would "
-                    "turn every score into 0.5."
-                )
-            if not (math.isfinite(lo) and math.isfinite(hi)):
-                raise ValueError(
-                    f"{which} statistics ({lo}, {hi}) are not finite (scores beyond float32's "
-                    "range were folded in); rescale the scores and validate again."
-                )
-            self._checked.add(which)
-
-    # -- saving and loading (jaxnorm._src.persistence) -----------------------------------
+    def _load(self, snap: persistence.Snapshot) -> None:
+        self._install(snap.stats)
+        for which, value in snap.thresholds.items():
+            self._set_threshold(which, value)
+        if snap.stats_mode is not None:
+            self.stats_mode = snap.stats_mode
 
     def state_dict(self) -> dict[str, Any]:
         """The hook's state as a pytree of arrays (``flax.serialization``/orbax friendly).
@@ -526,7 +365,7 @@ class MinMaxNormalizationHook:
         Thresholds are float64 (exact), the counters uint64, so that a resumed run goes on
         as an uninterrupted one would.
         """
-        return persistence.state_dict(self)
+        return persistence.to_state_dict(self._snapshot(), self.stats)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restores ``state_dict()`` output, also as the plain dicts that msgpack returns.
@@ -535,7 +374,9 @@ class MinMaxNormalizationHook:
         differ make a shared hook separate, as there); counters are optional (a state saved
         without them restores zeros).
         """
-        persistence.load_state_dict(self, state)
+        snap = persistence.from_state_dict(state)  # checked: a bad state changes nothing
+        self._device.restore(snap.num_values, snap.num_nonfinite)
+        self._load(snap)
 
     def metadata(self) -> dict[str, float | None]:
         """anomalib's deployment metadata: thresholds and statistics in raw-score units.
@@ -545,11 +386,11 @@ class MinMaxNormalizationHook:
         ``pred_scores.min``/``.max`` and ``anomaly_maps.min``/``.max``. Empty statistics are
         ``None`` (JSON ``null``).
         """
-        return persistence.metadata(self)
+        return persistence.to_metadata(self._snapshot(counts=False))
 
     def to_json(self, path: str | os.PathLike | None = None) -> str:
         """``metadata()`` as JSON; written to ``path`` when given."""
-        return persistence.to_json(self, path)
+        return persistence.to_json(self._snapshot(counts=False), path)
 
     def load_json(self, source: str | os.PathLike | Mapping) -> None:
         """Loads thresholds and statistics from ``to_json`` output or anomalib metadata.
@@ -562,7 +403,7 @@ class MinMaxNormalizationHook:
             that are not finite numbers with ``min <= max`` (``null`` for both means none),
             naming the key.
         """
-        persistence.load_json(self, source)
+        self._load(persistence.from_json(source))  # checked: a bad source changes nothing
 
     @classmethod
     def from_json(cls, source: str | os.PathLike | Mapping, **kwargs) -> MinMaxNormalizationHook:
@@ -571,54 +412,13 @@ class MinMaxNormalizationHook:
         hook.load_json(source)
         return hook
 
-    def __getstate__(self) -> dict:
-        # Copies and pickles drop the placement cache of ``_fold``: jax's devices do not
-        # pickle, and a copy places its state again at its first fold.
-        state = self.__dict__.copy()
-        state["_folded"] = state["_folded_at"] = None
-        return state
-
     def __repr__(self) -> str:
         # Not host_stats(): a repr (a debugger, a log line) must neither raise nor consume
         # the pending non-finite error that on_validation_epoch_end is to raise.
-        stats = self._read_stats()
+        stats = self._device.read()
         (ilo, ihi), (plo, phi) = stats[IMAGE], stats[PIXEL]
         return (
             f"MinMaxNormalizationHook(image_threshold={self.image_threshold:g}, "
             f"pixel_threshold={self.pixel_threshold:g}, stats={self.stats_mode!r}, "
             f"image=[{ilo:g}, {ihi:g}], pixel=[{plo:g}, {phi:g}])"
         )
-
-
-_EMPTY_HOST = {IMAGE: (math.inf, -math.inf), PIXEL: (math.inf, -math.inf)}
-
-
-def _reduced(out) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A reducer's output, checked: three arrays of two values each."""
-    try:
-        mins, maxs, counts = (np.asarray(a) for a in out)
-        ok = mins.shape == maxs.shape == counts.shape == (2,) and counts.dtype.kind in "iuf"
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise ValueError(
-            f"reducer returned {out!r}; expected (mins, maxs, counts) like its arguments: "
-            "float arrays [image, pixel] reduced with min and max, and the integer counts "
-            "[n_values, n_nonfinite] summed (see jaxnorm.Reducer)."
-        )
-    return mins, maxs, counts
-
-
-def _is_function(value) -> bool:
-    return callable(value) and not isinstance(value, str)
-
-
-def _check_rows(key: str, x, valid_rows: int) -> int:
-    if isinstance(valid_rows, bool) or not isinstance(valid_rows, (int, np.integer)):
-        raise ValueError(f"valid_rows={valid_rows!r}: expected an int.")
-    if np.ndim(x) == 0 or not 0 <= valid_rows <= x.shape[0]:
-        raise ValueError(
-            f"{key}: valid_rows={valid_rows} does not fit its shape {tuple(np.shape(x))}; "
-            "pass the number of real rows of the padded leading axis."
-        )
-    return int(valid_rows)

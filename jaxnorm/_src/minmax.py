@@ -15,8 +15,11 @@ from jaxnorm._src import placement, validation
 ArrayLike = validation.ArrayLike
 
 
-def _finite_min_max_count(values, mask):
-    """Returns ``(min, max, n_nonfinite)`` over the finite, unmasked entries of ``values``."""
+def finite_min_max_count(values, mask):
+    """Returns ``(min, max, n_nonfinite)`` over the finite, unmasked entries of ``values``.
+
+    Traced inside a jitted function (``MinMax.update``, the hook's fold).
+    """
     x = values.astype(jnp.promote_types(values.dtype, jnp.float32))
     valid = jnp.broadcast_to(mask, x.shape) if mask is not None else None
 
@@ -175,5 +178,5 @@ def _empty_fields() -> tuple[jax.Array, jax.Array]:
 
 @jax.jit
 def _update(state: MinMax, values, mask):
-    lo, hi, n_bad = _finite_min_max_count(values, mask)
+    lo, hi, n_bad = finite_min_max_count(values, mask)
     return state.merge(MinMax(min=lo, max=hi)), n_bad

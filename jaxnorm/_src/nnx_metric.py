@@ -10,6 +10,17 @@ from jaxnorm._src.compat import set_variable
 from jaxnorm._src.minmax import MinMax
 
 
+def read_mask(kwargs: dict, mask_argname: str | None):
+    """The bool mask in ``kwargs[mask_argname]``, if any (``None`` reads none)."""
+    mask = kwargs.get(mask_argname) if mask_argname is not None else None
+    if mask is not None:
+        mask = jnp.asarray(mask)
+        if mask.dtype != jnp.bool_:
+            # nnx's metrics multiply by the mask, so they accept 0/1 masks of any dtype.
+            mask = mask != 0
+    return mask
+
+
 class MinMaxMetric(nnx.Metric):
     """The running min and max of anomaly scores, as an ``nnx.Metric``.
 
@@ -81,12 +92,7 @@ class MinMaxMetric(nnx.Metric):
                 f"{sorted(kwargs)}; pass the scores as {self.argname}=..., or build the "
                 "metric with MinMaxMetric(argname=...) to read another key."
             )
-        mask = kwargs.get(self.mask_argname) if self.mask_argname is not None else None
-        if mask is not None:
-            mask = jnp.asarray(mask)
-            if mask.dtype != jnp.bool_:
-                # nnx's metrics multiply by the mask, so they accept 0/1 masks of any dtype.
-                mask = mask != 0
+        mask = read_mask(kwargs, self.mask_argname)
         values = kwargs[self.argname]
         # Placed with the values, as MinMax.update places its state: a fresh count added to
         # a committed one would compile the addition again at the next update.

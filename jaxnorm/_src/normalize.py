@@ -1,14 +1,18 @@
-"""Min-max normalization of anomaly scores around a threshold."""
+"""Min-max normalization of anomaly scores around a threshold (anomalib 0.x's formula), for
+one array (``normalize``) and for a dict of model outputs (``normalize_outputs``)."""
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxnorm._src import placement, validation
+from jaxnorm._src.minmax import MinMax
+from jaxnorm._src.stats import IMAGE, NORMALIZED_KEYS, PIXEL, NormalizationStats, as_stats
 
 ArrayLike = validation.ArrayLike
 
@@ -24,7 +28,8 @@ def output_dtype(dtype: np.dtype) -> np.dtype:
     return dtype if jnp.issubdtype(dtype, jnp.floating) else np.dtype(jnp.float32)
 
 
-def _math(targets, threshold, min_val, max_val):
+def formula(targets, threshold, min_val, max_val):
+    """The math of ``normalize`` on arrays, to trace inside a jitted function (no checks)."""
     out_dtype = output_dtype(targets.dtype)
     if targets.size == 0:
         # Nothing to compute; and jax's select fails to lower on an empty array sharded
@@ -53,13 +58,13 @@ def _math(targets, threshold, min_val, max_val):
     return jnp.clip(y, 0, 1).astype(out_dtype)
 
 
-_normalize = jax.jit(_math)
+_normalize = jax.jit(formula)
 
 
 @jax.jit
 def _normalize_packed(targets, params):
     """``_normalize`` with ``params = [threshold, min, max]``: one transfer, not three."""
-    return _math(targets, params[0], params[1], params[2])
+    return formula(targets, params[0], params[1], params[2])
 
 
 def pack(threshold: float, min_val: float, max_val: float) -> np.ndarray:
@@ -67,9 +72,6 @@ def pack(threshold: float, min_val: float, max_val: float) -> np.ndarray:
     to an accelerator, which costs more than normalizing a batch of image scores)."""
     dtype = np.float64 if jax.config.jax_enable_x64 else np.float32
     return np.array([threshold, min_val, max_val], dtype)
-
-
-_F32_MAX = float(np.finfo(np.float32).max)
 
 
 def check_scalars(threshold: float, min_val: float, max_val: float, wide: bool) -> None:
@@ -86,10 +88,11 @@ def check_scalars(threshold: float, min_val: float, max_val: float, wide: bool) 
         )
     if not wide:
         for name, value in (("threshold", threshold), ("min_val", min_val), ("max_val", max_val)):
-            if abs(value) > _F32_MAX:
+            if abs(value) > validation.F32_MAX:
                 raise ValueError(
-                    f"{name} is {value}, beyond float32's range (+-{_F32_MAX:.4g}); the math "
-                    "runs in float32 (float64 only for float64 targets under jax_enable_x64)."
+                    f"{name} is {value}, beyond float32's range (+-{validation.F32_MAX:.4g}); the "
+                    "math runs in float32 (float64 only for float64 targets under "
+                    "jax_enable_x64)."
                 )
 
 
@@ -141,7 +144,7 @@ def _normalize_checked(targets, threshold, min_val, max_val, *, wide: bool):
         min_val,
         max_val,
     )
-    y = _math(targets, threshold, min_val, max_val)
+    y = formula(targets, threshold, min_val, max_val)
     # ok is True whenever the callback returns; the select makes the result depend on it.
     return jnp.where(ok, y, jnp.zeros((), y.dtype))
 
@@ -297,11 +300,9 @@ def _host_float(name: str, value, hint: str):
 def normalize(
     targets: ArrayLike, threshold: ArrayLike, min_val: ArrayLike, max_val: ArrayLike
 ) -> jax.Array:
-    r"""Maps raw anomaly scores to [0, 1] so that ``threshold`` lands at 0.5.
+    """Maps raw anomaly scores to [0, 1] so that ``threshold`` lands at 0.5::
 
-    .. math::
-
-      \mathrm{normalize}(x) = \mathrm{clip}\left(\frac{x - t}{\max - \min} + 0.5,\; 0,\; 1\right)
+      normalize(x) = clip((x - threshold) / (max_val - min_val) + 0.5, 0, 1)
 
     as in anomalib's ``normalize``, with one fix: when ``max_val == min_val`` the result is
     0 below the threshold, 0.5 at it and 1 above it, never NaN.
@@ -377,3 +378,39 @@ def normalize(
             "MinMax that has seen data."
         )
     return _normalize(targets, threshold, min_val, max_val)
+
+
+def normalize_outputs(
+    outputs: Mapping,
+    stats: NormalizationStats | MinMax,
+    image_threshold,
+    pixel_threshold,
+) -> dict:
+    """Returns a copy of ``outputs`` with scores, maps and boxes normalized: jittable.
+
+    ``pred_scores`` use the image threshold and statistics, ``anomaly_maps`` and each array
+    of ``box_scores`` the pixel ones (a single ``MinMax`` as ``stats`` serves both). Other
+    keys pass through unchanged, and a dict without
+    any of the three comes back as it is (the hook's ``normalize_batch`` raises instead).
+
+    Called eagerly, the thresholds and statistics are checked as ``jaxnorm.normalize``
+    checks them (empty statistics raise ``ValueError``). Inside ``jit`` they are tracers and
+    are not: empty statistics then act as a zero range, so check ``stats.image.is_empty``
+    and ``stats.pixel.is_empty`` before the loop.
+    """
+    if not isinstance(outputs, Mapping):
+        raise ValueError(
+            f"outputs: expected a dict of model outputs, got {type(outputs).__name__}."
+        )
+    stats = as_stats(stats, "normalize_outputs")
+    thresholds = {IMAGE: image_threshold, PIXEL: pixel_threshold}
+    out = dict(outputs)
+    for key, which in NORMALIZED_KEYS.items():
+        if key not in outputs:
+            continue
+        s = stats.get(which)
+        if key == "box_scores":
+            out[key] = [normalize(b, thresholds[which], s.min, s.max) for b in outputs[key]]
+        else:
+            out[key] = normalize(outputs[key], thresholds[which], s.min, s.max)
+    return out

@@ -1,49 +1,80 @@
-"""Saving and loading the hook's thresholds and statistics: state dicts and JSON metadata.
+"""The hook's thresholds and statistics as state dicts and JSON metadata: pure conversions.
 
-Everything that enters from outside (a state dict, JSON metadata, ``set_stats``, a reducer's
-output, anomalib 2's buffers) is checked by one path, ``checked_stats`` over
-``validation.loaded_stats``, so a bad value is reported the same way wherever it comes from:
-the source, the key and the value.
+A ``Snapshot`` is what the hook saves and loads, on the host. This module converts it to and
+from a state dict or anomalib's JSON metadata, and never sees the hook: the hook makes the
+snapshot it saves, and applies the one a load returns. Everything that enters is checked
+here, by the checks every outside value takes (``validation.checked_stats``,
+``validation.check_threshold``), before the hook changes anything, so a bad source changes
+nothing and is reported the same way wherever it comes from: the source, the key and the
+value.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import numpy as np
 
-from jaxnorm._src import hook_step, validation
-from jaxnorm._src.outputs import IMAGE, PIXEL, NormalizationStats, StatsMode
+from jaxnorm._src import validation
+from jaxnorm._src.stats import IMAGE, PIXEL, NormalizationStats
+from jaxnorm._src.validation import StatsMode
 
-if TYPE_CHECKING:
-    from jaxnorm._src.hook import MinMaxNormalizationHook
-
-_F32_MAX = float(np.finfo(np.float32).max)
 _WHICH = (IMAGE, PIXEL)
+
+
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+    """The hook's thresholds and statistics on the host, checked.
+
+    Attributes:
+      stats: ``{"image": (min, max), "pixel": (min, max)}`` as floats; ``(+inf, -inf)``: none.
+      thresholds: ``{"image": t, "pixel": t}``; a load holds only those its source had.
+      stats_mode: the layout JSON metadata had (``None`` from a state dict, which holds
+        both pairs: statistics that differ make a shared hook separate).
+      num_values: values folded into each statistic; ``None`` when the source has no counts.
+      num_nonfinite: non-finite values skipped, likewise.
+    """
+
+    stats: Mapping[str, tuple[float, float]]
+    thresholds: Mapping[str, float]
+    stats_mode: StatsMode | None = None
+    num_values: Mapping[str, int] | None = None
+    num_nonfinite: Mapping[str, int] | None = None
 
 
 # -- state dicts ----------------------------------------------------------------------------
 
 
-def state_dict(hook: MinMaxNormalizationHook) -> dict[str, Any]:
-    """``hook.state_dict()``: see ``MinMaxNormalizationHook.state_dict``."""
-    counts = {"num_values": hook.num_values, "num_nonfinite": hook.num_nonfinite}
-    hook.host_stats()  # reads (and caches) the statistics once, raising pending errors
+def to_state_dict(snapshot: Snapshot, stats: NormalizationStats) -> dict[str, Any]:
+    """The state dict of ``MinMaxNormalizationHook.state_dict``.
+
+    Args:
+      snapshot: the hook's values (thresholds float64, exact; counters uint64).
+      stats: the statistics as the hook holds them on the device: a pytree that flax's
+        serialization and orbax save as it is.
+    """
+    counts = {"num_values": snapshot.num_values, "num_nonfinite": snapshot.num_nonfinite}
     return {
-        "stats": hook.stats,
-        "image_threshold": np.float64(hook.image_threshold),
-        "pixel_threshold": np.float64(hook.pixel_threshold),
-        **{name: {w: np.uint64(c[w]) for w in _WHICH} for name, c in counts.items()},
+        "stats": stats,
+        "image_threshold": np.float64(snapshot.thresholds[IMAGE]),
+        "pixel_threshold": np.float64(snapshot.thresholds[PIXEL]),
+        **{name: {w: np.uint64((c or {}).get(w, 0)) for w in _WHICH} for name, c in counts.items()},
     }
 
 
-def load_state_dict(hook: MinMaxNormalizationHook, state: Mapping[str, Any]) -> None:
-    """``hook.load_state_dict(state)``: everything is checked before anything changes."""
+def from_state_dict(state: Mapping[str, Any]) -> Snapshot:
+    """A state dict (``to_state_dict``'s, or the plain dicts msgpack returns), checked.
+
+    Raises:
+      ValueError: naming the key and the value, for a layout that is not the state dict's,
+        a count that is not one, a threshold or statistics that do not pass the checks.
+    """
     if not isinstance(state, Mapping):
         raise ValueError(
             f"state: expected the dict of MinMaxNormalizationHook.state_dict(), got "
@@ -76,38 +107,29 @@ def load_state_dict(hook: MinMaxNormalizationHook, state: Mapping[str, Any]) -> 
                 "{'image': n, 'pixel': n}, as state_dict() writes (or leave it out)."
             )
         counts[name] = {w: _host_count(f"state['{name}']['{w}']", c.get(w, 0)) for w in _WHICH}
-    image_threshold, pixel_threshold = (
-        check_threshold(f"state['{w}_threshold']", t)
+    checked_thresholds = {
+        w: validation.check_threshold(f"state['{w}_threshold']", t)
         for w, t in zip(_WHICH, thresholds, strict=True)
+    }
+    keys = {w: (f"stats.{w}.min", f"stats.{w}.max") for w in pairs}
+    return Snapshot(
+        stats=validation.checked_stats("state", pairs, keys),
+        thresholds=checked_thresholds,
+        **counts,
     )
-    host = checked_stats("state", pairs, {w: (f"stats.{w}.min", f"stats.{w}.max") for w in pairs})
-    # Everything is checked: nothing below raises, so a bad state changes nothing.
-    hook._set_state(hook_step.HookState.initial(None, **counts))
-    hook._install(host)
-    separate_if_differ(hook, host)
-    hook.image_threshold = image_threshold
-    hook.pixel_threshold = pixel_threshold
-
-
-def separate_if_differ(hook: MinMaxNormalizationHook, host: Mapping[str, tuple]) -> None:
-    """Makes a shared hook separate when its new image and pixel statistics differ (saved
-    by a separate hook): shared mode folds, saves and exports one pair, and would drop the
-    pixel statistics."""
-    if host[IMAGE] != host[PIXEL]:
-        hook.stats_mode = "separate"
 
 
 # -- JSON metadata --------------------------------------------------------------------------
 
 
-def metadata(hook: MinMaxNormalizationHook) -> dict[str, float | None]:
-    """``hook.metadata()``: anomalib's deployment metadata, in raw-score units."""
-    stats = hook.host_stats()
+def to_metadata(snapshot: Snapshot) -> dict[str, float | None]:
+    """anomalib's deployment metadata, in raw-score units (see ``hook.metadata``)."""
+    stats = snapshot.stats
     meta: dict[str, float | None] = {
-        "image_threshold": hook.image_threshold,
-        "pixel_threshold": hook.pixel_threshold,
+        "image_threshold": snapshot.thresholds[IMAGE],
+        "pixel_threshold": snapshot.thresholds[PIXEL],
     }
-    if hook.stats_mode == "shared":
+    if snapshot.stats_mode == "shared":
         meta["min"], meta["max"] = (_finite(v) for v in stats[IMAGE])
     else:
         meta["pred_scores.min"], meta["pred_scores.max"] = (_finite(v) for v in stats[IMAGE])
@@ -115,17 +137,20 @@ def metadata(hook: MinMaxNormalizationHook) -> dict[str, float | None]:
     return meta
 
 
-def to_json(hook: MinMaxNormalizationHook, path: str | os.PathLike | None = None) -> str:
-    """``metadata(hook)`` as JSON; written to ``path`` when given."""
-    text = json.dumps(metadata(hook), indent=2)
+def to_json(snapshot: Snapshot, path: str | os.PathLike | None = None) -> str:
+    """``to_metadata(snapshot)`` as JSON; written to ``path`` when given."""
+    text = json.dumps(to_metadata(snapshot), indent=2)
     if path is not None:
         with open(path, "w") as f:
             f.write(text + "\n")
     return text
 
 
-def load_json(hook: MinMaxNormalizationHook, source: str | os.PathLike | Mapping) -> None:
-    """``hook.load_json(source)``: see ``MinMaxNormalizationHook.load_json``."""
+def from_json(source: str | os.PathLike | Mapping) -> Snapshot:
+    """``to_json`` output or anomalib's metadata (a path, JSON text or a dict), checked.
+
+    The snapshot holds the thresholds the metadata has, and its layout as ``stats_mode``.
+    """
     if isinstance(source, Mapping):
         meta = source
     elif isinstance(source, (str, bytes, bytearray)) and source.lstrip()[:1] in (
@@ -165,47 +190,19 @@ def load_json(hook: MinMaxNormalizationHook, source: str | os.PathLike | Mapping
             f"among {sorted(map(str, meta))}; export it with MinMaxNormalizationHook.to_json()."
         )
     thresholds = {
-        w: check_threshold(f"metadata '{w}_threshold'", meta[f"{w}_threshold"])
+        w: validation.check_threshold(f"metadata '{w}_threshold'", meta[f"{w}_threshold"])
         for w in _WHICH
         if f"{w}_threshold" in meta
     }
     pairs = {w: _pair_from(meta, *k) for w, k in keys.items()}
-    hook._install(checked_stats("metadata", pairs, keys))
-    for w, t in thresholds.items():
-        hook._set_threshold(w, t)
-    hook.stats_mode = mode
+    return Snapshot(
+        stats=validation.checked_stats("metadata", pairs, keys),
+        thresholds=thresholds,
+        stats_mode=mode,
+    )
 
 
-# -- checks of what comes from outside ------------------------------------------------------
-
-
-def check_threshold(name: str, value) -> float:
-    """A threshold from a setter, a state dict or JSON, as a finite float in float32's range."""
-    value = validation.host_scalar(name, value)
-    if not isinstance(value, float):
-        raise ValueError(f"{name}: pass a concrete number, not a traced value.")
-    if abs(value) > _F32_MAX:
-        raise ValueError(
-            f"{name} is {value}, beyond float32's range (+-{_F32_MAX:.4g}), where the "
-            "statistics live; pass a threshold in raw-score units."
-        )
-    return value
-
-
-def checked_stats(
-    source: str,
-    pairs: Mapping[str, tuple[object, object]],
-    keys: Mapping[str, tuple[str, str]] | None = None,
-) -> dict[str, tuple[float, float]]:
-    """Checks ``{"image": (lo, hi), "pixel": (lo, hi)}`` that come from outside.
-
-    ``keys`` names each pair's values in ``source`` (default ``"image.min"``, ...).
-    """
-    host = {}
-    for which, (lo, hi) in pairs.items():
-        lo_key, hi_key = (keys or {}).get(which, (f"{which}.min", f"{which}.max"))
-        host[which] = validation.loaded_stats(source, lo_key, lo, hi_key, hi)
-    return host
+# -- helpers --------------------------------------------------------------------------------
 
 
 def host_pairs(stats: NormalizationStats) -> dict[str, tuple[object, object]]:

@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 ArrayLike = Any
+StatsMode = Literal["shared", "separate"]
+STATS_MODES = ("shared", "separate")
+NonFinitePolicy = Literal["raise", "omit"]
+# (mins, maxs, counts) -> the same, reduced over every participant: min, max and sum.
+# mins/maxs are float32 [image, pixel]; counts int64 [n_values, n_nonfinite].
+Reducer = Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+# The largest float32: statistics and the math live in float32.
+F32_MAX = float(np.finfo(np.float32).max)
 
 _HINT = (
     "pass a jax.Array, a numpy array or a Python/numpy number "
@@ -164,9 +174,6 @@ def check_mask(mask: ArrayLike, shape: tuple[int, ...]) -> jax.Array | np.ndarra
     return mask
 
 
-_F32_MAX = float(np.finfo(np.float32).max)
-
-
 def loaded_stats(source: str, lo_key: str, lo: Any, hi_key: str, hi: Any) -> tuple[float, float]:
     """Checks a ``(min, max)`` pair that comes from outside and returns it as Python floats.
 
@@ -206,7 +213,7 @@ def loaded_stats(source: str, lo_key: str, lo: Any, hi_key: str, hi: Any) -> tup
             digits = len(str(abs(value)))
             raise ValueError(
                 f"{source}: '{key}' is an integer of {digits} digits, beyond float64's range "
-                f"(and float32's, +-{_F32_MAX:.4g}, where statistics live); rescale the scores "
+                f"(and float32's, +-{F32_MAX:.4g}, where statistics live); rescale the scores "
                 "or load the statistics that were saved."
             ) from None
     flo, fhi = values
@@ -220,9 +227,9 @@ def loaded_stats(source: str, lo_key: str, lo: Any, hi_key: str, hi: Any) -> tup
                 "finite: validate again (nonfinite='raise' names the bad output) or load other "
                 "statistics."
             )
-        if abs(value) > _F32_MAX:
+        if abs(value) > F32_MAX:
             raise ValueError(
-                f"{source}: '{key}' is {value}, beyond float32's range (+-{_F32_MAX:.4g}); "
+                f"{source}: '{key}' is {value}, beyond float32's range (+-{F32_MAX:.4g}); "
                 "statistics are float32: rescale the scores."
             )
     if fhi < flo:
@@ -231,3 +238,102 @@ def loaded_stats(source: str, lo_key: str, lo: Any, hi_key: str, hi: Any) -> tup
             "statistics of any scores: load the pair that was saved together."
         )
     return flo, fhi
+
+
+def checked_stats(
+    source: str,
+    pairs: Mapping[str, tuple[object, object]],
+    keys: Mapping[str, tuple[str, str]] | None = None,
+) -> dict[str, tuple[float, float]]:
+    """``loaded_stats`` over ``{"image": (lo, hi), "pixel": (lo, hi)}`` that come from outside.
+
+    ``keys`` names each pair's values in ``source`` (default ``"image.min"``, ...). A pair
+    given twice (the same objects, as shared statistics hold them) is read once.
+    """
+    host: dict[str, tuple[float, float]] = {}
+    read: dict[tuple[int, int], tuple[float, float]] = {}
+    for which, (lo, hi) in pairs.items():
+        ids = (id(lo), id(hi))
+        if ids not in read:
+            lo_key, hi_key = (keys or {}).get(which, (f"{which}.min", f"{which}.max"))
+            read[ids] = loaded_stats(source, lo_key, lo, hi_key, hi)
+        host[which] = read[ids]
+    return host
+
+
+def check_threshold(name: str, value) -> float:
+    """A threshold from a setter, a state dict or JSON, as a finite float in float32's range."""
+    value = host_scalar(name, value)
+    if not isinstance(value, float):
+        raise ValueError(f"{name}: pass a concrete number, not a traced value.")
+    if abs(value) > F32_MAX:
+        raise ValueError(
+            f"{name} is {value}, beyond float32's range (+-{F32_MAX:.4g}), where the "
+            "statistics live; pass a threshold in raw-score units."
+        )
+    return value
+
+
+def check_nonfinite(nonfinite: str) -> NonFinitePolicy:
+    """The ``nonfinite`` option: ``"raise"`` or ``"omit"``."""
+    if nonfinite not in ("raise", "omit"):
+        raise ValueError(
+            f"nonfinite={nonfinite!r}: expected 'raise' (NaN/inf validation scores raise "
+            "jaxnorm.NonFiniteScoresError) or 'omit' (they are skipped)."
+        )
+    return nonfinite  # type: ignore[return-value]
+
+
+def check_stats_mode(stats: str) -> StatsMode:
+    """The ``stats`` option: ``"shared"`` or ``"separate"``."""
+    if stats not in STATS_MODES:
+        raise ValueError(f"stats={stats!r}: expected one of {STATS_MODES}.")
+    return stats  # type: ignore[return-value]
+
+
+def check_flag(name: str, value: Any) -> bool:
+    """A boolean option (numpy's bool too); anything else is not read as a flag."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(
+            f"{name}={value!r}: expected True or False (a {type(value).__name__} "
+            "is not read as a flag)."
+        )
+    return bool(value)
+
+
+def check_reducer(value: Any) -> Reducer | Literal["auto"] | None:
+    """The ``reducer`` option: ``"auto"``, ``None`` or a callable."""
+    if not (value is None or value == "auto" or (callable(value) and not isinstance(value, str))):
+        raise ValueError(
+            f"reducer={value!r}: expected 'auto', None or a callable "
+            "(mins, maxs, counts) -> (mins, maxs, counts), see jaxnorm.Reducer."
+        )
+    return value
+
+
+def check_reduced(out: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A reducer's output, checked: three arrays of two values each."""
+    try:
+        mins, maxs, counts = (np.asarray(a) for a in out)
+        ok = mins.shape == maxs.shape == counts.shape == (2,) and counts.dtype.kind in "iuf"
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"reducer returned {out!r}; expected (mins, maxs, counts) like its arguments: "
+            "float arrays [image, pixel] reduced with min and max, and the integer counts "
+            "[n_values, n_nonfinite] summed (see jaxnorm.Reducer)."
+        )
+    return mins, maxs, counts
+
+
+def check_rows(key: str, x: Any, valid_rows: Any) -> int:
+    """``valid_rows`` of a batch its caller padded: an int that fits ``x``'s leading axis."""
+    if isinstance(valid_rows, bool) or not isinstance(valid_rows, (int, np.integer)):
+        raise ValueError(f"valid_rows={valid_rows!r}: expected an int.")
+    if np.ndim(x) == 0 or not 0 <= valid_rows <= x.shape[0]:
+        raise ValueError(
+            f"{key}: valid_rows={valid_rows} does not fit its shape {tuple(np.shape(x))}; "
+            "pass the number of real rows of the padded leading axis."
+        )
+    return int(valid_rows)

@@ -1,4 +1,4 @@
-"""Detection metrics in numpy: AUROC, F1 and the F1-optimal (adaptive) threshold.
+"""Detection metrics in numpy: AUROC and F1 (the F1-optimal threshold is jaxnorm's own).
 
 Written out here instead of importing scikit-learn, so the demo needs nothing beyond
 jaxnorm's own dependencies. The conventions are anomalib's: a sample is predicted
@@ -50,33 +50,3 @@ def f1_score(predicted, labels) -> float:
     tp = int(np.sum(p & y))
     denom = int(np.sum(p)) + int(np.sum(y))
     return 1.0 if denom == 0 else 2 * tp / denom
-
-
-def f1_optimal_threshold(scores, labels) -> tuple[float, float]:
-    """The threshold that maximizes F1 on ``(scores, labels)``: a precision-recall sweep.
-
-    Every distinct score is a candidate, as in anomalib's ``F1AdaptiveThreshold``; the
-    returned threshold is one of the scores, in their own dtype, so ``scores >= threshold``
-    reproduces the best F1 exactly.
-
-    Returns:
-      ``(threshold, best_f1)``.
-
-    Raises:
-      ValueError: there is no anomalous sample to tune on.
-    """
-    dtype = np.asarray(scores).dtype
-    s, y = _flat(scores, labels)
-    n_pos = int(y.sum())
-    if n_pos == 0:
-        raise ValueError("f1_optimal_threshold: the labels hold no anomalous sample.")
-    order = np.argsort(-s, kind="stable")
-    s, y = s[order], y[order]
-    tp = np.cumsum(y)
-    fp = np.cumsum(~y)
-    # Cutting inside a run of equal scores is impossible with ">=": keep each run's end.
-    cut = np.r_[s[1:] != s[:-1], True]
-    tp, fp, s = tp[cut], fp[cut], s[cut]
-    f1 = 2 * tp / (tp + fp + n_pos)
-    best = int(np.argmax(f1))
-    return float(np.asarray(s[best], dtype)), float(f1[best])

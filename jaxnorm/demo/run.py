@@ -18,6 +18,7 @@ from flax import nnx
 import jaxnorm
 from jaxnorm._src.compat import optimizer_update
 from jaxnorm.demo import metrics as M
+from jaxnorm.demo import optional
 from jaxnorm.demo.data import Split, make_dataset
 from jaxnorm.demo.model import ConvAutoencoder, anomaly_outputs, init_model, reconstruction_loss
 from jaxnorm.nnx import MinMaxMetric
@@ -91,12 +92,12 @@ def _metrics() -> nnx.MultiMetric:
     )
 
 
-def _progress(total: int, disable: bool):
-    try:
-        from tqdm import tqdm
-    except ImportError:  # tqdm comes with the [demo] extra; without it, no bar
+def _progress(total: int, show: bool):
+    if not show:  # asked for none, or tqdm (the demo extra) is not installed: said up front
         return contextlib.nullcontext(None)
-    return tqdm(total=total, disable=disable, unit="step", dynamic_ncols=True)
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="step", dynamic_ncols=True)
 
 
 def _validate(model, metrics, hook, split: Split, batch_size: int):
@@ -117,7 +118,7 @@ def _validate(model, metrics, hook, split: Split, batch_size: int):
     return np.concatenate(scores), np.concatenate(maps)[:, 0]
 
 
-def _fit(args, train: Split, val: Split, hook, timings: dict):
+def _fit(args, train: Split, val: Split, hook, timings: dict, progress: bool):
     """Trains the autoencoder; validates every epoch through ``hook``.
 
     Returns:
@@ -131,7 +132,7 @@ def _fit(args, train: Split, val: Split, hook, timings: dict):
     val_metrics = _metrics()
     rng = np.random.default_rng(args.seed)
     timings["train"] = timings["validation"] = 0.0
-    with _progress(args.epochs * steps, args.no_progress) as bar:
+    with _progress(args.epochs * steps, progress) as bar:
         for epoch in range(args.epochs):
             if bar is not None:
                 bar.set_description(f"epoch {epoch + 1}/{args.epochs}")
@@ -188,9 +189,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
       values at 0 and 1 by class; ``stats`` holds ``min``, ``max``, ``image_threshold`` and
       ``pixel_threshold`` (raw units); ``nnx_metric_agrees`` says whether the in-jit
       ``MinMaxMetric`` found the hook's statistics; ``timings`` are seconds; ``stats_json``
-      and ``figure`` are the written paths (``figure`` is None with ``--no-plot``).
+      and ``figure`` are the written paths (``figure`` is None with ``--no-plot`` or
+      without matplotlib); ``missing`` says which optional module is not installed, and
+      what the demo went without (``jaxnorm.demo.optional``).
     """
     args = parse_args(argv)
+    # Before training: what the figure and the progress bar need, and what to install.
+    extras = optional.check(plot=not args.no_plot, progress=not args.no_progress)
+    for line in extras.missing:
+        print(line, flush=True)
     os.makedirs(args.out, exist_ok=True)
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -206,11 +213,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
         timings["data"] = time.perf_counter() - t
 
         hook = jaxnorm.MinMaxNormalizationHook()
-        model, val_metrics, val_scores, val_maps = _fit(args, train, val, hook, timings)
+        model, val_metrics, val_scores, val_maps = _fit(
+            args, train, val, hook, timings, extras.progress
+        )
 
-        # Adaptive thresholds in raw units, F1-optimal on the last validation epoch.
-        hook.image_threshold, _ = M.f1_optimal_threshold(val_scores, val.labels)
-        hook.pixel_threshold, _ = M.f1_optimal_threshold(val_maps, val.masks)
+        # Adaptive thresholds in raw units, anomalib's F1-optimal ones on the last epoch.
+        hook.image_threshold = float(jaxnorm.f1_adaptive_threshold(val_scores, val.labels))
+        hook.pixel_threshold = float(jaxnorm.f1_adaptive_threshold(val_maps, val.masks))
 
         t = time.perf_counter()
         raw, normalized = _test(model, hook, test, args.batch_size)
@@ -239,9 +248,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "sizes": {"train": len(train), "val": len(val), "test": len(test)},
         "stats_json": os.path.join(args.out, "stats.json"),
         "figure": None,
+        "missing": list(extras.missing),
     }
     hook.to_json(results["stats_json"])
-    if not args.no_plot:
+    if extras.plot:
         from jaxnorm.demo.figure import save_figure
 
         t = time.perf_counter()
@@ -352,6 +362,7 @@ def format_report(r: dict, args: argparse.Namespace) -> str:
         f"{'':<16}XLA compile {t['compile']:.1f} of it",
         f"wrote {r['stats_json']}" + (f" and {r['figure']}" if r["figure"] else ""),
     ]
+    lines += r.get("missing", [])
     return "\n".join(lines)
 
 

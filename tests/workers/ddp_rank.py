@@ -24,6 +24,7 @@ from pytorch_lightning.strategies import DDPStrategy
 from torch.utils.data import DataLoader, Dataset
 
 import jaxnorm
+import torch_compat._allreduce
 from torch_compat import MinMaxNormalizationCallback
 
 warnings.filterwarnings("ignore", module="pytorch_lightning|lightning_fabric")
@@ -165,7 +166,7 @@ def main(workdir: Path) -> None:
     norm = MinMaxNormalizationCallback(nonfinite=cfg["nonfinite"])
     if cfg["no_reduce"]:
         # Negative control only: whatever reducer the callback sets, the hook never uses it.
-        norm.hook._active_reducer = lambda: None
+        torch_compat._allreduce.epoch_reducer = lambda: None
     recorder = Recorder(norm)
     checkpoint = ModelCheckpoint(dirpath=workdir / "ckpt", filename="model")
     trainer = pl.Trainer(

@@ -7,7 +7,9 @@ Every child runs in its own session (process group), so that the processes a chi
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import pickle
 import signal
 import socket
 import subprocess
@@ -173,3 +175,26 @@ def _read(files) -> list[str]:
         f.seek(0)
         out.append(f.read())
     return out
+
+
+def run_ddp_workers(
+    script: Path, workdir: Path, inputs: dict, world_size: int, timeout: float
+) -> list[dict]:
+    """Pickles ``inputs`` to ``workdir/inputs.pkl``, runs ``script workdir`` once per
+    torch.distributed rank (``ddp_commands``) and returns what each rank wrote to
+    ``workdir/rank{RANK}.json``.
+
+    Raises:
+      AssertionError: a rank exited with an error (the message holds every log).
+      GroupTimeout: the ranks did not finish within ``timeout`` seconds.
+    """
+    with open(workdir / "inputs.pkl", "wb") as f:
+        pickle.dump(inputs, f)
+    commands = ddp_commands(str(script), [str(workdir)], world_size)
+    finished = run_group(commands, workdir / "logs", timeout)
+    assert finished.returncodes == [0] * world_size, finished.report()
+    results = []
+    for rank in range(world_size):
+        with open(workdir / f"rank{rank}.json") as f:
+            results.append(json.load(f))
+    return results

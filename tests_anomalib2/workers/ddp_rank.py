@@ -9,10 +9,7 @@ rank's validation batches); writes ``WORKDIR/rank{RANK}.json``: each class's buf
 error.
 """
 
-import datetime
 import json
-import os
-import pickle
 import sys
 import warnings
 from pathlib import Path
@@ -20,11 +17,11 @@ from pathlib import Path
 import torch
 from anomalib.data import ImageBatch
 from anomalib.post_processing import PostProcessor as AnomalibPostProcessor
-from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch import LightningModule
 from torch.utils.data import DataLoader
 
 import jaxnorm
+from tests.workers import lightning_ddp
 from torch_compat.anomalib2 import PostProcessor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests_anomalib2/
@@ -60,22 +57,8 @@ class Scores(LightningModule):
 
 
 def main(workdir: Path) -> None:
-    rank = int(os.environ["RANK"])
-    torch.set_num_threads(1)
-    with open(workdir / "inputs.pkl", "rb") as f:
-        spec = pickle.load(f)
-    trainer = Trainer(
-        strategy=DDPStrategy(
-            process_group_backend="gloo", timeout=datetime.timedelta(seconds=spec["timeout"])
-        ),
-        accelerator="cpu",
-        devices=spec["world_size"],
-        num_nodes=1,
-        use_distributed_sampler=False,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    rank, spec = lightning_ddp.read_inputs(workdir)
+    trainer = lightning_ddp.trainer(spec)
     result = {"rank": rank}
     for kind, cls in (("anomalib", AnomalibPostProcessor), ("jaxnorm", PostProcessor)):
         pp = cls()

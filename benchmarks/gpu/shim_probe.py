@@ -7,7 +7,7 @@ through ``torch_compat.MinMaxNormalizationCallback`` and the anomalib 0.7 stand-
 one sync at the end. Prints microseconds per batch (best and median of the rounds) and the
 ratio. On a GPU (jax with CUDA and torch with CUDA) the tensors live on ``cuda``.
 
-  PYTHONPATH=$PWD python benchmarks/probes/shim_probe.py [--size 8] [--batches 200]
+  PYTHONPATH=$PWD python benchmarks/gpu/shim_probe.py [--size 8] [--batches 200]
       [--rounds 15] [--profile test|validation] [--parts] [--evict MB]
 
 ``--parts`` also times the steps of the shim's steady test path alone, per batch, on the

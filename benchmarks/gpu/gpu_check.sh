@@ -1,22 +1,22 @@
 #!/usr/bin/env bash
 # The checks that need a CUDA GPU, as one script: the CUDA tests (every test file that
 # mentions CUDA, plus the core's hook, normalize and shim-hook tests on the GPU, and the
-# sharded tests, which must take the CPU devices when the GPU is jax's default), then the
-# full benchmark suite, whose pipelined cases (pipeline, overhead, fused, load, loop) judge
-# issues 11's and 14's GPU targets, then the shim's per-batch probe (test and validation,
-# fresh tensors each batch, against anomalib 0.7's callback, with the steps of the steady
-# test path timed apart), at tiny and real map sizes, and normalize with jax-array statistics
-# against float ones (probes/normalize_stats_probe.py), and the CUDA exchange's stream
-# orderings and alignment (probes/cuda_exchange_probe.py). Needs jax with CUDA, torch with CUDA,
-# lightning, flax, pytest and hypothesis on the machine; run from the repository root:
-#   OUT=/tmp/gpu bash benchmarks/gpu_check.sh
+# sharded tests, which must take the CPU devices when the GPU is jax's default), then every
+# benchmark case, whose pipelined cases (pipeline, overhead, fused, load, loop) judge the GPU
+# targets, then the shim's per-batch probe (test and validation, fresh tensors each batch,
+# against anomalib 0.7's callback, with the steps of the steady test path timed apart) at tiny
+# and real map sizes, and the CUDA exchange's stream orderings and alignment
+# (cuda_exchange_probe.py). Needs jax with CUDA, torch with CUDA, lightning, flax, pytest and
+# hypothesis on the machine; run from the repository root:
+#   OUT=/tmp/gpu bash benchmarks/gpu/gpu_check.sh
 # Results land in $OUT: copy <machine>.json/.md into benchmarks/results/ and run
 # `make bench-replot` to publish them (a run of every case is what the README's headline
-# block, docs/_generated/benchmarks.md and the plot read).
-# Knobs: TEST_TIMEOUT, BENCH_TIMEOUT and PROBE_TIMEOUT (seconds; 150 + 360 + 4 x 20 by
+# block, docs/_generated/ and the plot read; a GPU run of a new day replaces the stored
+# H200 run of a replaced design in the headline, see SUPERSEDED in benchmarks/publish.py).
+# Knobs: TEST_TIMEOUT, BENCH_TIMEOUT and PROBE_TIMEOUT (seconds; 150 + 360 + 3 x 20 by
 # default, to fit one 10-minute device call), CASES (comma-separated, default every case; a
-# subset is published only for the cases the full run lacks), QUICK=1 for a smoke run of the harness on the GPU,
-# PROBES=0 to skip the probe.
+# subset is published only for the cases the full run lacks), QUICK=1 for a smoke run of the
+# harness on the GPU, PROBES=0 to skip the probes.
 set -uo pipefail
 OUT=${OUT:-/tmp/jaxnorm-gpu-check}
 mkdir -p "$OUT"
@@ -28,10 +28,11 @@ nvidia-smi -L
 python3 -c "import jax, torch; print('jax', jax.__version__, jax.devices(), '| torch', torch.__version__, torch.cuda.is_available())"
 
 # CUDA tests: files written later (e.g. the shim's CUDA import path) are picked up by name.
-mapfile -t cuda_tests < <(grep -il cuda tests/test_*.py | grep -v test_benchmarks_smoke)
+mapfile -t cuda_tests < <(grep -ril cuda tests --include='test_*.py' | grep -v test_benchmarks_smoke)
 tests=("${cuda_tests[@]}" tests/test_torch_compat_hooks.py tests/test_normalize.py tests/test_hook.py
   tests/test_sharded_hook.py tests/test_nnx_metric.py)
-mapfile -t tests < <(printf '%s\n' "${tests[@]}" | sort -u)
+# (only those that exist: test files get renamed)
+mapfile -t tests < <(ls -d "${tests[@]}" 2>/dev/null | sort -u)
 echo "CUDA tests: ${tests[*]}"
 timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q -p no:cacheprovider -rs "${tests[@]}" 2>&1 \
   | tee "$OUT/gpu_tests.log"
@@ -46,12 +47,10 @@ echo "benchmarks: rc ${PIPESTATUS[0]} after $((SECONDS - start)) s"
 if [[ "${PROBES:-1}" == 1 ]]; then
   for run in "8 200" "256 50"; do
     read -r size batches <<<"$run"
-    timeout "${PROBE_TIMEOUT:-20}" python3 benchmarks/probes/shim_probe.py --size "$size" \
+    timeout "${PROBE_TIMEOUT:-20}" python3 benchmarks/gpu/shim_probe.py --size "$size" \
       --batches "$batches" --rounds 7 --parts 2>&1 | tee -a "$OUT/shim_probe.log"
   done
-  timeout "${PROBE_TIMEOUT:-20}" python3 benchmarks/probes/normalize_stats_probe.py --rounds 7 \
-    2>&1 | tee -a "$OUT/shim_probe.log"
-  timeout "${PROBE_TIMEOUT:-20}" python3 benchmarks/probes/cuda_exchange_probe.py 2>&1 \
+  timeout "${PROBE_TIMEOUT:-20}" python3 benchmarks/gpu/cuda_exchange_probe.py 2>&1 \
     | tee "$OUT/cuda_exchange_probe.log"
-  echo "probe: done after $((SECONDS - start)) s"
+  echo "probes: done after $((SECONDS - start)) s"
 fi

@@ -1,10 +1,9 @@
-"""The hook's per-batch work: one jitted dispatch per batch, and no device-to-host read.
+"""The hook's validation state and its fold: one jitted dispatch per batch, no host read.
 
 Validation folds every statistic a batch feeds into ``HookState``, which stays on the device.
 Whether a batch is folded is decided there too: under ``nonfinite="raise"`` a batch with any
 non-finite value keeps the old state (a select, not a host branch), and the first such batch
 is recorded (key, count, batch index) for the host to raise when it next reads the state.
-Test and predict normalize every present key in one call.
 
 Counters are exact ``uint32`` (high, low) pairs: they never wrap, with or without x64.
 """
@@ -18,11 +17,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
-from jaxnorm._src.minmax import MinMax, _finite_min_max_count
-from jaxnorm._src.normalize import _math
-from jaxnorm._src.outputs import IMAGE, NORMALIZED_KEYS, PIXEL, NormalizationStats
+from jaxnorm._src.minmax import MinMax, finite_min_max_count
+from jaxnorm._src.stats import IMAGE, PIXEL, NormalizationStats
 
 # Output keys by id, for the error record (the order of anomalib's precedence).
 KEYS = ("anomaly_maps", "box_scores", "pred_scores")
@@ -83,7 +80,6 @@ class Record:
             w: count(c[NUM_NONFINITE[i] : NUM_NONFINITE[i] + 2]) for i, w in _NAMES
         }
         self.rejected = count(c[REJECTED : REJECTED + 2])
-        self.batch = int(c[BATCH])
         self.bad_key = KEYS[int(c[BAD_KEY]) - 1] if c[BAD_KEY] else None
         self.bad_batch = int(c[BAD_BATCH])
         self.bad_count = int(c[BAD_COUNT])
@@ -134,7 +130,7 @@ def fold(
         its leading axis: only its first ``rows[key]`` rows (entries, for 1-D box scores)
         are data.
       rows: int32 scalars, the valid leading length of each padded key.
-      routes: ``((statistics, key), ...)`` from ``outputs.stats_sources``.
+      routes: ``((statistics, key), ...)`` from ``stats.stats_sources``.
       omit: skip non-finite values (``"omit"``) rather than reject the batch (``"raise"``).
     """
     parts = []
@@ -148,7 +144,7 @@ def fold(
             n = r.astype(jnp.uint32) * jnp.uint32(row_size)
         else:
             mask, n = None, jnp.uint32(x.size)
-        lo, hi, n_bad = _finite_min_max_count(x, mask)
+        lo, hi, n_bad = finite_min_max_count(x, mask)
         parts.append((which, key, MinMax(min=lo, max=hi), n_bad, n))
 
     total_bad = sum((p[3] for p in parts), jnp.uint32(0))
@@ -189,78 +185,3 @@ def fold(
     c = jnp.concatenate([jnp.stack([high, low], axis=1).reshape(-1), misc])
 
     return HookState(stats=NormalizationStats(image=stats[IMAGE], pixel=stats[PIXEL]), counters=c)
-
-
-@jax.jit
-def normalize_all(values: dict[str, jax.Array], params: jax.Array) -> dict[str, jax.Array]:
-    """Normalizes every key of ``values`` in one call.
-
-    Args:
-      values: arrays keyed by ``pred_scores``, ``anomaly_maps`` or ``box_scores`` (padded).
-      params: ``[[image threshold, min, max], [pixel threshold, min, max]]``.
-    """
-    out = {}
-    for key, x in values.items():
-        t, lo, hi = params[_WHICH[NORMALIZED_KEYS[key]]]
-        out[key] = _math(x, t, lo, hi)
-    return out
-
-
-# XLA's CPU client runs an executable in the calling thread when its HloCostAnalysis counts
-# fewer than 1000 flops, and otherwise hands it to a worker thread; that hand-over (two
-# thread switches) costs more than normalizing a few thousand values, and a caller that
-# reads the result at once (the Lightning shim: torch reads it on the host) pays all of it.
-# A while loop's body counts once, so mapping over the rows of a tiny batch keeps the cost
-# under the mark and the call inline. About 10 flops per value (a float16 value's casts
-# included): a row of up to ``INLINE_ROW`` values stays under 1000. Not bfloat16: XLA's
-# CPU compiler widens it to float32 around the loop, over whole arrays.
-_CHEAP_FLOPS = 1000
-_FLOPS_PER_VALUE = 10
-INLINE_ROW = 80
-INLINE_ROWS = 64  # more rows would cost more in loop steps than the hand-over
-_INLINE_DTYPES = frozenset({np.dtype(np.float32), np.dtype(np.float16)})
-
-
-def runs_rowwise(shapes: tuple[tuple[int, ...], ...], dtypes: tuple) -> bool:
-    """Whether ``normalize_positional`` should map over the rows of arrays of ``shapes`` and
-    ``dtypes`` (numpy's) on a CPU: float32 or float16, leading sizes that agree and are
-    small, small rows, and a batch that would not run inline already as a whole."""
-    if not shapes or any(len(s) == 0 for s in shapes):
-        return False
-    if any(np.dtype(d) not in _INLINE_DTYPES for d in dtypes):
-        return False
-    n = shapes[0][0]
-    if not 1 < n <= INLINE_ROWS or any(s[0] != n for s in shapes):
-        return False
-    row = sum(int(np.prod(s[1:], dtype=np.int64)) for s in shapes)
-    return row <= INLINE_ROW and n * row * _FLOPS_PER_VALUE >= _CHEAP_FLOPS
-
-
-@functools.cache
-def normalize_positional(keys: tuple[str, ...], rowwise: bool):
-    """``normalize_all`` for the arrays of ``keys`` passed positionally: a jitted
-    ``fn(params, *arrays) -> tuple``, one per layout of keys (no pytree of dict keys to
-    flatten at each call).
-
-    Args:
-      keys: the output keys the arrays hold, in order (``pred_scores``, ``anomaly_maps``).
-      rowwise: map over the shared leading axis (see ``runs_rowwise``): the same values,
-        run inline on a CPU.
-    """
-    rows = tuple(_WHICH[NORMALIZED_KEYS[key]] for key in keys)
-
-    def each(params, xs):
-        return tuple(_math(x, *params[w]) for x, w in zip(xs, rows, strict=True))
-
-    if rowwise:
-
-        def fn(params, *xs):
-            return lax.map(lambda row: each(params, row), xs)
-
-    else:
-
-        def fn(params, *xs):
-            return each(params, xs)
-
-    fn.__name__ = "normalize_" + "_".join(keys) + ("_rowwise" if rowwise else "")
-    return jax.jit(fn)

@@ -17,7 +17,7 @@ GPU, each ordering the design relies on, and prints ``OK`` or ``FAIL`` per check
    arity of jaxlib's import function found on this jaxlib.
 
 Run from the repository root on a CUDA machine (``gpu_check.sh`` runs it):
-  python benchmarks/probes/cuda_exchange_probe.py
+  python benchmarks/gpu/cuda_exchange_probe.py
 It exits with 1 when a check fails, 0 when all pass, 2 without a GPU.
 """
 

@@ -1,25 +1,24 @@
-"""Which output key feeds which statistics, and which threshold applies to which key.
+"""The normalization statistics, and which output key feeds them.
 
-This is the routing of anomalib's callback, kept in one place: the Flax hook, the pure
-functions below and the Lightning shim all use it.
+``NormalizationStats`` holds the image and pixel ``MinMax``; ``stats_sources`` is the routing
+of anomalib's callback (which key feeds which statistics, and so which threshold applies to
+which key), kept in one place: the Flax hook, ``update_stats`` and the Lightning adapters all
+use it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Literal
 
 import flax.struct
 import jax.numpy as jnp
 
 from jaxnorm._src import errors
 from jaxnorm._src.minmax import MinMax
-from jaxnorm._src.normalize import normalize
+from jaxnorm._src.validation import StatsMode, check_stats_mode
 
 IMAGE = "image"
 PIXEL = "pixel"
-StatsMode = Literal["shared", "separate"]
-STATS_MODES = ("shared", "separate")
 
 # The statistic each normalized key uses, and so its threshold (image or pixel).
 NORMALIZED_KEYS: Mapping[str, str] = {
@@ -27,12 +26,6 @@ NORMALIZED_KEYS: Mapping[str, str] = {
     "anomaly_maps": PIXEL,
     "box_scores": PIXEL,
 }
-
-
-def check_stats_mode(stats: str) -> StatsMode:
-    if stats not in STATS_MODES:
-        raise ValueError(f"stats={stats!r}: expected one of {STATS_MODES}.")
-    return stats  # type: ignore[return-value]
 
 
 def stats_sources(outputs: Mapping, stats: StatsMode) -> list[tuple[tuple[str, ...], str]]:
@@ -64,6 +57,13 @@ def stats_sources(outputs: Mapping, stats: StatsMode) -> list[tuple[tuple[str, .
         if sources:
             return sources
     raise ValueError(errors.NO_VALUES_MESSAGE)
+
+
+def mode_after_load(mode: StatsMode, host: Mapping[str, tuple[float, float]]) -> StatsMode:
+    """The statistics mode of a hook that loaded ``host`` statistics: image and pixel
+    statistics that differ make a shared hook separate (shared mode folds, saves and exports
+    one pair, and would drop the pixel statistics)."""
+    return "separate" if host[IMAGE] != host[PIXEL] else mode
 
 
 @flax.struct.dataclass
@@ -105,7 +105,7 @@ class NormalizationStats:
         raise ValueError(f"which={which!r}: expected {IMAGE!r} or {PIXEL!r}.")
 
 
-def _as_stats(stats, where: str) -> NormalizationStats:
+def as_stats(stats, where: str) -> NormalizationStats:
     """``stats`` as ``NormalizationStats``; a ``MinMax`` is shared by image and pixel."""
     if isinstance(stats, MinMax):
         return NormalizationStats(image=stats, pixel=stats)
@@ -143,39 +143,3 @@ def update_stats(
         for w in which:
             new[w] = folded
     return NormalizationStats(image=new[IMAGE], pixel=new[PIXEL])
-
-
-def normalize_outputs(
-    outputs: Mapping,
-    stats: NormalizationStats | MinMax,
-    image_threshold,
-    pixel_threshold,
-) -> dict:
-    """Returns a copy of ``outputs`` with scores, maps and boxes normalized: jittable.
-
-    ``pred_scores`` use the image threshold and statistics, ``anomaly_maps`` and each array
-    of ``box_scores`` the pixel ones (a single ``MinMax`` as ``stats`` serves both). Other
-    keys pass through unchanged, and a dict without
-    any of the three comes back as it is (the hook's ``normalize_batch`` raises instead).
-
-    Called eagerly, the thresholds and statistics are checked as ``jaxnorm.normalize``
-    checks them (empty statistics raise ``ValueError``). Inside ``jit`` they are tracers and
-    are not: empty statistics then act as a zero range, so check ``stats.image.is_empty``
-    and ``stats.pixel.is_empty`` before the loop.
-    """
-    if not isinstance(outputs, Mapping):
-        raise ValueError(
-            f"outputs: expected a dict of model outputs, got {type(outputs).__name__}."
-        )
-    stats = _as_stats(stats, "normalize_outputs")
-    thresholds = {IMAGE: image_threshold, PIXEL: pixel_threshold}
-    out = dict(outputs)
-    for key, which in NORMALIZED_KEYS.items():
-        if key not in outputs:
-            continue
-        s = stats.get(which)
-        if key == "box_scores":
-            out[key] = [normalize(b, thresholds[which], s.min, s.max) for b in outputs[key]]
-        else:
-            out[key] = normalize(outputs[key], thresholds[which], s.min, s.max)
-    return out

@@ -1,0 +1,334 @@
+"""anomalib 1.x's normalization callback: a thin adapter on torch_compat's layers 1 to 4.
+
+Its own: the design of the installed release (``_anomalib1_design``: one shared ``MinMax``
+never reset, a hook with ``stats="shared", accumulate=True``; or one ``MinMax`` per output
+reset each validation epoch, a hook with ``stats="separate"`` whose image statistics live in
+the ``pred_scores`` entry and pixel ones in the ``anomaly_maps`` entry), where each statistic
+lives (anomalib's own ``MinMax`` instances, which its ``setup`` creates, so checkpoints,
+their ``*_normalization_class`` keys and export metadata are anomalib's), the ``box_scores``
+entry that no hook statistic stands for (``_Boxes``), and anomalib's hook order.
+
+The rest is the layers': the steady and full paths (``_steady``), statistics and thresholds
+held outside the hook (``_lifecycle.StatsLink``, ``ThresholdLink``), the epoch end that
+stores before it raises (``validation_epoch_end``), rank 0's values after a DDP restore
+(``share_rank0``), the reducer (``_allreduce.epoch_reducer``), change detection
+(``_change``), the exchange (``_exchange``, ``_dlpack``) and the metric writes
+(``_minmax.write_stats``).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from anomalib.callbacks.normalization import _MinMaxNormalizationCallback
+from anomalib.callbacks.normalization.base import NormalizationCallback
+from anomalib.metrics import MinMax
+
+from jaxnorm import MinMax as JaxMinMax
+from jaxnorm import MinMaxNormalizationHook, NonFiniteScoresError
+from jaxnorm._src.hook import NonFinitePolicy
+from jaxnorm._src.stats import IMAGE, PIXEL
+from jaxnorm._src.validation import loaded_stats
+from torch_compat import _steady
+from torch_compat._allreduce import epoch_reducer
+from torch_compat._anomalib1_design import PER_OUTPUT, check_collection, detect_design
+from torch_compat._change import contents
+from torch_compat._dlpack import host_to_torch
+from torch_compat._exchange import JaxView
+from torch_compat._lifecycle import StatsLink, ThresholdLink, share_rank0, validation_epoch_end
+from torch_compat._minmax import ATTRIBUTE, stat_tensors, write_stats
+
+# Where the hook's statistics live in the per-output collection.
+_ENTRIES = {IMAGE: "pred_scores", PIXEL: "anomaly_maps"}
+_SOURCE = "pl_module"  # errors name the source and the state-dict key
+
+
+class BoxScoresWarning(UserWarning):
+    """anomalib >= 1.1.1 normalizes ``box_scores`` with statistics that validation never fills:
+    every box score becomes 0.5. This callback gives the same outputs, and says so once."""
+
+
+def _pair(metric: MinMax, key: str) -> tuple:
+    """``((min_key, min), (max_key, max))`` of the collection's ``key`` entry, ``metric``: its
+    current state tensors (``reset()`` and ``load_state_dict`` replace them), with their
+    state-dict keys."""
+    return ((f"{ATTRIBUTE}.{key}.min", metric.min), (f"{ATTRIBUTE}.{key}.max", metric.max))
+
+
+class _Boxes:
+    """The ``box_scores`` entry of the per-output design: its own hook folds the box scores
+    of validation outputs (none in anomalib's models but a detector's), and normalizes test
+    box scores with them and the pixel threshold. Empty statistics give anomalib's 0.5."""
+
+    def __init__(self, nonfinite: NonFinitePolicy) -> None:
+        self.hook = MinMaxNormalizationHook(stats="shared", nonfinite=nonfinite, reducer=None)
+        self.warned = False
+        self.loaded: tuple[float, float, float] | None = None  # what self.hook normalizes with
+
+    def start_epoch(self) -> None:
+        self.hook.reducer = epoch_reducer()
+        self.hook.on_validation_epoch_start()
+        self.loaded = None  # the fold replaces the hook's statistics
+
+    def fold(self, boxes: Any) -> None:
+        _steady.fold_validation_batch(self.hook, {"box_scores": boxes}, None)
+
+    def end_epoch(self, metric: MinMax) -> None:
+        """Stores the epoch's box statistics in anomalib's ``box_scores`` metric (all-reduced
+        under DDP: every rank calls this, boxes or not), then raises what the epoch held."""
+        with validation_epoch_end(self.hook) as stats:
+            write_stats(metric, "shared", stats)
+
+    def normalize(self, boxes: Any, metric: MinMax, threshold: Any) -> list:
+        """``boxes`` normalized with ``metric``'s statistics and the pixel threshold.
+
+        The statistics and the threshold are read on the host at each batch: box scores are
+        split there anyway (anomalib's post-processor made them on the host too). The hook
+        is given them only when they changed (a hit is keyed by the values just read, so no
+        write, load or replacement of the metric can go unseen).
+
+        Raises:
+          ValueError: statistics that are NaN, infinite (but the empty pair) or ``max <
+            min``, naming the key.
+        """
+        (lo_key, lo), (hi_key, hi) = _pair(metric, "box_scores")
+        lo, hi = loaded_stats(_SOURCE, lo_key, lo, hi_key, hi)
+        if lo > hi:  # the empty pair: validation saw no box scores
+            if not self.warned:
+                self.warned = True
+                warnings.warn(
+                    "box_scores normalized to 0.5: anomalib >= 1.1.1 normalizes them with "
+                    "statistics of their own, which only validation outputs holding "
+                    "box_scores fill, and its models' validation outputs hold none; this "
+                    "callback gives the same outputs as anomalib's (said once per callback).",
+                    BoxScoresWarning,
+                    stacklevel=1,
+                )
+            # anomalib's (x - t) / (-inf - inf) + 0.5: 0.5 for every finite score, NaN else
+            return [
+                torch.where(b.isfinite(), 0.5, math.nan).to(torch.result_type(b, 0.5))
+                for b in boxes
+            ]
+        loaded = (lo, hi, float(threshold))
+        if loaded != self.loaded:
+            self.hook.set_stats(JaxMinMax(min=lo, max=hi))
+            self.hook.pixel_threshold = loaded[2]
+            self.loaded = loaded
+        view = JaxView({"box_scores": boxes})
+        normalized = self.hook.normalize_batch(view, boxes_on_host=True)["box_scores"]
+        return [
+            host_to_torch(n, b).reshape(b.shape) for n, b in zip(normalized, boxes, strict=True)
+        ]
+
+
+class MinMaxNormalizationCallback(NormalizationCallback):
+    """anomalib 1.x's min-max normalization, computed by jaxnorm: ``Engine(normalization=...)``.
+
+    Does what the installed anomalib's ``_MinMaxNormalizationCallback`` does (its design,
+    ``self.design``, is detected from it): the statistics live in anomalib's own ``MinMax``
+    instances in ``pl_module.normalization_metrics`` (attached by anomalib's ``setup``,
+    replaced by anomalib when a state dict is loaded, so looked up at each use), so
+    checkpoints, their keys and export metadata are anomalib's, and load both ways.
+    Validation outputs feed them through jaxnorm (one dispatch per batch, no host read per
+    batch); test and predict outputs are normalized in place (one import, one dispatch, one
+    export per steady batch) after anomalib's post-processor has computed ``pred_labels`` and
+    ``pred_masks`` from the raw scores; ``on_test_start`` sets the metrics' thresholds to 0.5.
+
+    What differs from anomalib's: under DDP the statistics are all-reduced across ranks;
+    NaN/inf validation scores raise ``jaxnorm.NonFiniteScoresError`` (``nonfinite="omit"``
+    skips them); testing without statistics raises instead of giving 0.5 everywhere; a
+    ``BoxScoresWarning`` says when box scores become 0.5 (anomalib's outputs, see
+    docs/anomalib1.md).
+
+    Args:
+      nonfinite: ``"raise"`` (default) or ``"omit"``, as in
+        ``torch_compat.MinMaxNormalizationCallback``.
+    """
+
+    def __init__(self, *, nonfinite: NonFinitePolicy = "raise") -> None:
+        super().__init__()
+        self.design = detect_design()
+        per_output = self.design == PER_OUTPUT
+        self.hook = MinMaxNormalizationHook(
+            stats="separate" if per_output else "shared",
+            accumulate=not per_output,  # the shared MinMax is never reset
+            nonfinite=nonfinite,
+            reducer=None,  # chosen at each validation epoch start
+        )
+        self._boxes = _Boxes(nonfinite) if per_output else None
+        self._stats = StatsLink()
+        self._thresholds = ThresholdLink()
+        self._plan: _steady.TestPlan | None = None
+        self._validation_plan: _steady.ValidationPlan | None = None
+
+    # -- where the statistics live: anomalib's own MinMax instances ------------------------
+
+    def _metrics(self, pl_module: Any) -> Any:
+        """``pl_module.normalization_metrics``, attached by anomalib's own ``setup`` when
+        missing (anomalib's classes, as its checkpoints name them), checked otherwise."""
+        if getattr(pl_module, ATTRIBUTE, None) is None:
+            _MinMaxNormalizationCallback().setup(None, pl_module, None)
+        metrics = getattr(pl_module, ATTRIBUTE)
+        if self._boxes is not None:
+            check_collection(metrics)
+        return metrics
+
+    def _pairs(self, pl_module: Any) -> dict:
+        """The hook's statistics as anomalib holds them: ``{"image": ((min_key, min),
+        (max_key, max)), "pixel": ...}`` (``_lifecycle``'s form), read at each call."""
+        metrics = self._metrics(pl_module)
+        if self._boxes is None:
+            return stat_tensors(metrics, "shared")  # one pair, twice
+        return {which: _pair(metrics[key], key) for which, key in _ENTRIES.items()}
+
+    def _sources(self, pl_module: Any) -> tuple | None:
+        """The statistics' and thresholds' objects and contents' keys (``_change.contents``)
+        for a test plan to compare; ``None`` when one is unknown (read at every batch)."""
+        metrics = getattr(pl_module, ATTRIBUTE, None)
+        tensors = (
+            ()
+            if metrics is None
+            else tuple(t for p in self._pairs(pl_module).values() for _, t in p)
+        )
+        objects = (metrics, *tensors, *ThresholdLink.values(pl_module))
+        keys = tuple(None if v is None else contents(v) for v in objects[1:])
+        if any(k is None and v is not None for k, v in zip(keys, objects[1:], strict=True)):
+            return None
+        return objects, keys
+
+    def _load(self, pl_module: Any) -> None:
+        """Rank 0's statistics on every rank (after a DDP restore), read into the hook where
+        they changed."""
+        pairs = self._pairs(pl_module)
+        share_rank0(pairs)
+        self._stats.load(self.hook, pairs, _SOURCE)
+
+    # -- Lightning hooks, in anomalib's order ----------------------------------------------
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str | None = None) -> None:
+        """anomalib's ``setup`` (attaches its metrics when missing, checks their classes)."""
+        _MinMaxNormalizationCallback().setup(trainer, pl_module, stage)
+        self._metrics(pl_module)
+        self._stats.forget()
+        self._plan = self._validation_plan = None
+
+    def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        """Resets every statistic (per-output, as anomalib) or goes on from the stored ones
+        (shared: anomalib never resets them)."""
+        del trainer
+        self.hook.reducer = epoch_reducer()
+        if self._boxes is not None:
+            self._metrics(pl_module).reset()  # as anomalib, every entry
+            self._boxes.start_epoch()
+        else:
+            self._load(pl_module)
+        self.hook.on_validation_epoch_start()
+
+    def on_validation_batch_end(
+        self,
+        trainer: Any,
+        pl_module: Any,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        """Folds the batch into the statistics (maps, else boxes, else scores, shared; each
+        output into its own, per output)."""
+        del trainer, pl_module, batch, batch_idx, dataloader_idx
+        if self._boxes is not None and isinstance(outputs, Mapping) and "box_scores" in outputs:
+            self._boxes.fold(outputs["box_scores"])
+            outputs = {k: v for k, v in outputs.items() if k != "box_scores"}
+            if not any(key in outputs for key in _ENTRIES.values()):
+                return  # anomalib >= 1.1.1 folds each output present: boxes alone here
+        plan, self._validation_plan = self._validation_plan, None
+        self._validation_plan = _steady.fold_validation_batch(self.hook, outputs, plan)
+
+    def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        """All-reduces the statistics under DDP and stores them in anomalib's metrics.
+
+        Raises:
+          NonFiniteScoresError: a batch of this epoch held NaN/inf under
+            ``nonfinite="raise"``; the statistics of the clean batches are stored first.
+        """
+        del trainer
+        error = None
+        if self._boxes is not None:
+            try:
+                self._boxes.end_epoch(self._metrics(pl_module)["box_scores"])
+            except NonFiniteScoresError as e:
+                error = e  # the other statistics are reduced and stored all the same
+        with validation_epoch_end(self.hook) as stats:
+            metrics = self._metrics(pl_module)
+            if self._boxes is None:
+                write_stats(metrics, "shared", stats)
+            else:
+                for which, key in _ENTRIES.items():
+                    write_stats(metrics[key], "shared", {IMAGE: stats[which]})
+            self._stats.stored(self._pairs(pl_module))
+        if error is not None:
+            raise error
+
+    def on_test_start(self, trainer: Any, pl_module: Any) -> None:
+        """Sets the metrics' thresholds to 0.5 and loads the statistics (e.g. restored)."""
+        del trainer
+        for metrics in (pl_module.image_metrics, pl_module.pixel_metrics):
+            if metrics is not None:
+                metrics.set_threshold(0.5)
+        self._load(pl_module)
+        self.hook.on_test_start()
+
+    def on_predict_start(self, trainer: Any, pl_module: Any) -> None:
+        """Loads the statistics (e.g. restored from a checkpoint)."""
+        del trainer
+        self._load(pl_module)
+
+    def on_test_batch_end(
+        self,
+        trainer: Any,
+        pl_module: Any,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        """Normalizes the outputs dict in place (test and predict: ``engine.predict``
+        returns it normalized)."""
+        del trainer, batch, batch_idx, dataloader_idx
+        self._normalize_batch(outputs, pl_module)
+
+    on_predict_batch_end = on_test_batch_end
+
+    def _normalize_batch(self, outputs: Any, pl_module: Any) -> None:
+        """Scores with the image threshold, maps (and box scores) with the pixel one."""
+        boxes = None
+        if self._boxes is not None and type(outputs) is dict and "box_scores" in outputs:
+            boxes, whole = outputs["box_scores"], outputs
+            outputs = {k: v for k, v in whole.items() if k != "box_scores"}
+        if boxes is None or any(key in outputs for key in _ENTRIES.values()):
+            self._normalize_scores(outputs, pl_module)
+        if boxes is not None:
+            for key in _ENTRIES.values():
+                if key in outputs:
+                    whole[key] = outputs[key]
+            metric = self._metrics(pl_module)["box_scores"]
+            threshold = pl_module.pixel_threshold.value
+            whole["box_scores"] = self._boxes.normalize(boxes, metric, threshold)
+
+    def _normalize_scores(self, outputs: Any, pl_module: Any) -> None:
+        plan = self._plan
+        if plan is not None and _steady.normalize_steady(
+            self.hook, plan, outputs, self._sources(pl_module)
+        ):
+            return
+        self._plan = None
+        self._stats.load(self.hook, self._pairs(pl_module), _SOURCE)
+        self._thresholds.load(self.hook, pl_module)
+        self._plan = _steady.normalize_full(self.hook, outputs, self._sources(pl_module))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(design={self.design!r}, nonfinite={self.hook.nonfinite!r})"
