@@ -7,15 +7,12 @@ Derandomized and bounded (each machine well under a minute on 2 cores).
 
 from __future__ import annotations
 
-import pytest
-
 from tests.callback_machine import (
     CallbackMachine,
     NumpyOracle,
     machine_settings,
     machine_test_cases,
 )
-from torch_compat import _dlpack
 
 
 class CallbackAgainstSpec(CallbackMachine):
@@ -39,12 +36,5 @@ class PickledCallback(CallbackAgainstSpec):
     TestConvertedModule,
 ) = machine_test_cases(CallbackAgainstSpec, max_examples=40)
 
-PickledCallback.TestCase.settings = machine_settings(max_examples=30, failing=True)
-# Plans need jaxlib's direct DLPack calls (jaxlib 0.6, the floor, has none: no plan to pickle).
-_PLANS = _dlpack._fast_from_dlpack is not None and _dlpack._fast_to_dlpack is not None
-TestPickledCallback = pytest.mark.xfail(
-    _PLANS,
-    strict=True,
-    reason="issue 20, found by this machine: a callback whose steady test path holds a plan "
-    "does not pickle (the plan's jitted function is a local object); no branch fixes it yet",
-)(PickledCallback.TestCase)
+PickledCallback.TestCase.settings = machine_settings(max_examples=30)
+TestPickledCallback = PickledCallback.TestCase

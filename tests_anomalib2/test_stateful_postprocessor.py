@@ -22,7 +22,6 @@ import pickle
 from multiprocessing.reduction import ForkingPickler
 
 import numpy as np
-import pytest
 import torch
 from anomalib.data import ImageBatch, InferenceBatch
 from anomalib.post_processing import PostProcessor as AnomalibPostProcessor
@@ -335,22 +334,12 @@ class AnyMutation(PostProcessorMachine):
     COPIES = SENSITIVITY_WRITES = CONVERT = True
 
 
-CountedWrites.TestCase.settings = machine_settings(max_examples=40)
-for machine in (UncountedWrites, Copies, Sensitivities, HalfPrecision, AnyMutation):
-    machine.TestCase.settings = machine_settings(max_examples=40, failing=True)
-
-
-def _xfail(machine, classes: str, what: str):
-    return pytest.mark.xfail(
-        strict=True, reason=f"issue 20 {classes}: {what}: fixed on branch structure"
-    )(machine.TestCase)
-
+for machine in (CountedWrites, UncountedWrites, Copies, Sensitivities, HalfPrecision, AnyMutation):
+    machine.TestCase.settings = machine_settings(max_examples=40)
 
 TestCountedWrites = CountedWrites.TestCase
-TestUncountedWrites = _xfail(
-    UncountedWrites, "class 1", "writes that leave the version counter alone are missed"
-)
-TestCopies = _xfail(Copies, "class 2", "copy.deepcopy copies the cache key")
-TestSensitivities = _xfail(Sensitivities, "class 3", "a sensitivity written in place")
-TestHalfPrecision = _xfail(HalfPrecision, "class 4", "half-precision buffers")
-TestAnyMutation = _xfail(AnyMutation, "classes 1-4", "every family at once")
+TestUncountedWrites = UncountedWrites.TestCase
+TestCopies = Copies.TestCase
+TestSensitivities = Sensitivities.TestCase
+TestHalfPrecision = HalfPrecision.TestCase
+TestAnyMutation = AnyMutation.TestCase
