@@ -102,4 +102,13 @@ class AgainstAnomalib(CallbackMachine):
     TestAbandonedEpochs,
     TestOnAnAccelerator,
     TestConvertedModule,
-) = machine_test_cases(AgainstAnomalib, max_examples=60)
+) = machine_test_cases(
+    AgainstAnomalib,
+    max_examples=60,
+    converted_differs=(
+        "a documented difference (docs/differences.md): in a module converted to half "
+        "precision as a whole, anomalib's metric states change dtype as it updates and "
+        "resets them, and it computes max - min in their precision; the callback stores "
+        "collected statistics in float32 and computes the range in float32"
+    ),
+)
