@@ -33,10 +33,9 @@ from jaxnorm import MinMaxNormalizationHook, NonFiniteScoresError
 from jaxnorm._src.hook import NonFinitePolicy
 from jaxnorm._src.stats import IMAGE, PIXEL
 from jaxnorm._src.validation import loaded_stats
-from torch_compat import _steady
+from torch_compat import _change, _steady
 from torch_compat._allreduce import epoch_reducer
 from torch_compat._anomalib1_design import PER_OUTPUT, check_collection, detect_design
-from torch_compat._change import contents
 from torch_compat._dlpack import host_to_torch
 from torch_compat._exchange import JaxView
 from torch_compat._lifecycle import StatsLink, ThresholdLink, share_rank0, validation_epoch_end
@@ -59,6 +58,24 @@ def _pair(metric: MinMax, key: str) -> tuple:
     return ((f"{ATTRIBUTE}.{key}.min", metric.min), (f"{ATTRIBUTE}.{key}.max", metric.max))
 
 
+def _store(metric: MinMax, pair: tuple[float, float]) -> None:
+    """Writes ``(min, max)`` into anomalib's ``metric``, as its updates leave it.
+
+    In place (identity, device and dtype kept) wherever the state's dtype holds the value.
+    A state of a converted module (``module.to(torch.float16)``) may not: anomalib's update
+    (``torch.max(state, torch.max(batch))``) leaves a float32 tensor there, holding the
+    statistic exactly, and so does this. The tensors then hold exactly what the hook holds,
+    which ``StatsLink.stored`` takes them to.
+    """
+    for name, value in zip(("min", "max"), pair, strict=True):
+        state = getattr(metric, name)
+        if torch.tensor(value, dtype=state.dtype).item() != value:  # on the host: no sync
+            setattr(
+                metric, name, torch.empty(state.shape, dtype=torch.float32, device=state.device)
+            )
+    write_stats(metric, "shared", {IMAGE: pair})
+
+
 class _Boxes:
     """The ``box_scores`` entry of the per-output design: its own hook folds the box scores
     of validation outputs (none in anomalib's models but a detector's), and normalizes test
@@ -67,12 +84,13 @@ class _Boxes:
     def __init__(self, nonfinite: NonFinitePolicy) -> None:
         self.hook = MinMaxNormalizationHook(stats="shared", nonfinite=nonfinite, reducer=None)
         self.warned = False
-        self.loaded: tuple[float, float, float] | None = None  # what self.hook normalizes with
+        # The values self.hook was given, and its statistics then (see normalize).
+        self.loaded: tuple[float, float, float] | None = None
+        self.holds: object = None
 
     def start_epoch(self) -> None:
         self.hook.reducer = epoch_reducer()
         self.hook.on_validation_epoch_start()
-        self.loaded = None  # the fold replaces the hook's statistics
 
     def fold(self, boxes: Any) -> None:
         _steady.fold_validation_batch(self.hook, {"box_scores": boxes}, None)
@@ -81,15 +99,18 @@ class _Boxes:
         """Stores the epoch's box statistics in anomalib's ``box_scores`` metric (all-reduced
         under DDP: every rank calls this, boxes or not), then raises what the epoch held."""
         with validation_epoch_end(self.hook) as stats:
-            write_stats(metric, "shared", stats)
+            _store(metric, stats[IMAGE])
 
     def normalize(self, boxes: Any, metric: MinMax, threshold: Any) -> list:
         """``boxes`` normalized with ``metric``'s statistics and the pixel threshold.
 
-        The statistics and the threshold are read on the host at each batch: box scores are
-        split there anyway (anomalib's post-processor made them on the host too). The hook
-        is given them only when they changed (a hit is keyed by the values just read, so no
-        write, load or replacement of the metric can go unseen).
+        The statistics and the threshold are read on the host at each batch, on an
+        accelerator too: box scores are concatenated and split there anyway (one host round
+        trip per batch with boxes), so no cache stands for their values. Cache rule: the
+        hook is given them only when the values just read differ from those it was given
+        (so no write, load, replacement or conversion of the metric can go unseen), or when
+        its statistics are no longer the object they were then (a validation fold or reset
+        since makes a new one).
 
         Raises:
           ValueError: statistics that are NaN, infinite (but the empty pair) or ``max <
@@ -114,15 +135,19 @@ class _Boxes:
                 for b in boxes
             ]
         loaded = (lo, hi, float(threshold))
-        if loaded != self.loaded:
+        if loaded != self.loaded or self.hook.stats is not self.holds:
             self.hook.set_stats(JaxMinMax(min=lo, max=hi))
             self.hook.pixel_threshold = loaded[2]
-            self.loaded = loaded
+            self.loaded, self.holds = loaded, self.hook.stats
         view = JaxView({"box_scores": boxes})
         normalized = self.hook.normalize_batch(view, boxes_on_host=True)["box_scores"]
         return [
             host_to_torch(n, b).reshape(b.shape) for n, b in zip(normalized, boxes, strict=True)
         ]
+
+    def __getstate__(self) -> dict:
+        # Copies and pickles hold no cache: they read the metric again.
+        return {**self.__dict__, "loaded": None, "holds": None}
 
 
 class MinMaxNormalizationCallback(NormalizationCallback):
@@ -186,8 +211,9 @@ class MinMaxNormalizationCallback(NormalizationCallback):
         return {which: _pair(metrics[key], key) for which, key in _ENTRIES.items()}
 
     def _sources(self, pl_module: Any) -> tuple | None:
-        """The statistics' and thresholds' objects and contents' keys (``_change.contents``)
-        for a test plan to compare; ``None`` when one is unknown (read at every batch)."""
+        """The statistics' and thresholds' objects and keys (``_change.key``: values on the
+        host, checks on an accelerator) for a test plan to compare; ``None`` when one is
+        unknown (read at every batch)."""
         metrics = getattr(pl_module, ATTRIBUTE, None)
         tensors = (
             ()
@@ -195,10 +221,17 @@ class MinMaxNormalizationCallback(NormalizationCallback):
             else tuple(t for p in self._pairs(pl_module).values() for _, t in p)
         )
         objects = (metrics, *tensors, *ThresholdLink.values(pl_module))
-        keys = tuple(None if v is None else contents(v) for v in objects[1:])
+        keys = tuple(None if v is None else _change.key(v) for v in objects[1:])
         if any(k is None and v is not None for k, v in zip(keys, objects[1:], strict=True)):
             return None
         return objects, keys
+
+    def _values(self, pl_module: Any) -> tuple:
+        """The thresholds' and statistics' values as anomalib holds them, image ``t, min,
+        max`` then pixel (``_steady.route_values``'s order)."""
+        pairs = self._pairs(pl_module)
+        image_t, pixel_t = ThresholdLink.values(pl_module)
+        return (image_t, *(t for _, t in pairs[IMAGE]), pixel_t, *(t for _, t in pairs[PIXEL]))
 
     def _load(self, pl_module: Any) -> None:
         """Rank 0's statistics on every rank (after a DDP restore), read into the hook where
@@ -265,11 +298,11 @@ class MinMaxNormalizationCallback(NormalizationCallback):
         with validation_epoch_end(self.hook) as stats:
             metrics = self._metrics(pl_module)
             if self._boxes is None:
-                write_stats(metrics, "shared", stats)
+                _store(metrics, stats[IMAGE])
             else:
                 for which, key in _ENTRIES.items():
-                    write_stats(metrics[key], "shared", {IMAGE: stats[which]})
-            self._stats.stored(self._pairs(pl_module))
+                    _store(metrics[key], stats[which])
+            self._stats.stored(self._pairs(pl_module), self.hook)
         if error is not None:
             raise error
 
@@ -279,12 +312,14 @@ class MinMaxNormalizationCallback(NormalizationCallback):
         for metrics in (pl_module.image_metrics, pl_module.pixel_metrics):
             if metrics is not None:
                 metrics.set_threshold(0.5)
+        self._stats.forget()  # read once per run, wherever they are
         self._load(pl_module)
         self.hook.on_test_start()
 
     def on_predict_start(self, trainer: Any, pl_module: Any) -> None:
         """Loads the statistics (e.g. restored from a checkpoint)."""
         del trainer
+        self._stats.forget()  # read once per run, wherever they are
         self._load(pl_module)
 
     def on_test_batch_end(
@@ -320,15 +355,41 @@ class MinMaxNormalizationCallback(NormalizationCallback):
             whole["box_scores"] = self._boxes.normalize(boxes, metric, threshold)
 
     def _normalize_scores(self, outputs: Any, pl_module: Any) -> None:
+        """Scores and maps, by the cache rule of ``_change``: on the host the plan stands for
+        the values read (keys by value); on an accelerator their tensors travel with every
+        batch (``gather``), and the keys stand only for the checks; values on an accelerator
+        that cannot travel with this batch are read into the hook (a host sync)."""
         plan = self._plan
         if plan is not None and _steady.normalize_steady(
             self.hook, plan, outputs, self._sources(pl_module)
         ):
             return
         self._plan = None
+        self._load_values(pl_module)
+        gather, read = _steady.route_values(self._values(pl_module), outputs)
+        if read:
+            self._stats.forget()
+            self._thresholds.forget()
+            self._load_values(pl_module)
+        self._plan = _steady.normalize_full(self.hook, outputs, self._sources(pl_module), gather)
+
+    def _load_values(self, pl_module: Any) -> None:
         self._stats.load(self.hook, self._pairs(pl_module), _SOURCE)
         self._thresholds.load(self.hook, pl_module)
-        self._plan = _steady.normalize_full(self.hook, outputs, self._sources(pl_module))
+
+    def __getstate__(self) -> dict:
+        # Copies (also copy.copy, which would share them) and pickles hold no cache: they
+        # read the module again and settle their own plans (see _change).
+        state = self.__dict__.copy()
+        state.update(_stats=StatsLink(), _thresholds=ThresholdLink())
+        state["_plan"] = state["_validation_plan"] = None
+        return state
+
+    @property
+    def steady(self) -> bool:
+        """Whether the next test or predict batch of the last layout may take the steady
+        path (a plan is held); for tests and probes."""
+        return self._plan is not None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(design={self.design!r}, nonfinite={self.hook.nonfinite!r})"
