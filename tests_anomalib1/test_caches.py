@@ -225,12 +225,28 @@ def test_a_dtype_conversion_of_the_module_is_used_by_the_next_test_batch(where, 
     check_batches(cb, module, range(30, 33))
 
 
-@pytest.mark.parametrize("to", [torch.float16, torch.bfloat16])
-def test_statistics_stored_into_a_converted_module_are_anomalibs(where, to):
-    """A module converted before validation: anomalib's update leaves float32 states there
-    (``torch.max`` of a half-precision state and a float32 batch), holding the epoch's
-    statistics exactly. So does the callback, and it normalizes with them."""
+@pytest.mark.parametrize("grid", [False, True], ids=["any values", "values on a grid"])
+@pytest.mark.parametrize(
+    ("to", "fed"),
+    [
+        (torch.float16, torch.float32),
+        (torch.bfloat16, torch.float32),
+        (torch.bfloat16, torch.float16),
+        (torch.float16, torch.float16),
+        (torch.float64, torch.float32),
+    ],
+    ids=str,
+)
+def test_statistics_stored_into_a_converted_module_are_anomalibs(where, to, fed, grid):
+    """A module converted before validation (``module.to(dtype)``): anomalib's update,
+    ``torch.max(state, torch.max(batch))``, leaves states of the promoted dtype there, holding
+    the epoch's statistics exactly. So does the callback (statistics on a grid that the
+    states' dtype holds too must not keep it), and it normalizes with them."""
     batches = [outputs(s) for s in range(2)]
+    for b in batches:
+        for key, t in b.items():
+            b[key] = (t * 4).round() / 4 if grid else t
+            b[key] = b[key].to(fed)
     theirs = Model().attach().to(to)
     anomalib = stand_in._MinMaxNormalizationCallback()
     anomalib.on_validation_epoch_start(None, theirs)

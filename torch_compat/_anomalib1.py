@@ -5,149 +5,40 @@ never reset, a hook with ``stats="shared", accumulate=True``; or one ``MinMax`` 
 reset each validation epoch, a hook with ``stats="separate"`` whose image statistics live in
 the ``pred_scores`` entry and pixel ones in the ``anomaly_maps`` entry), where each statistic
 lives (anomalib's own ``MinMax`` instances, which its ``setup`` creates, so checkpoints,
-their ``*_normalization_class`` keys and export metadata are anomalib's), the ``box_scores``
-entry that no hook statistic stands for (``_Boxes``), and anomalib's hook order.
+their ``*_normalization_class`` keys and export metadata are anomalib's) and how anomalib's
+updates leave them (``_anomalib1_store``), the ``box_scores`` entry that no hook statistic
+stands for (``_anomalib1_boxes``), and anomalib's hook order.
 
 The rest is the layers': the steady and full paths (``_steady``), statistics and thresholds
 held outside the hook (``_lifecycle.StatsLink``, ``ThresholdLink``), the epoch end that
 stores before it raises (``validation_epoch_end``), rank 0's values after a DDP restore
 (``share_rank0``), the reducer (``_allreduce.epoch_reducer``), change detection
-(``_change``), the exchange (``_exchange``, ``_dlpack``) and the metric writes
-(``_minmax.write_stats``).
+(``_change``) and the exchange (``_exchange``, ``_dlpack``).
 """
 
 from __future__ import annotations
 
-import math
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from anomalib.callbacks.normalization import _MinMaxNormalizationCallback
 from anomalib.callbacks.normalization.base import NormalizationCallback
-from anomalib.metrics import MinMax
 
-from jaxnorm import MinMax as JaxMinMax
 from jaxnorm import MinMaxNormalizationHook, NonFiniteScoresError
 from jaxnorm._src.hook import NonFinitePolicy
 from jaxnorm._src.stats import IMAGE, PIXEL
-from jaxnorm._src.validation import loaded_stats
 from torch_compat import _change, _steady
 from torch_compat._allreduce import epoch_reducer
-from torch_compat._anomalib1_design import PER_OUTPUT, check_collection, detect_design
-from torch_compat._dlpack import host_to_torch
-from torch_compat._exchange import JaxView
+from torch_compat._anomalib1_boxes import SOURCE as _SOURCE
+from torch_compat._anomalib1_boxes import Boxes
+from torch_compat._anomalib1_design import PER_OUTPUT, check_collection, detect_design, entry_pair
+from torch_compat._anomalib1_store import SHARED_METRIC, note_fed, store
 from torch_compat._lifecycle import StatsLink, ThresholdLink, share_rank0, validation_epoch_end
-from torch_compat._minmax import ATTRIBUTE, stat_tensors, write_stats
+from torch_compat._minmax import ATTRIBUTE, stat_tensors
 
 # Where the hook's statistics live in the per-output collection.
 _ENTRIES = {IMAGE: "pred_scores", PIXEL: "anomaly_maps"}
-_SOURCE = "pl_module"  # errors name the source and the state-dict key
-
-
-class BoxScoresWarning(UserWarning):
-    """anomalib >= 1.1.1 normalizes ``box_scores`` with statistics that validation never fills:
-    every box score becomes 0.5. This callback gives the same outputs, and says so once."""
-
-
-def _pair(metric: MinMax, key: str) -> tuple:
-    """``((min_key, min), (max_key, max))`` of the collection's ``key`` entry, ``metric``: its
-    current state tensors (``reset()`` and ``load_state_dict`` replace them), with their
-    state-dict keys."""
-    return ((f"{ATTRIBUTE}.{key}.min", metric.min), (f"{ATTRIBUTE}.{key}.max", metric.max))
-
-
-def _store(metric: MinMax, pair: tuple[float, float]) -> None:
-    """Writes ``(min, max)`` into anomalib's ``metric``, as its updates leave it.
-
-    In place (identity, device and dtype kept) wherever the state's dtype holds the value.
-    A state of a converted module (``module.to(torch.float16)``) may not: anomalib's update
-    (``torch.max(state, torch.max(batch))``) leaves a float32 tensor there, holding the
-    statistic exactly, and so does this. The tensors then hold exactly what the hook holds,
-    which ``StatsLink.stored`` takes them to.
-    """
-    for name, value in zip(("min", "max"), pair, strict=True):
-        state = getattr(metric, name)
-        if torch.tensor(value, dtype=state.dtype).item() != value:  # on the host: no sync
-            setattr(
-                metric, name, torch.empty(state.shape, dtype=torch.float32, device=state.device)
-            )
-    write_stats(metric, "shared", {IMAGE: pair})
-
-
-class _Boxes:
-    """The ``box_scores`` entry of the per-output design: its own hook folds the box scores
-    of validation outputs (none in anomalib's models but a detector's), and normalizes test
-    box scores with them and the pixel threshold. Empty statistics give anomalib's 0.5."""
-
-    def __init__(self, nonfinite: NonFinitePolicy) -> None:
-        self.hook = MinMaxNormalizationHook(stats="shared", nonfinite=nonfinite, reducer=None)
-        self.warned = False
-        # The values self.hook was given, and its statistics then (see normalize).
-        self.loaded: tuple[float, float, float] | None = None
-        self.holds: object = None
-
-    def start_epoch(self) -> None:
-        self.hook.reducer = epoch_reducer()
-        self.hook.on_validation_epoch_start()
-
-    def fold(self, boxes: Any) -> None:
-        _steady.fold_validation_batch(self.hook, {"box_scores": boxes}, None)
-
-    def end_epoch(self, metric: MinMax) -> None:
-        """Stores the epoch's box statistics in anomalib's ``box_scores`` metric (all-reduced
-        under DDP: every rank calls this, boxes or not), then raises what the epoch held."""
-        with validation_epoch_end(self.hook) as stats:
-            _store(metric, stats[IMAGE])
-
-    def normalize(self, boxes: Any, metric: MinMax, threshold: Any) -> list:
-        """``boxes`` normalized with ``metric``'s statistics and the pixel threshold.
-
-        The statistics and the threshold are read on the host at each batch, on an
-        accelerator too: box scores are concatenated and split there anyway (one host round
-        trip per batch with boxes), so no cache stands for their values. Cache rule: the
-        hook is given them only when the values just read differ from those it was given
-        (so no write, load, replacement or conversion of the metric can go unseen), or when
-        its statistics are no longer the object they were then (a validation fold or reset
-        since makes a new one).
-
-        Raises:
-          ValueError: statistics that are NaN, infinite (but the empty pair) or ``max <
-            min``, naming the key.
-        """
-        (lo_key, lo), (hi_key, hi) = _pair(metric, "box_scores")
-        lo, hi = loaded_stats(_SOURCE, lo_key, lo, hi_key, hi)
-        if lo > hi:  # the empty pair: validation saw no box scores
-            if not self.warned:
-                self.warned = True
-                warnings.warn(
-                    "box_scores normalized to 0.5: anomalib >= 1.1.1 normalizes them with "
-                    "statistics of their own, which only validation outputs holding "
-                    "box_scores fill, and its models' validation outputs hold none; this "
-                    "callback gives the same outputs as anomalib's (said once per callback).",
-                    BoxScoresWarning,
-                    stacklevel=1,
-                )
-            # anomalib's (x - t) / (-inf - inf) + 0.5: 0.5 for every finite score, NaN else
-            return [
-                torch.where(b.isfinite(), 0.5, math.nan).to(torch.result_type(b, 0.5))
-                for b in boxes
-            ]
-        loaded = (lo, hi, float(threshold))
-        if loaded != self.loaded or self.hook.stats is not self.holds:
-            self.hook.set_stats(JaxMinMax(min=lo, max=hi))
-            self.hook.pixel_threshold = loaded[2]
-            self.loaded, self.holds = loaded, self.hook.stats
-        view = JaxView({"box_scores": boxes})
-        normalized = self.hook.normalize_batch(view, boxes_on_host=True)["box_scores"]
-        return [
-            host_to_torch(n, b).reshape(b.shape) for n, b in zip(normalized, boxes, strict=True)
-        ]
-
-    def __getstate__(self) -> dict:
-        # Copies and pickles hold no cache: they read the metric again.
-        return {**self.__dict__, "loaded": None, "holds": None}
 
 
 class MinMaxNormalizationCallback(NormalizationCallback):
@@ -184,7 +75,8 @@ class MinMaxNormalizationCallback(NormalizationCallback):
             nonfinite=nonfinite,
             reducer=None,  # chosen at each validation epoch start
         )
-        self._boxes = _Boxes(nonfinite) if per_output else None
+        self._boxes = Boxes(nonfinite) if per_output else None
+        self._fed: dict[str, torch.dtype] = {}  # what this epoch fed (_anomalib1_store)
         self._stats = StatsLink()
         self._thresholds = ThresholdLink()
         self._plan: _steady.TestPlan | None = None
@@ -208,7 +100,7 @@ class MinMaxNormalizationCallback(NormalizationCallback):
         metrics = self._metrics(pl_module)
         if self._boxes is None:
             return stat_tensors(metrics, "shared")  # one pair, twice
-        return {which: _pair(metrics[key], key) for which, key in _ENTRIES.items()}
+        return {which: entry_pair(metrics[key], key) for which, key in _ENTRIES.items()}
 
     def _sources(self, pl_module: Any) -> tuple | None:
         """The statistics' and thresholds' objects and keys (``_change.key``: values on the
@@ -254,6 +146,7 @@ class MinMaxNormalizationCallback(NormalizationCallback):
         (shared: anomalib never resets them)."""
         del trainer
         self.hook.reducer = epoch_reducer()
+        self._fed = {}
         if self._boxes is not None:
             self._metrics(pl_module).reset()  # as anomalib, every entry
             self._boxes.start_epoch()
@@ -273,6 +166,7 @@ class MinMaxNormalizationCallback(NormalizationCallback):
         """Folds the batch into the statistics (maps, else boxes, else scores, shared; each
         output into its own, per output)."""
         del trainer, pl_module, batch, batch_idx, dataloader_idx
+        note_fed(self._fed, outputs, self._boxes is not None)
         if self._boxes is not None and isinstance(outputs, Mapping) and "box_scores" in outputs:
             self._boxes.fold(outputs["box_scores"])
             outputs = {k: v for k, v in outputs.items() if k != "box_scores"}
@@ -292,16 +186,17 @@ class MinMaxNormalizationCallback(NormalizationCallback):
         error = None
         if self._boxes is not None:
             try:
-                self._boxes.end_epoch(self._metrics(pl_module)["box_scores"])
+                metric = self._metrics(pl_module)["box_scores"]
+                self._boxes.end_epoch(metric, self._fed.get("box_scores"))
             except NonFiniteScoresError as e:
                 error = e  # the other statistics are reduced and stored all the same
         with validation_epoch_end(self.hook) as stats:
             metrics = self._metrics(pl_module)
             if self._boxes is None:
-                _store(metrics, stats[IMAGE])
+                store(metrics, stats[IMAGE], self._fed.get(SHARED_METRIC))
             else:
                 for which, key in _ENTRIES.items():
-                    _store(metrics[key], stats[which])
+                    store(metrics[key], stats[which], self._fed.get(key))
             self._stats.stored(self._pairs(pl_module), self.hook)
         if error is not None:
             raise error
