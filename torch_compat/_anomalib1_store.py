@@ -57,23 +57,7 @@ def note_fed(fed: MutableMapping[str, torch.dtype], outputs: Any, per_output: bo
 
 
 def store(metric: Any, pair: tuple[float, float], fed: torch.dtype | None) -> None:
-    """Writes ``(min, max)`` (the epoch's statistics) into anomalib's ``metric``.
-
-    Args:
-      metric: an ``anomalib.metrics.MinMax``.
-      pair: the statistics, Python floats of float32 values.
-      fed: the dtype this epoch's batches fed it (``note_fed``), ``None`` if none did.
-
-    Each state is written in place (identity and device kept) when its dtype is the one
-    anomalib's updates leave, else replaced by a tensor of that dtype: the promotion of the
-    state's and ``fed``, widened to float32 if it still cannot hold the value (under DDP, a
-    rank fed nothing may receive other ranks' statistics).
-    """
-    for name, value in zip(("min", "max"), pair, strict=True):
-        state = getattr(metric, name)
-        dtype = state.dtype if fed is None else torch.promote_types(state.dtype, fed)
-        if torch.tensor(value, dtype=dtype).item() != value:  # on the host: no sync
-            dtype = torch.promote_types(dtype, torch.float32)
-        if dtype != state.dtype:
-            setattr(metric, name, torch.empty(state.shape, dtype=dtype, device=state.device))
-    write_stats(metric, "shared", {IMAGE: pair})
+    """Writes ``(min, max)`` (the epoch's statistics) into anomalib's ``metric``, with the
+    dtype anomalib's updates would leave (``_minmax.stored_dtype``; ``fed``: the dtype this
+    epoch's batches fed it, ``note_fed``, ``None`` if none did)."""
+    write_stats(metric, "shared", {IMAGE: pair}, fed={IMAGE: fed})
