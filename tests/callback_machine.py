@@ -556,12 +556,17 @@ class NumpyOracle(Oracle):
             self.epoch = (min(self.epoch[0], lo), max(self.epoch[1], hi))
 
     def end_epoch(self) -> None:
-        # Statistics are float32 (SPEC), whatever dtype the metric's states were converted
-        # to: anomalib 0.7's metric states become float32 at their first update (torch's
-        # type promotion of the state with the float32 batch minimum).
+        # Collected statistics are float32 (SPEC), whatever dtype the metric's states were
+        # converted to: anomalib 0.7's metric states become float32 at their first update
+        # (torch's type promotion of the state with the float32 batch minimum). An epoch that
+        # folded nothing updated nothing: the empty pair is written in place, dtype kept.
+        collected = self.epoch[0] <= self.epoch[1]
         for path, value in zip(STATS, self.epoch, strict=True):
             owner, name = tensor_writes.resolve(self.twin, path)
-            setattr(owner, name, torch.tensor(value, dtype=torch.float32))
+            if collected:
+                setattr(owner, name, torch.tensor(value, dtype=torch.float32))
+            else:
+                getattr(owner, name).fill_(value)
         self.epoch = None
 
     def abandon_epoch(self) -> None:
