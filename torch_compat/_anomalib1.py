@@ -5,124 +5,40 @@ never reset, a hook with ``stats="shared", accumulate=True``; or one ``MinMax`` 
 reset each validation epoch, a hook with ``stats="separate"`` whose image statistics live in
 the ``pred_scores`` entry and pixel ones in the ``anomaly_maps`` entry), where each statistic
 lives (anomalib's own ``MinMax`` instances, which its ``setup`` creates, so checkpoints,
-their ``*_normalization_class`` keys and export metadata are anomalib's), the ``box_scores``
-entry that no hook statistic stands for (``_Boxes``), and anomalib's hook order.
+their ``*_normalization_class`` keys and export metadata are anomalib's) and how anomalib's
+updates leave them (``_anomalib1_store``), the ``box_scores`` entry that no hook statistic
+stands for (``_anomalib1_boxes``), and anomalib's hook order.
 
 The rest is the layers': the steady and full paths (``_steady``), statistics and thresholds
 held outside the hook (``_lifecycle.StatsLink``, ``ThresholdLink``), the epoch end that
 stores before it raises (``validation_epoch_end``), rank 0's values after a DDP restore
 (``share_rank0``), the reducer (``_allreduce.epoch_reducer``), change detection
-(``_change``), the exchange (``_exchange``, ``_dlpack``) and the metric writes
-(``_minmax.write_stats``).
+(``_change``) and the exchange (``_exchange``, ``_dlpack``).
 """
 
 from __future__ import annotations
 
-import math
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from anomalib.callbacks.normalization import _MinMaxNormalizationCallback
 from anomalib.callbacks.normalization.base import NormalizationCallback
-from anomalib.metrics import MinMax
 
-from jaxnorm import MinMax as JaxMinMax
 from jaxnorm import MinMaxNormalizationHook, NonFiniteScoresError
 from jaxnorm._src.hook import NonFinitePolicy
 from jaxnorm._src.stats import IMAGE, PIXEL
-from jaxnorm._src.validation import loaded_stats
-from torch_compat import _steady
+from torch_compat import _change, _steady
 from torch_compat._allreduce import epoch_reducer
-from torch_compat._anomalib1_design import PER_OUTPUT, check_collection, detect_design
-from torch_compat._change import contents
-from torch_compat._dlpack import host_to_torch
-from torch_compat._exchange import JaxView
+from torch_compat._anomalib1_boxes import SOURCE as _SOURCE
+from torch_compat._anomalib1_boxes import Boxes
+from torch_compat._anomalib1_design import PER_OUTPUT, check_collection, detect_design, entry_pair
+from torch_compat._anomalib1_store import SHARED_METRIC, note_fed, store
 from torch_compat._lifecycle import StatsLink, ThresholdLink, share_rank0, validation_epoch_end
-from torch_compat._minmax import ATTRIBUTE, stat_tensors, write_stats
+from torch_compat._minmax import ATTRIBUTE, stat_tensors
 
 # Where the hook's statistics live in the per-output collection.
 _ENTRIES = {IMAGE: "pred_scores", PIXEL: "anomaly_maps"}
-_SOURCE = "pl_module"  # errors name the source and the state-dict key
-
-
-class BoxScoresWarning(UserWarning):
-    """anomalib >= 1.1.1 normalizes ``box_scores`` with statistics that validation never fills:
-    every box score becomes 0.5. This callback gives the same outputs, and says so once."""
-
-
-def _pair(metric: MinMax, key: str) -> tuple:
-    """``((min_key, min), (max_key, max))`` of the collection's ``key`` entry, ``metric``: its
-    current state tensors (``reset()`` and ``load_state_dict`` replace them), with their
-    state-dict keys."""
-    return ((f"{ATTRIBUTE}.{key}.min", metric.min), (f"{ATTRIBUTE}.{key}.max", metric.max))
-
-
-class _Boxes:
-    """The ``box_scores`` entry of the per-output design: its own hook folds the box scores
-    of validation outputs (none in anomalib's models but a detector's), and normalizes test
-    box scores with them and the pixel threshold. Empty statistics give anomalib's 0.5."""
-
-    def __init__(self, nonfinite: NonFinitePolicy) -> None:
-        self.hook = MinMaxNormalizationHook(stats="shared", nonfinite=nonfinite, reducer=None)
-        self.warned = False
-        self.loaded: tuple[float, float, float] | None = None  # what self.hook normalizes with
-
-    def start_epoch(self) -> None:
-        self.hook.reducer = epoch_reducer()
-        self.hook.on_validation_epoch_start()
-        self.loaded = None  # the fold replaces the hook's statistics
-
-    def fold(self, boxes: Any) -> None:
-        _steady.fold_validation_batch(self.hook, {"box_scores": boxes}, None)
-
-    def end_epoch(self, metric: MinMax) -> None:
-        """Stores the epoch's box statistics in anomalib's ``box_scores`` metric (all-reduced
-        under DDP: every rank calls this, boxes or not), then raises what the epoch held."""
-        with validation_epoch_end(self.hook) as stats:
-            write_stats(metric, "shared", stats)
-
-    def normalize(self, boxes: Any, metric: MinMax, threshold: Any) -> list:
-        """``boxes`` normalized with ``metric``'s statistics and the pixel threshold.
-
-        The statistics and the threshold are read on the host at each batch: box scores are
-        split there anyway (anomalib's post-processor made them on the host too). The hook
-        is given them only when they changed (a hit is keyed by the values just read, so no
-        write, load or replacement of the metric can go unseen).
-
-        Raises:
-          ValueError: statistics that are NaN, infinite (but the empty pair) or ``max <
-            min``, naming the key.
-        """
-        (lo_key, lo), (hi_key, hi) = _pair(metric, "box_scores")
-        lo, hi = loaded_stats(_SOURCE, lo_key, lo, hi_key, hi)
-        if lo > hi:  # the empty pair: validation saw no box scores
-            if not self.warned:
-                self.warned = True
-                warnings.warn(
-                    "box_scores normalized to 0.5: anomalib >= 1.1.1 normalizes them with "
-                    "statistics of their own, which only validation outputs holding "
-                    "box_scores fill, and its models' validation outputs hold none; this "
-                    "callback gives the same outputs as anomalib's (said once per callback).",
-                    BoxScoresWarning,
-                    stacklevel=1,
-                )
-            # anomalib's (x - t) / (-inf - inf) + 0.5: 0.5 for every finite score, NaN else
-            return [
-                torch.where(b.isfinite(), 0.5, math.nan).to(torch.result_type(b, 0.5))
-                for b in boxes
-            ]
-        loaded = (lo, hi, float(threshold))
-        if loaded != self.loaded:
-            self.hook.set_stats(JaxMinMax(min=lo, max=hi))
-            self.hook.pixel_threshold = loaded[2]
-            self.loaded = loaded
-        view = JaxView({"box_scores": boxes})
-        normalized = self.hook.normalize_batch(view, boxes_on_host=True)["box_scores"]
-        return [
-            host_to_torch(n, b).reshape(b.shape) for n, b in zip(normalized, boxes, strict=True)
-        ]
 
 
 class MinMaxNormalizationCallback(NormalizationCallback):
@@ -159,7 +75,8 @@ class MinMaxNormalizationCallback(NormalizationCallback):
             nonfinite=nonfinite,
             reducer=None,  # chosen at each validation epoch start
         )
-        self._boxes = _Boxes(nonfinite) if per_output else None
+        self._boxes = Boxes(nonfinite) if per_output else None
+        self._fed: dict[str, torch.dtype] = {}  # what this epoch fed (_anomalib1_store)
         self._stats = StatsLink()
         self._thresholds = ThresholdLink()
         self._plan: _steady.TestPlan | None = None
@@ -183,11 +100,12 @@ class MinMaxNormalizationCallback(NormalizationCallback):
         metrics = self._metrics(pl_module)
         if self._boxes is None:
             return stat_tensors(metrics, "shared")  # one pair, twice
-        return {which: _pair(metrics[key], key) for which, key in _ENTRIES.items()}
+        return {which: entry_pair(metrics[key], key) for which, key in _ENTRIES.items()}
 
     def _sources(self, pl_module: Any) -> tuple | None:
-        """The statistics' and thresholds' objects and contents' keys (``_change.contents``)
-        for a test plan to compare; ``None`` when one is unknown (read at every batch)."""
+        """The statistics' and thresholds' objects and keys (``_change.key``: values on the
+        host, checks on an accelerator) for a test plan to compare; ``None`` when one is
+        unknown (read at every batch)."""
         metrics = getattr(pl_module, ATTRIBUTE, None)
         tensors = (
             ()
@@ -195,10 +113,17 @@ class MinMaxNormalizationCallback(NormalizationCallback):
             else tuple(t for p in self._pairs(pl_module).values() for _, t in p)
         )
         objects = (metrics, *tensors, *ThresholdLink.values(pl_module))
-        keys = tuple(None if v is None else contents(v) for v in objects[1:])
+        keys = tuple(None if v is None else _change.key(v) for v in objects[1:])
         if any(k is None and v is not None for k, v in zip(keys, objects[1:], strict=True)):
             return None
         return objects, keys
+
+    def _values(self, pl_module: Any) -> tuple:
+        """The thresholds' and statistics' values as anomalib holds them, image ``t, min,
+        max`` then pixel (``_steady.route_values``'s order)."""
+        pairs = self._pairs(pl_module)
+        image_t, pixel_t = ThresholdLink.values(pl_module)
+        return (image_t, *(t for _, t in pairs[IMAGE]), pixel_t, *(t for _, t in pairs[PIXEL]))
 
     def _load(self, pl_module: Any) -> None:
         """Rank 0's statistics on every rank (after a DDP restore), read into the hook where
@@ -221,6 +146,7 @@ class MinMaxNormalizationCallback(NormalizationCallback):
         (shared: anomalib never resets them)."""
         del trainer
         self.hook.reducer = epoch_reducer()
+        self._fed = {}
         if self._boxes is not None:
             self._metrics(pl_module).reset()  # as anomalib, every entry
             self._boxes.start_epoch()
@@ -240,6 +166,7 @@ class MinMaxNormalizationCallback(NormalizationCallback):
         """Folds the batch into the statistics (maps, else boxes, else scores, shared; each
         output into its own, per output)."""
         del trainer, pl_module, batch, batch_idx, dataloader_idx
+        note_fed(self._fed, outputs, self._boxes is not None)
         if self._boxes is not None and isinstance(outputs, Mapping) and "box_scores" in outputs:
             self._boxes.fold(outputs["box_scores"])
             outputs = {k: v for k, v in outputs.items() if k != "box_scores"}
@@ -259,17 +186,18 @@ class MinMaxNormalizationCallback(NormalizationCallback):
         error = None
         if self._boxes is not None:
             try:
-                self._boxes.end_epoch(self._metrics(pl_module)["box_scores"])
+                metric = self._metrics(pl_module)["box_scores"]
+                self._boxes.end_epoch(metric, self._fed.get("box_scores"))
             except NonFiniteScoresError as e:
                 error = e  # the other statistics are reduced and stored all the same
         with validation_epoch_end(self.hook) as stats:
             metrics = self._metrics(pl_module)
             if self._boxes is None:
-                write_stats(metrics, "shared", stats)
+                store(metrics, stats[IMAGE], self._fed.get(SHARED_METRIC))
             else:
                 for which, key in _ENTRIES.items():
-                    write_stats(metrics[key], "shared", {IMAGE: stats[which]})
-            self._stats.stored(self._pairs(pl_module))
+                    store(metrics[key], stats[which], self._fed.get(key))
+            self._stats.stored(self._pairs(pl_module), self.hook)
         if error is not None:
             raise error
 
@@ -279,12 +207,14 @@ class MinMaxNormalizationCallback(NormalizationCallback):
         for metrics in (pl_module.image_metrics, pl_module.pixel_metrics):
             if metrics is not None:
                 metrics.set_threshold(0.5)
+        self._stats.forget()  # read once per run, wherever they are
         self._load(pl_module)
         self.hook.on_test_start()
 
     def on_predict_start(self, trainer: Any, pl_module: Any) -> None:
         """Loads the statistics (e.g. restored from a checkpoint)."""
         del trainer
+        self._stats.forget()  # read once per run, wherever they are
         self._load(pl_module)
 
     def on_test_batch_end(
@@ -320,15 +250,41 @@ class MinMaxNormalizationCallback(NormalizationCallback):
             whole["box_scores"] = self._boxes.normalize(boxes, metric, threshold)
 
     def _normalize_scores(self, outputs: Any, pl_module: Any) -> None:
+        """Scores and maps, by the cache rule of ``_change``: on the host the plan stands for
+        the values read (keys by value); on an accelerator their tensors travel with every
+        batch (``gather``), and the keys stand only for the checks; values on an accelerator
+        that cannot travel with this batch are read into the hook (a host sync)."""
         plan = self._plan
         if plan is not None and _steady.normalize_steady(
             self.hook, plan, outputs, self._sources(pl_module)
         ):
             return
         self._plan = None
+        self._load_values(pl_module)
+        gather, read = _steady.route_values(self._values(pl_module), outputs)
+        if read:
+            self._stats.forget()
+            self._thresholds.forget()
+            self._load_values(pl_module)
+        self._plan = _steady.normalize_full(self.hook, outputs, self._sources(pl_module), gather)
+
+    def _load_values(self, pl_module: Any) -> None:
         self._stats.load(self.hook, self._pairs(pl_module), _SOURCE)
         self._thresholds.load(self.hook, pl_module)
-        self._plan = _steady.normalize_full(self.hook, outputs, self._sources(pl_module))
+
+    def __getstate__(self) -> dict:
+        # Copies (also copy.copy, which would share them) and pickles hold no cache: they
+        # read the module again and settle their own plans (see _change).
+        state = self.__dict__.copy()
+        state.update(_stats=StatsLink(), _thresholds=ThresholdLink())
+        state["_plan"] = state["_validation_plan"] = None
+        return state
+
+    @property
+    def steady(self) -> bool:
+        """Whether the next test or predict batch of the last layout may take the steady
+        path (a plan is held); for tests and probes."""
+        return self._plan is not None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(design={self.design!r}, nonfinite={self.hook.nonfinite!r})"

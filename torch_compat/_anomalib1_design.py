@@ -24,7 +24,8 @@ from torch_compat._minmax import ATTRIBUTE
 
 SHARED = "shared"
 PER_OUTPUT = "per-output"
-KEYS = ("anomaly_maps", "box_scores", "pred_scores")  # the per-output collection's
+# Per output: the collection's entries. Shared: what feeds the one metric, the first present.
+KEYS = ("anomaly_maps", "box_scores", "pred_scores")
 
 
 @functools.cache
@@ -75,6 +76,13 @@ def check_collection(metrics: Any) -> None:
             f"keyed {list(KEYS)} there. Delete the attribute (the callback then attaches "
             "anomalib's), or load a checkpoint saved with this anomalib."
         )
+
+
+def entry_pair(metric: MinMax, key: str) -> tuple:
+    """``((min_key, min), (max_key, max))`` of the collection's ``key`` entry, ``metric``: its
+    current state tensors (``reset()`` and ``load_state_dict`` replace them), with their
+    state-dict keys."""
+    return ((f"{ATTRIBUTE}.{key}.min", metric.min), (f"{ATTRIBUTE}.{key}.max", metric.max))
 
 
 def _version() -> str:

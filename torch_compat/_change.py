@@ -61,10 +61,6 @@ def key(value: Any) -> Hashable | None:
     return None
 
 
-# ``key``'s name before the rule above (torch_compat._anomalib1 on main imports it).
-contents = key
-
-
 def keys(values: Sequence[Any]) -> tuple | None:
     """``key`` of each value; ``None`` when one is unknown."""
     out = tuple(key(v) for v in values)

@@ -293,16 +293,36 @@ def stat_tensors(
     return {IMAGE: image, PIXEL: pixel}
 
 
+def stored_dtype(
+    state: torch.dtype, value: float, fed: torch.dtype | None = torch.float32
+) -> torch.dtype:
+    """The dtype a statistic's state has after anomalib's updates stored ``value`` in it.
+
+    anomalib's ``MinMax.update`` assigns ``torch.min(state, torch.min(batch))``: torch
+    promotes the state with the dtype of the scores that ``fed`` it (a half-precision state
+    of a converted module fed float32 scores becomes float32); a state that nothing fed keeps
+    its dtype. Either is widened to float32 where it cannot hold ``value`` exactly (under DDP
+    a rank may be given statistics that other ranks' scores fed).
+    """
+    dtype = state if fed is None else torch.promote_types(state, fed)
+    if torch.tensor(value, dtype=dtype).item() != value:  # on the host: no sync
+        dtype = torch.promote_types(dtype, torch.float32)
+    return dtype
+
+
 def write_stats(
-    metrics: Any, stats_mode: StatsMode, stats: Mapping[str, tuple[float, float]]
+    metrics: Any,
+    stats_mode: StatsMode,
+    stats: Mapping[str, tuple[float, float]],
+    fed: Mapping[str, torch.dtype | None] | None = None,
 ) -> None:
     """Writes ``{"image": (min, max), "pixel": (min, max)}`` into ``metrics``' tensors.
 
-    In place, except collected statistics into a half-precision state (the module went
-    through ``.half()`` or ``.to(torch.bfloat16)``): anomalib's ``MinMax.update`` assigns
-    ``torch.min(state, batch_min)``, which promotes such a state to the scores' float32, so
-    they are stored in a new float32 tensor there, unrounded, as anomalib stores them. The
-    empty pair (+inf, -inf: no batch was folded, anomalib's state stays as it was) is
+    Collected statistics (``min <= max``) are stored as anomalib's updates leave them
+    (``stored_dtype``): in place where the state keeps its dtype, else in a new tensor of the
+    promoted dtype, unrounded. ``fed`` maps ``"image"``/``"pixel"`` to the dtype of the scores
+    that fed each (``None``: none did); left out, float32 scores fed them (anomalib's models).
+    The empty pair (+inf, -inf: no batch was folded, anomalib's state stays as it was) is
     written in place.
 
     Raises:
@@ -313,11 +333,11 @@ def write_stats(
         raise _one_pair_error(metrics)
     for which in (IMAGE, PIXEL) if pairs[PIXEL] is not pairs[IMAGE] else (IMAGE,):
         lo, hi = stats[which]
+        scores = torch.float32 if fed is None else fed.get(which)
         for (key, tensor), value in zip(pairs[which], (lo, hi), strict=True):
-            if lo <= hi and tensor.dtype in (torch.float16, torch.bfloat16):
-                promoted = torch.full(
-                    tensor.shape, value, dtype=torch.float32, device=tensor.device
-                )
+            dtype = stored_dtype(tensor.dtype, value, scores) if lo <= hi else tensor.dtype
+            if dtype != tensor.dtype:
+                promoted = torch.full(tensor.shape, value, dtype=dtype, device=tensor.device)
                 setattr(metrics, key.rsplit(".", 1)[-1], promoted)
             else:
                 write_in_place(tensor, value)

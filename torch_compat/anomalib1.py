@@ -49,8 +49,8 @@ except ImportError as e:  # pragma: no cover - a broken anomalib install
 from jaxnorm._src.random_state import global_random_state_kept as _kept  # noqa: E402
 
 with _kept():
-    from torch_compat._anomalib1 import BoxScoresWarning as BoxScoresWarning
     from torch_compat._anomalib1 import MinMaxNormalizationCallback as MinMaxNormalizationCallback
+    from torch_compat._anomalib1_boxes import BoxScoresWarning as BoxScoresWarning
     from torch_compat._anomalib1_design import PER_OUTPUT as PER_OUTPUT
     from torch_compat._anomalib1_design import SHARED as SHARED
     from torch_compat._anomalib1_design import detect_design as detect_design
