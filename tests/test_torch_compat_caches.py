@@ -14,6 +14,7 @@ import pickle
 import pytest
 import torch
 
+import jaxnorm
 import torch_compat._change
 from tests import reference
 from tests.test_torch_compat_hooks import (
@@ -75,6 +76,25 @@ def test_thresholds_set_on_the_hook_by_hand_are_replaced_by_the_modules(where):
     outputs = clone(raw)
     cb.on_test_batch_end(None, module, outputs, None, 1)
     assert_matches_reference(outputs, raw, IMAGE_T, PIXEL_T, lo, hi)
+
+
+@pytest.mark.parametrize("write", ["fill_", "data.fill_"])
+def test_statistics_written_after_the_missing_statistics_error_are_used(where, write):
+    """No statistics yet: the first test batch raises StatisticsMissingError. Statistics
+    written then (on an accelerator, ``.data`` leaves every key as it was) are used by the
+    next batch: the error is never a cached result (found by the 0.x callback's machine)."""
+    module = Module()
+    cb = MinMaxNormalizationCallback()
+    cb.setup(None, module, "test")
+    with pytest.raises(jaxnorm.StatisticsMissingError):
+        cb.on_test_batch_end(None, module, make_outputs(0, n=2, boxes=False), None, 0)
+    metrics = module.normalization_metrics
+    for tensor, value in ((metrics.min, -0.5), (metrics.max, 1.5)):
+        (tensor.data if write == "data.fill_" else tensor).fill_(value)
+    raw = make_outputs(1, n=2, boxes=False)
+    outputs = clone(raw)
+    cb.on_test_batch_end(None, module, outputs, None, 1)
+    assert_matches_reference(outputs, raw, IMAGE_T, PIXEL_T, -0.5, 1.5)
 
 
 WRITES = {

@@ -69,7 +69,9 @@ class StatsLink:
     host; identity, storage and version on an accelerator) *and* a hook that still holds
     what was loaded or stored: ``hook.stats`` is the very object it was then (a fold, a
     reset or any load since makes a new one, e.g. a validation epoch that was started and
-    abandoned). Copies of a link are empty (``Watched``).
+    abandoned). Empty statistics (no validation yet) are read again at every load: the
+    missing-statistics error is never a cached result. Copies of a link are empty
+    (``Watched``).
     """
 
     def __init__(self) -> None:
@@ -96,13 +98,17 @@ class StatsLink:
         for (lo_key, lo), (hi_key, hi) in pairs.values():
             check_not_meta(source, lo_key, lo)
             check_not_meta(source, hi_key, hi)
-        hook.adapter.load_stats(
+        installed = hook.adapter.load_stats(
             source,
             {which: (lo, hi) for which, ((_, lo), (_, hi)) in pairs.items()},
             {which: (lo_key, hi_key) for which, ((lo_key, _), (hi_key, _)) in pairs.items()},
         )
         self._source.remember(tensors, found)
-        self._holds = hook.stats
+        # Empty statistics are never a hit: the hook raises StatisticsMissingError for them,
+        # and statistics written since without a key change (``.data`` on an accelerator)
+        # must be read before it does.
+        empty = any(lo > hi for lo, hi in installed.values())
+        self._holds = None if empty else hook.stats
 
     def stored(self, pairs: StatPairs, hook: MinMaxNormalizationHook | None = None) -> None:
         """``hook``'s statistics were just written into ``pairs``' tensors (without

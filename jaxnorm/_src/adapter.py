@@ -109,7 +109,7 @@ class HookAdapter:
         source: str,
         pairs: Mapping[str, tuple[Any, Any]],
         keys: Mapping[str, tuple[str, str]] | None = None,
-    ) -> None:
+    ) -> dict[str, tuple[float, float]]:
         """Checks statistics that come from outside and installs them (one transfer), as
         ``set_stats`` does (statistics that differ make a shared hook separate), rounded to
         float32, where statistics live.
@@ -120,6 +120,9 @@ class HookAdapter:
             tensors of one element (read on the host; a pair given twice is read once).
           keys: each pair's names in ``source``, for errors.
 
+        Returns:
+          The installed values, ``{"image": (min, max), "pixel": (min, max)}`` (floats).
+
         Raises:
           ValueError: see ``validation.loaded_stats``; the hook is unchanged then.
         """
@@ -127,3 +130,4 @@ class HookAdapter:
         host = {w: tuple(float(np.float32(v)) for v in pair) for w, pair in host.items()}
         self._device.install(host)
         self._hook.stats_mode = mode_after_load(self._hook.stats_mode, host)
+        return host
