@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import jaxnorm
 from jaxnorm._src import f1_curve, f1_fold, fold
@@ -306,3 +308,26 @@ def test_validation_batch_returns_before_the_producer_finishes():
     hook.on_validation_epoch_end()
     host = [jax.tree.map(np.asarray, b) for b in batches]
     assert_f32_equal(hook.pixel_threshold, want(host, "anomaly_maps", "mask"))
+
+
+@pytest.mark.parametrize(
+    "mesh_shape, spec",
+    [((8,), P("data")), ((4, 2), P("data", None, "model"))],
+    ids=["8dev", "4x2dev"],
+)
+def test_sharded_batches_give_the_thresholds_of_the_whole_batch(devices, mesh_shape, spec):
+    mesh = jax.make_mesh(mesh_shape, ("data", "model")[: len(mesh_shape)], devices=devices)
+    batches = epoch_batches(16, sizes=(16, 16))
+
+    def put(b):
+        return {
+            "anomaly_maps": jax.device_put(b["anomaly_maps"], NamedSharding(mesh, spec)),
+            "pred_scores": jax.device_put(b["pred_scores"], NamedSharding(mesh, P("data"))),
+            "label": jax.device_put(b["label"], NamedSharding(mesh, P("data"))),
+            "mask": jax.device_put(b["mask"], NamedSharding(mesh, P("data"))),
+        }
+
+    hook = jaxnorm.MinMaxNormalizationHook(thresholds="f1", stats="separate")
+    validate(hook, [put(b) for b in batches])
+    assert_f32_equal(hook.image_threshold, want(batches, "pred_scores", "label"))
+    assert_f32_equal(hook.pixel_threshold, want(batches, "anomaly_maps", "mask"))
