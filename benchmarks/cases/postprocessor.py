@@ -111,15 +111,10 @@ def _pair(**kwargs: Any) -> dict[str, Any]:
 
 
 def _buffers(pp: Any) -> tuple[float, ...]:
-    names = (
-        "image_min",
-        "image_max",
-        "pixel_min",
-        "pixel_max",
-        "_image_threshold",
-        "_pixel_threshold",
-    )
-    return tuple(float(getattr(pp, n)) for n in names)
+    """anomalib 2's six buffers: thresholds, then statistics."""
+    from jaxnorm._src.anomalib2_normalize import BUFFERS
+
+    return tuple(float(getattr(pp, n)) for n in BUFFERS)
 
 
 def _validation(

@@ -56,7 +56,7 @@ from jaxnorm._src.f1_keys import LOW_MASK, N_BINS, N_CLASSES, POS, SKIP, chunk_k
 UB_MARGIN = np.float32(1 + 2**-16)
 # Candidate bins resolved per pass over the scores; more bins, more passes.
 GROUP_BINS = 16
-# Beyond this many candidate bins, sorting every key is cheaper than the passes.
+# Beyond this many candidate bins, copying their scores out and sorting them beats the passes.
 MAX_CANDIDATE_BINS = 256
 # At or below this many values, one sort beats 65536-bin histograms.
 SORT_BELOW = 1 << 15
