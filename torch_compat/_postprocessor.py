@@ -298,6 +298,8 @@ def check_truth(field: str, value: Any, truth: str, labels: Any) -> Any:
             f"batch.{truth}: expected a tensor of real labels, got {what}; anomalib's "
             "batches hold their ground truth as bool tensors."
         )
+    if not isinstance(value, torch.Tensor):
+        return labels  # the exchange names what is wrong with the scores
     s, y = tuple(value.shape), tuple(labels.shape)
     if value.numel() != labels.numel() or (s[:1] != y[:1] and s and y):
         raise ValueError(
