@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from torch_compat import HostCopyWarning, _dlpack, to_jax, to_torch
+from torch_compat import HostCopyWarning, _dlpack, _dlpack_check, to_jax, to_torch
 
 FLOATS = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 NO_CUDA = (
@@ -192,6 +192,7 @@ def test_fast_path_finds_the_jaxlib_signature_then_falls_back_to_the_public_one(
     real = _dlpack._fast_from_dlpack
     if real is None:
         pytest.skip("this jaxlib has no dlpack_managed_tensor_to_buffer")
+    _dlpack_check.fast_path_ok(torch.device("cpu"))  # the first-use check: its calls uncounted
     calls = []
 
     def three_args_only(*args):

@@ -39,6 +39,7 @@ with _kept():
         from torch_compat._dlpack import HostCopyWarning as HostCopyWarning
         from torch_compat._dlpack import to_jax as to_jax
         from torch_compat._dlpack import to_torch as to_torch
+        from torch_compat._dlpack_check import FastPathWarning as FastPathWarning
         from torch_compat._minmax import MinMax as MinMax
     except ModuleNotFoundError as error:
         if error.name not in _TORCH_EXTRA:
@@ -66,6 +67,7 @@ if TYPE_CHECKING:
     )
 
 __all__ = [
+    "FastPathWarning",
     "HostCopyWarning",
     "MinMax",
     "MinMaxNormalizationCallback",

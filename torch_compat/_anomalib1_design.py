@@ -1,5 +1,5 @@
 """Which of anomalib 1.x's two normalization designs is installed, asked of anomalib's own
-callback (SPEC §9), and what its per-output metrics look like.
+callback, and what its per-output metrics look like.
 
 - ``SHARED`` (1.0.x, 1.1.0, 1.1.3): ``pl_module.normalization_metrics`` is one ``MinMax``, fed
   by the first of ``anomaly_maps``, ``box_scores``, ``pred_scores``, never reset.

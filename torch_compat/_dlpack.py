@@ -44,6 +44,9 @@ import numpy as np
 import torch
 import torch.utils.dlpack
 
+# The first-use check of the direct calls below (a module object: the two import each other).
+from torch_compat import _dlpack_check
+
 try:
     # What jax.dlpack.from_dlpack calls once it has found the device and stream. On CPU that
     # search costs ~70 us a call (it raises and catches an error for the missing stream), more
@@ -157,7 +160,11 @@ def _fast_call(t: torch.Tensor, device: jax.Device, stream: int | None, dl_type:
 
 
 def _from_dlpack(t: torch.Tensor) -> jax.Array:
-    if _fast_from_dlpack is not None and t.dtype in _FAST_DTYPES:
+    if (
+        _fast_from_dlpack is not None
+        and t.dtype in _FAST_DTYPES
+        and _dlpack_check.fast_path_ok(t.device)
+    ):
         out = None
         if t.device.type == "cpu":
             out = _fast_call(t, _local_cpu(), None, _KDL_CPU)
@@ -271,10 +278,13 @@ def cuda_available() -> bool:
 def batch_device_ok(device: torch.device) -> bool:
     """Whether ``import_batch`` and ``export_batch`` take tensors on ``device``.
 
-    They need jaxlib's direct calls (found by an earlier ``to_jax``), and on CUDA a jax GPU
-    with an external-ready-events stream; elsewhere ``to_jax`` and ``to_torch`` remain.
+    They need jaxlib's direct calls, checked on this device (``_dlpack_check``), and on CUDA a
+    jax GPU with an external-ready-events stream; elsewhere ``to_jax`` and ``to_torch``
+    remain.
     """
-    if not (_fast_works and _fast_from_dlpack is not None and _fast_to_dlpack is not None):
+    if _fast_from_dlpack is None or _fast_to_dlpack is None:
+        return False
+    if not (_dlpack_check.fast_path_ok(device) and _fast_works):
         return False
     if device.type == "cpu":
         return True

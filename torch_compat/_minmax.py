@@ -296,7 +296,14 @@ def stat_tensors(
 def write_stats(
     metrics: Any, stats_mode: StatsMode, stats: Mapping[str, tuple[float, float]]
 ) -> None:
-    """Writes ``{"image": (min, max), "pixel": (min, max)}`` into ``metrics``' tensors in place.
+    """Writes ``{"image": (min, max), "pixel": (min, max)}`` into ``metrics``' tensors.
+
+    In place, except collected statistics into a half-precision state (the module went
+    through ``.half()`` or ``.to(torch.bfloat16)``): anomalib's ``MinMax.update`` assigns
+    ``torch.min(state, batch_min)``, which promotes such a state to the scores' float32, so
+    they are stored in a new float32 tensor there, unrounded, as anomalib stores them. The
+    empty pair (+inf, -inf: no batch was folded, anomalib's state stays as it was) is
+    written in place.
 
     Raises:
       ValueError: separate statistics that differ, into a metric without pixel states.
@@ -305,10 +312,15 @@ def write_stats(
     if pairs[PIXEL] is pairs[IMAGE] and stats_mode == "separate" and stats[IMAGE] != stats[PIXEL]:
         raise _one_pair_error(metrics)
     for which in (IMAGE, PIXEL) if pairs[PIXEL] is not pairs[IMAGE] else (IMAGE,):
-        (_, lo_t), (_, hi_t) = pairs[which]
         lo, hi = stats[which]
-        write_in_place(lo_t, lo)
-        write_in_place(hi_t, hi)
+        for (key, tensor), value in zip(pairs[which], (lo, hi), strict=True):
+            if lo <= hi and tensor.dtype in (torch.float16, torch.bfloat16):
+                promoted = torch.full(
+                    tensor.shape, value, dtype=torch.float32, device=tensor.device
+                )
+                setattr(metrics, key.rsplit(".", 1)[-1], promoted)
+            else:
+                write_in_place(tensor, value)
     if isinstance(metrics, MinMax):
         metrics.loaded_from_checkpoint = False
     if isinstance(metrics, torchmetrics.Metric):

@@ -4,6 +4,8 @@
 jax's streams itself, once per batch (see its module docstring). This probe checks, on a busy
 GPU, each ordering the design relies on, and prints ``OK`` or ``FAIL`` per check:
 
+0. the first-use check of the direct calls against the public ``jax.dlpack.from_dlpack`` /
+   ``torch.from_dlpack`` (``torch_compat/_dlpack_check.py``) passes on this GPU;
 1. import: torch writes a tensor on a non-default stream after a long spin; jax, reading it
    through ``import_batch`` with that stream, must see the write (no stale read), and the
    call must return before the spin ends (no host wait);
@@ -23,12 +25,13 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 
 import jax
 import jax.numpy as jnp
 import torch
 
-from torch_compat import _dlpack
+from torch_compat import _dlpack, _dlpack_check
 
 SPIN = 200_000_000  # torch.cuda._sleep cycles: ~0.1 s on an H200
 
@@ -39,6 +42,13 @@ def main() -> int:
         return 2
     dev = torch.device("cuda", 0)
     print("jax", jax.__version__, jax.devices(), "| torch", torch.__version__)
+    # 0. the direct calls' first-use check against the public functions (_dlpack_check):
+    # FAIL means they disagree on this GPU, and the exchange uses the public functions.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        checked = _dlpack_check.fast_path_ok(dev)
+    print(("OK" if checked else "FAIL") + " first-use check of the direct calls", end="")
+    print("".join(f": {w.message}" for w in caught))
     _dlpack.to_jax(torch.ones(1 << 10, device=dev))  # finds jaxlib's arity
     jax_device, stream = _dlpack._jax_gpu(0)
     pool = {jax_device.get_stream_for_external_ready_events() for _ in range(8)}
@@ -46,7 +56,7 @@ def main() -> int:
         f"arity {_dlpack._fast_arities[0]}, batch path {_dlpack.batch_device_ok(dev)}, "
         f"kept stream {stream}, streams handed out {sorted(pool)}"
     )
-    failures = 0
+    failures = 0 if checked else 1
     total = jax.jit(lambda a: a.sum())
 
     side = torch.cuda.Stream(device=dev)

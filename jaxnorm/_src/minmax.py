@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Hashable
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jaxnorm._src import placement, validation
@@ -84,7 +84,11 @@ class MinMax:
 
     @classmethod
     def empty(cls) -> MinMax:
-        """The state that has seen nothing: ``min = +inf``, ``max = -inf``."""
+        """The state that has seen nothing: ``min = +inf``, ``max = -inf``.
+
+        Each call returns arrays of its own, so donating one state (e.g. to a jitted eval
+        step with ``donate_argnums``) deletes no other.
+        """
         lo, hi = _empty_fields()
         return cls(min=lo, max=hi)
 
@@ -162,13 +166,14 @@ class MinMax:
         return self.min > self.max
 
 
-@functools.cache
 def _empty_fields() -> tuple[jax.Array, jax.Array]:
-    # Immutable, so one pair serves every empty state; building it costs two transfers.
-    # Made lazily (not at import, which would start jax's backends before a user's
-    # jax.distributed.initialize) and concretely, even when first asked for under a trace.
+    # Fresh arrays at every call, never a cached pair: a state may be donated
+    # (``jax.jit(step, donate_argnums=...)``), which deletes its arrays, and a pair shared by
+    # every empty state would then be deleted for all of them (issue 20). One transfer call
+    # for both. Made lazily (not at import, which would start jax's backends before a user's
+    # jax.distributed.initialize) and concretely, even when asked for under a trace.
     with jax.ensure_compile_time_eval():
-        return jnp.array(jnp.inf, jnp.float32), jnp.array(-jnp.inf, jnp.float32)
+        return tuple(jax.device_put((np.float32(np.inf), np.float32(-np.inf))))
 
 
 @jax.jit

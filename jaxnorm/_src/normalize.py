@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxnorm._src import validation
+from jaxnorm._src import placement, validation
 from jaxnorm._src.minmax import MinMax
 from jaxnorm._src.stats import IMAGE, NORMALIZED_KEYS, PIXEL, NormalizationStats, as_stats
 
@@ -149,11 +149,37 @@ def _normalize_checked(targets, threshold, min_val, max_val, *, wide: bool):
     return jnp.where(ok, y, jnp.zeros((), y.dtype))
 
 
-# Scalars given as jax arrays, checked and packed, by the identity of the arrays (jax arrays
-# are immutable, so the same objects hold the same values). Each entry keeps its arrays
-# alive, so an id is never reused while its entry is here.
-_ARRAY_PACKS: dict[tuple, tuple[tuple, jax.Array]] = {}
-_ARRAY_PACKS_SIZE = 16
+# -- scalars given as 0-d jax arrays (``stats.min``, ``stats.max``) --------------------------
+#
+# The arrays themselves go into every call: they are on the device already, so the values
+# travel with the batch at no transfer, and no call computes with a value read earlier.
+# What is kept is only that the scalars passed the checks (finite, max >= min, within the
+# compute dtype's range), so that a steady loop does not read them on the host every call.
+#
+# Hit rule of ``_CHECKED``: an entry is valid for a call whose scalars are, position by
+# position, the very same array objects (``is``: the entry keeps them alive, so their ids
+# are never reused while it is here), or Python floats of the same value (keys are tagged
+# ``(_ARRAY, id)`` or ``(_FLOAT, value)``, so a float that happens to equal an id never
+# matches an array), for targets of the same dtype and the same ``x64``. Why a hit stays
+# valid:
+# - a new array object is a new key: checked again;
+# - a jax array's value never changes (jax arrays are immutable): no in-place op, ``.data``
+#   or ``load_state_dict`` exists for it, and ``np.asarray`` of a jax array is read-only;
+# - a deleted or donated array: every call looks (``is_deleted``, ~0.05 us an array) and
+#   raises jax's "Array has been deleted" error, hit or not;
+# - ``deepcopy``/pickle of an array gives a new object: a new key;
+# - dtype or device conversion gives a new object: a new key; statistics committed to other
+#   devices than the targets are copied there at each call (``_placed``: no host wait);
+# - a DLPack alias written in place (a torch tensor over the array's memory): jax documents
+#   this as undefined behaviour for the jax array. The math still reads the memory as it is
+#   now, so the result uses the new value, but the checks are not run again: a value written
+#   this way that is not finite or breaks ``max >= min`` is not reported (see
+#   docs/differences.md; checking at every call costs a host callback per call).
+# An entry holds the scalars as given, the arrays the call takes (a float as a device
+# scalar of its value, ``_device_float``), and whether any of those is committed.
+_CHECKED: dict[tuple, tuple] = {}
+_CHECKED_SIZE = 16
+_ARRAY, _FLOAT = "array", "float"
 
 
 def _device_scalar(value) -> bool:
@@ -161,35 +187,106 @@ def _device_scalar(value) -> bool:
     return isinstance(value, jax.Array) and not validation.is_tracer(value) and value.ndim == 0
 
 
-def _pack_key(threshold, min_val, max_val, x64: bool, dtype) -> tuple:
-    # A float threshold by value (a sweep of thresholds over the same statistics), arrays by
-    # identity; the entry's objects are compared with ``is`` on a hit.
+def _checked_key(threshold, min_val, max_val, x64: bool, dtype) -> tuple:
     return (
-        threshold if type(threshold) is float else id(threshold),
-        id(min_val),
-        id(max_val),
+        (_FLOAT, threshold) if type(threshold) is float else (_ARRAY, id(threshold)),
+        (_FLOAT, min_val) if type(min_val) is float else (_ARRAY, id(min_val)),
+        (_FLOAT, max_val) if type(max_val) is float else (_ARRAY, id(max_val)),
         x64,
         dtype,
     )
 
 
-def _normalize_device_scalars(targets, scalars: tuple, x64: bool):
-    """``normalize`` for scalars that are floats or 0-d jax arrays (at least one array),
-    seen for the first time: checked and packed once they are computed."""
+@functools.lru_cache(maxsize=16)
+def _device_float(value: float, x64: bool) -> jax.Array:
+    # A float beside array scalars (a threshold, usually), transferred once per value. Hit
+    # rule: the same float value and x64. The array is never handed out (so never donated
+    # or deleted), and a jax array's value cannot change.
+    return jax.device_put(np.float64(value) if x64 else np.float32(value))
+
+
+def _on_device(scalars: tuple, x64: bool) -> tuple:
+    return tuple(_device_float(v, x64) if type(v) is float else v for v in scalars)
+
+
+def _placed(targets, scalars: tuple) -> tuple:
+    """``scalars`` (jax arrays) where a jitted call with ``targets`` can read them, whether
+    they are computed yet or not (device to device copies, no host wait).
+
+    Committed targets: statistics committed elsewhere are copied to the targets' devices.
+    Uncommitted targets follow committed scalars, as in any jax computation; scalars
+    committed to different devices all go to the first one's.
+    """
+    if isinstance(targets, jax.Array) and targets.committed:
+        sharding = placement.target((targets,))
+        if sharding is None:
+            return scalars  # arrays across processes, pmap's shardings: jit places them
+    else:
+        placed = [v.sharding for v in scalars if v.committed]
+        if all(p == placed[0] for p in placed):
+            return scalars
+        sharding = placed[0]
+    return tuple(
+        jax.device_put(v, sharding) if v.committed and v.sharding != sharding else v
+        for v in scalars
+    )
+
+
+def _check_alive(scalars: tuple) -> None:
+    """Raises jax's error for a deleted or donated array, before anything reads it
+    (``is_ready()`` on a deleted array crashes the interpreter; jit's error for a donated
+    one is an ``INVALID_ARGUMENT`` of the executable)."""
+    for name, value in zip(("threshold", "min_val", "max_val"), scalars, strict=True):
+        if type(value) is not float and value.is_deleted():
+            raise RuntimeError(
+                f"Array has been deleted with shape={value.aval.str_short()}: {name} was "
+                "deleted or donated (e.g. to a jitted step with donate_argnums); pass the "
+                "statistics that step returned, or arrays that are still alive."
+            )
+
+
+def _checked_arrays(targets, threshold, min_val, max_val, x64: bool) -> tuple | None:
+    """The arrays a call takes for these scalars when ``_CHECKED`` holds them (see the hit
+    rule), placed for ``targets``; else ``None``."""
+    entry = _CHECKED.get(_checked_key(threshold, min_val, max_val, x64, targets.dtype))
+    if entry is None:
+        return None
+    (t, lo, hi), arrays, committed = entry
+    if (
+        (t is not threshold and type(t) is not float)
+        or (lo is not min_val and type(lo) is not float)
+        or (hi is not max_val and type(hi) is not float)
+    ):
+        return None  # (defensive: the entry keeps its arrays alive, so ids are unique)
+    if (
+        (type(t) is not float and t.is_deleted())
+        or (type(lo) is not float and lo.is_deleted())
+        or (type(hi) is not float and hi.is_deleted())
+    ):
+        _check_alive((t, lo, hi))
+    return _placed(targets, arrays) if committed else arrays
+
+
+def _normalize_arrays(targets, scalars: tuple, x64: bool):
+    """``normalize`` for scalars that are floats or concrete 0-d jax arrays (at least one
+    array) not in ``_CHECKED``: checked, and kept there once computed."""
+    _check_alive(scalars)
     wide = _is_wide(targets.dtype)
-    if not all(type(v) is float or v.is_ready() for v in scalars):
+    arrays = _on_device(scalars, x64)
+    if not all(v.is_ready() for v in scalars if type(v) is not float):
         # Still being computed: checked on the host as they arrive, not waited for here.
-        return _normalize_checked(targets, *scalars, wide=wide)
+        return _normalize_checked(targets, *_placed(targets, arrays), wide=wide)
     threshold, min_val, max_val = validation.host_scalars(
         ("threshold", scalars[0], _FINITE_HINT),
         ("min_val", scalars[1], _EMPTY_HINT),
         ("max_val", scalars[2], _EMPTY_HINT),
     )
-    params = _checked_pack(threshold, min_val, max_val, x64, wide)  # raises for bad values
-    if len(_ARRAY_PACKS) >= _ARRAY_PACKS_SIZE:
-        del _ARRAY_PACKS[next(iter(_ARRAY_PACKS))]
-    _ARRAY_PACKS[_pack_key(*scalars, x64, targets.dtype)] = (scalars, params)
-    return _normalize_packed(targets, params)
+    check_scalars(threshold, min_val, max_val, wide)  # raises for bad values
+    if len(_CHECKED) >= _CHECKED_SIZE:
+        del _CHECKED[next(iter(_CHECKED))]
+    committed = any(v.committed for v in arrays)
+    _CHECKED[_checked_key(*scalars, x64, targets.dtype)] = (scalars, arrays, committed)
+    return _normalize(targets, *(_placed(targets, arrays) if committed else arrays))
 
 
 def _host_float(name: str, value, hint: str):
@@ -222,14 +319,18 @@ def normalize(
       min_val: the smallest raw score seen during validation.
       max_val: the largest raw score seen during validation.
 
-    Scalars given as 0-d jax arrays (``stats.min``, ``stats.max``) are not read at every
-    call. The first call that sees those array objects reads and checks them on the host
-    when they are computed already (which does not wait), and keeps the checked values on
-    the device, keyed by the arrays' identity (jax arrays are immutable): later calls with
-    the same arrays read nothing. A call whose arrays are still being computed does not wait
-    for them either: the same checks run on the host as soon as the values exist (a jax host
-    callback in the call), and bad values fail the computation, so reading the result
-    raises jax's runtime error carrying the ``ValueError`` below. Never a silent NaN or 0.5.
+    Scalars given as 0-d jax arrays (``stats.min``, ``stats.max``) are passed to the
+    computation as they are, at every call: nothing computes with a value read earlier, and
+    nothing waits for them. Their checks are run once per array objects: the first call that
+    sees them reads and checks them on the host when they are computed already (which does
+    not wait), and later calls with the same objects read nothing. A call whose arrays are
+    still being computed does not wait for them either: the same checks run on the host as
+    soon as the values exist (a jax host callback in the call), and bad values fail the
+    computation, so reading the result raises jax's runtime error carrying the
+    ``ValueError`` below. Never a silent NaN or 0.5. Statistics committed to devices other
+    than committed ``targets`` are copied to them (device to device, no host wait), whether
+    they are computed yet or not. A deleted (or donated) array raises jax's
+    ``RuntimeError`` ("Array has been deleted").
 
     Returns:
       A jax array of the shape of ``targets``, with its dtype when floating (float16,
@@ -250,31 +351,19 @@ def normalize(
     if not (type(threshold) is float and type(min_val) is float and type(max_val) is float):
         # Host numbers (ints, numpy scalars and 0-d arrays) as floats, so that beside jax
         # array statistics they take the paths that read those arrays once, not every call.
-        threshold, min_val, max_val = (
-            _host_float(name, value, hint)
-            for name, value, hint in (
-                ("threshold", threshold, _FINITE_HINT),
-                ("min_val", min_val, _EMPTY_HINT),
-                ("max_val", max_val, _EMPTY_HINT),
-            )
-        )
+        threshold = _host_float("threshold", threshold, _FINITE_HINT)
+        min_val = _host_float("min_val", min_val, _EMPTY_HINT)
+        max_val = _host_float("max_val", max_val, _EMPTY_HINT)
     if type(threshold) is float and type(min_val) is float and type(max_val) is float:
         # The common per-batch call: host floats, checked and transferred once per value.
         params = _checked_pack(threshold, min_val, max_val, x64, _is_wide(targets.dtype))
         return _normalize_packed(targets, params)
-    hit = _ARRAY_PACKS.get(_pack_key(threshold, min_val, max_val, x64, targets.dtype))
-    if hit is not None:
-        held = hit[0]
-        if (
-            held[1] is min_val
-            and held[2] is max_val
-            and (held[0] is threshold or type(threshold) is float)
-        ):
-            # Statistics arrays seen, read and checked before: nothing to read.
-            return _normalize_packed(targets, hit[1])
+    arrays = _checked_arrays(targets, threshold, min_val, max_val, x64)
+    if arrays is not None:  # jax arrays seen and checked before: nothing to read
+        return _normalize(targets, *arrays)
     scalars = (threshold, min_val, max_val)
     if all(type(v) is float or _device_scalar(v) for v in scalars):
-        return _normalize_device_scalars(targets, scalars, x64)
+        return _normalize_arrays(targets, scalars, x64)
     threshold, min_val, max_val = validation.host_scalars(
         ("threshold", threshold, _FINITE_HINT),
         ("min_val", min_val, _EMPTY_HINT),

@@ -48,7 +48,8 @@ def _is_real(dtype: np.dtype) -> bool:
 def as_array(name: str, values: ArrayLike) -> jax.Array | np.ndarray:
     """Returns ``values`` as a jax or numpy array with a real numeric dtype.
 
-    numpy arrays are made ready for jax on the host (see ``host_ints_ok``): a non-native
+    numpy arrays are copied (jax would read the caller's memory after the call returned,
+    see below) and made ready for jax on the host (see ``host_ints_ok``): a non-native
     byte order (``>f4`` on a little-endian machine) is swapped, since jax would read the bytes
     as native ones; with x64 off, integers wider than 32 bits become float32 (jax would wrap
     them around to int32 silently; large ones round to the nearest float32, as any score
@@ -80,7 +81,13 @@ def as_array(name: str, values: ArrayLike) -> jax.Array | np.ndarray:
             "cast it to a floating dtype such as float32 first."
         )
     if isinstance(arr, np.ndarray):
-        arr = host_ints_ok(arr)
+        ready = host_ints_ok(arr)
+        # jax reads an aligned numpy array in place (zero-copy on the CPU) whenever the
+        # computation runs, which may be after the call returned: a caller that writes its
+        # buffer at once (a reused output buffer, numpy's synchronous habit) would change the
+        # result. So the caller's array is copied here, once (host_ints_ok's conversions are
+        # copies already).
+        arr = np.array(arr) if ready is values else ready
     return arr
 
 
