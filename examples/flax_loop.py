@@ -1,10 +1,12 @@
-"""A hand-written Flax loop with jaxnorm's hook: train, validate, pick thresholds, test.
+"""A hand-written Flax loop with jaxnorm's hook: train, validate (thresholds too), test.
 
 A tiny Flax NNX autoencoder learns to redraw normal 4x4 "images" (smooth gradients); an
 anomalous image has a bright spot it cannot redraw. Its anomaly map is the squared
 reconstruction error, its image score the map's maximum. ``MinMaxNormalizationHook`` is
-called where Lightning would call anomalib's callback: validation batches feed the min/max
-statistics, test batches come back with every score in [0, 1] and each threshold at 0.5.
+called where Lightning would call anomalib's callback: validation batches, with their
+labels, feed the min/max statistics and anomalib's F1 adaptive threshold
+(``thresholds="f1"``); test batches come back with every score in [0, 1] and each threshold
+at 0.5.
 
 Run it: ``python examples/flax_loop.py`` (a few seconds on a CPU).
 """
@@ -69,23 +71,22 @@ val_batches = [make_images(32, anomalous=0.5) for _ in range(4)]
 test_batches = [make_images(32, anomalous=0.5) for _ in range(4)]
 
 # -- the loop: train, then validate through the hook, every epoch ---------------------
-hook = jaxnorm.MinMaxNormalizationHook()
+# thresholds="f1": anomalib's F1 adaptive thresholds, in raw units, from each validation
+# epoch's "pred_scores" and "label" (no "mask" here, so the pixel threshold is the image one)
+hook = jaxnorm.MinMaxNormalizationHook(thresholds="f1")
 for epoch in range(3):
     for _ in range(100):
         params, opt_state, loss = train_step(params, opt_state, make_images(32, 0.0)[0])
-    hook.on_validation_epoch_start()  # resets the statistics
-    for images, _ in val_batches:
-        hook.on_validation_batch_end(eval_step(params, images))  # one jitted call, no sync
-    hook.on_validation_epoch_end()  # raises here if a batch held NaN/inf
+    hook.on_validation_epoch_start()  # resets the statistics and the thresholds' states
+    for images, labels in val_batches:
+        outputs = {**eval_step(params, images), "label": labels}  # anomalib's keys
+        hook.on_validation_batch_end(outputs)  # one jitted call, no sync
+    hook.on_validation_epoch_end()  # sets the thresholds; raises here if a batch held NaN/inf
     lo, hi = hook.host_stats()["image"]
-    print(f"epoch {epoch}: loss {float(loss):.4f}, statistics [{lo:.4f}, {hi:.4f}]")
-
-# -- thresholds in raw units, from the validation scores (anomalib's adaptive threshold) --
-f1 = jaxnorm.F1AdaptiveThreshold.empty()  # anomalib 2's F1AdaptiveThreshold, exactly
-for images, labels in val_batches:
-    f1 = f1.update(eval_step(params, images)["pred_scores"], labels)  # one jitted call
-hook.image_threshold = float(f1.compute())
-hook.pixel_threshold = hook.image_threshold  # the maps' maximum is the image score
+    print(
+        f"epoch {epoch}: loss {float(loss):.4f}, statistics [{lo:.4f}, {hi:.4f}], "
+        f"threshold {hook.image_threshold:.4f}"
+    )
 
 # -- test: every score lands in [0, 1], each threshold at 0.5 ---------------------------
 hook.on_test_start()  # fails early if there are no statistics

@@ -3,7 +3,7 @@
 The reference (tests/f1_reference.py) is written from SPEC.md section 10 in float32, as
 torch computes it. Every case runs through each of the implementation's paths: the sort of
 small inputs, the bins with one pass per group of candidate bins (several groups), and the
-sort it falls back to when too many bins qualify.
+candidate bins' scores copied out and sorted (when they are few, or too many bins qualify).
 """
 
 from __future__ import annotations
@@ -20,18 +20,25 @@ import jaxnorm
 from jaxnorm._src import f1_curve
 from tests import f1_reference as ref
 
-PATHS = ["sort", "bins", "bins-1-bin-groups", "bins-then-sort"]
+PATHS = ["sort", "bins", "bins-1-bin-groups", "extract", "bins-then-extract"]
+
+
+def take_path(name, monkeypatch):
+    """Sizes and limits patched so that small inputs take the path ``name``."""
+    if name != "sort":
+        monkeypatch.setattr(f1_curve, "SORT_BELOW", 0)
+    if name.startswith("bins"):  # group passes, however few scores the candidates hold
+        monkeypatch.setattr(f1_curve, "EXTRACT_MAX", -1)
+    if name == "bins-1-bin-groups":
+        monkeypatch.setattr(f1_curve, "GROUP_BINS", 1)
+    if name == "bins-then-extract":  # too many candidate bins: extracted whatever their size
+        monkeypatch.setattr(f1_curve, "MAX_CANDIDATE_BINS", 0)
 
 
 @pytest.fixture(params=PATHS)
 def path(request, monkeypatch):
-    """Which algorithm runs: sizes and limits patched so that small inputs take each path."""
-    if request.param != "sort":
-        monkeypatch.setattr(f1_curve, "SORT_BELOW", 0)
-    if request.param == "bins-1-bin-groups":
-        monkeypatch.setattr(f1_curve, "GROUP_BINS", 1)
-    if request.param == "bins-then-sort":
-        monkeypatch.setattr(f1_curve, "MAX_CANDIDATE_BINS", 0)
+    """Which algorithm runs (see ``take_path``)."""
+    take_path(request.param, monkeypatch)
     return request.param
 
 
@@ -226,7 +233,7 @@ _small_values = st.sampled_from(
 )
 
 
-@pytest.mark.parametrize("path_name", ["sort", "bins", "bins-then-sort"])
+@pytest.mark.parametrize("path_name", ["sort", "bins", "extract", "bins-then-extract"])
 @settings(max_examples=25, deadline=None, derandomize=True)
 @given(
     scores=hnp.arrays(np.float32, N, elements=st.one_of(_values, _small_values)),
@@ -235,10 +242,7 @@ _small_values = st.sampled_from(
 )
 def test_property_equals_reference(path_name, scores, labels, mask):
     with pytest.MonkeyPatch.context() as mp:
-        if path_name != "sort":
-            mp.setattr(f1_curve, "SORT_BELOW", 0)
-        if path_name == "bins-then-sort":
-            mp.setattr(f1_curve, "MAX_CANDIDATE_BINS", 0)
+        take_path(path_name, mp)
         if not mask.any():
             with pytest.raises(ValueError, match="no score"):
                 ours(scores, labels, mask=mask)

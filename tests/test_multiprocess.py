@@ -17,7 +17,7 @@ import jaxnorm
 import jaxnorm.distributed
 from jaxnorm._src.distributed import _check, _pack, _reduce_rows
 from jaxnorm.distributed import allreduce_across_processes
-from tests import reference
+from tests import f1_reference, reference
 from tests.workers import launch
 
 pytestmark = pytest.mark.timeout(240)
@@ -287,6 +287,45 @@ def test_negative_control_without_reduction_each_process_keeps_its_own_stats(tmp
         assert as_tuples(r["host_stats"]) == expected_stats([all_shards[i]], "shared")
         assert as_tuples(r["host_stats"]) != global_stats
     assert any(not np.array_equal(outputs[0][k], outputs[1][k]) for k in outputs[0])
+
+
+def f1_batch(rng, n, shift):
+    """A batch with labels and masks: anomalous images and pixels score higher."""
+    label = np.arange(n) % 2
+    mask = rng.random((n, 6, 6)) < 0.2
+    maps = (rng.normal(size=(n, 1, 6, 6)) + shift + 1.5 * mask[:, None]).astype(np.float32)
+    return {
+        "anomaly_maps": maps,
+        "pred_scores": maps.reshape(n, -1).max(axis=1) + 0.5 * label,
+        "label": label,
+        "mask": mask,
+    }
+
+
+def f1_thresholds(batches):
+    cat = {k: np.concatenate([np.ravel(b[k]) for b in batches]) for k in batches[0]}
+    image = f1_reference.f1_threshold(cat["pred_scores"], cat["label"])
+    return [float(image), float(f1_reference.f1_threshold(cat["anomaly_maps"], cat["mask"]))]
+
+
+@pytest.mark.slow
+def test_f1_thresholds_are_those_of_every_processs_data(tmp_path):
+    """``thresholds="f1"``: every process sets the thresholds of the union, as one process
+    would, also in an epoch where one process validates nothing (it still takes part in
+    every collective)."""
+    rng = np.random.default_rng(11)
+    shards = [
+        [[f1_batch(rng, 4, 0.0) for _ in range(2)], [f1_batch(rng, 4, 0.0) for _ in range(3)]],
+        [[], [f1_batch(rng, 4, 1.0) for _ in range(2)]],
+    ]
+    results, _ = run_processes(tmp_path, shards, [f1_batch(rng, 4, 0.0)], thresholds="f1")
+    first = f1_thresholds(shards[0][0])
+    union = f1_thresholds(shards[0][1] + shards[1][1])
+    for r in results:
+        assert r["errors"] == []
+        assert r["thresholds"] == [first, union]
+    # the negative control: neither process's own data gives the union's thresholds
+    assert f1_thresholds(shards[0][1]) != union != f1_thresholds(shards[1][1])
 
 
 def test_launcher_kills_a_hung_group_and_its_children(tmp_path):

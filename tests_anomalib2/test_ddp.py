@@ -1,19 +1,20 @@
-"""Lightning DDP (2 ranks, gloo, CPU): the statistics are reduced across ranks, as anomalib 2's
-metric sync reduces them.
+"""Lightning DDP (2 ranks, gloo, CPU): the statistics and the F1 thresholds are reduced across
+ranks, as anomalib 2's metric sync reduces them.
 
 Each rank validates its own batches, the global minimum on rank 0 and the maximum on rank 1;
-every rank must end with the statistics of all the data, equal to anomalib's PostProcessor
-under the same DDP run (its torchmetrics sync) and to numpy over everything.
+every rank must end with the statistics and thresholds of all the data, equal to anomalib's
+PostProcessor under the same DDP run (its torchmetrics sync, which gathers every score) and
+to numpy over everything.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests import f1_reference
 from tests.workers import launch
 
 WORLD_SIZE = 2
@@ -37,6 +38,9 @@ def val():
     val = [[batch(rng, -1.0, 1.0) for _ in range(3)], [batch(rng, 0.0, 2.0) for _ in range(2)]]
     val[0][1]["pred_score"][2] = -7.5  # global image min, rank 0
     val[1][0]["anomaly_map"][1, 2, 3] = 9.25  # global pixel max, rank 1
+    for b in val[1]:  # rank 1 alone has other thresholds: its anomalies score higher
+        b["gt_mask"] = b["anomaly_map"] > 1.5
+        b["pred_score"][b["gt_label"] == 1] += 1.0
     return val
 
 
@@ -52,6 +56,13 @@ def stats(batches, field):
     return float(values.min()), float(values.max())
 
 
+def thresholds(batches):
+    """anomalib 2.7's image and pixel thresholds over ``batches`` (numpy, SPEC.md)."""
+    cat = {k: np.concatenate([b[k].ravel() for b in batches]) for k in batches[0]}
+    image = f1_reference.f1_threshold(cat["pred_score"], cat["gt_label"])
+    return float(image), float(f1_reference.f1_threshold(cat["anomaly_map"], cat["gt_mask"]))
+
+
 @pytest.mark.timeout(400)
 def test_every_rank_ends_with_the_global_statistics_as_anomalibs_sync(tmp_path, val):
     results = run_ranks(tmp_path, val)
@@ -64,9 +75,12 @@ def test_every_rank_ends_with_the_global_statistics_as_anomalibs_sync(tmp_path, 
         ours, theirs = r["jaxnorm"], r["anomalib"]
         assert (ours["image_min"], ours["image_max"]) == image
         assert (ours["pixel_min"], ours["pixel_max"]) == pixel
-        assert ours == theirs  # thresholds too (anomalib's F1AdaptiveThreshold on both)
-        assert not math.isnan(ours["_image_threshold"])
+        assert ours == theirs  # thresholds too: jaxnorm's F1 against anomalib's metric
+        assert (ours["_image_threshold"], ours["_pixel_threshold"]) == thresholds(everything)
+        assert r["jaxnorm_metric_updates"] == 0 and r["anomalib_metric_updates"] > 0
     assert results[0]["jaxnorm"] == results[1]["jaxnorm"]
+    # the negative control: neither rank's own data gives the global thresholds
+    assert thresholds(val[0]) != thresholds(everything) != thresholds(val[1])
 
 
 @pytest.mark.timeout(400)

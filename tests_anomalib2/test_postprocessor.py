@@ -371,7 +371,7 @@ def _exchange_counts(monkeypatch, pp):
         return call
 
     hook = pp.__dict__["_jaxnorm"].hook
-    monkeypatch.setattr(hook, "on_validation_batch_end", spy("full", hook.on_validation_batch_end))
+    monkeypatch.setattr(hook.adapter, "fold_outputs", spy("full", hook.adapter.fold_outputs))
     monkeypatch.setattr(_dlpack, "import_batch", spy("imports", _dlpack.import_batch))
     monkeypatch.setattr(_dlpack, "export_batch", spy("exports", _dlpack.export_batch))
     return counts

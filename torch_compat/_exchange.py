@@ -44,18 +44,19 @@ def check_tensor(key: str, value: Any) -> torch.Tensor:
 
 
 class JaxView(Mapping):
-    """The normalized keys of a step's outputs, converted to jax on first access."""
+    """The normalized keys of a step's outputs (and the label keys asked for), converted to
+    jax on first access."""
 
     __slots__ = ("_outputs", "_keys", "_cache", "devices")
 
-    def __init__(self, outputs: Any) -> None:
+    def __init__(self, outputs: Any, labels: tuple[str, ...] = ()) -> None:
         if not isinstance(outputs, Mapping):
             raise ValueError(
                 f"outputs: expected the dict a step returns, got {type(outputs).__name__}; "
                 "return a dict with 'anomaly_maps', 'box_scores' or 'pred_scores'."
             )
         self._outputs = outputs
-        self._keys = [key for key in NORMALIZED_KEYS if key in outputs]
+        self._keys = [key for key in (*NORMALIZED_KEYS, *labels) if key in outputs]
         self._cache: dict[str, Any] = {}
         self.devices: set[torch.device] = set()  # of the tensors converted so far
 
@@ -96,17 +97,20 @@ class JaxView(Mapping):
         return len(self._keys)
 
 
-def pad_rows(outputs: Any, buckets: batching.Buckets, phase: str) -> tuple[Any, int | None]:
+def pad_rows(
+    outputs: Any, buckets: batching.Buckets, phase: str, keys: tuple[str, ...] = ROW_KEYS
+) -> tuple[Any, int | None]:
     """Pads the batch axis in torch when a batch has a new, odd size, so jax compiles per
     bucket and not per size; slicing back is a torch view. Returns ``(outputs, n)``, with
     ``outputs`` a padded shallow copy and ``n`` the true size, or ``(outputs, None)``.
 
     torch pads and slices without compiling anything, on every device; the hook's own
     padding would compile a pad per size for CUDA arrays, and on the CPU wait for the slice.
+    ``keys``: those padded (the F1 thresholds' labels too, where a batch feeds them).
     """
     if not isinstance(outputs, Mapping):
         return outputs, None  # JaxView names the problem
-    present = [outputs[key] for key in ROW_KEYS if key in outputs]
+    present = [outputs[key] for key in keys if key in outputs]
     if not present or not all(isinstance(t, torch.Tensor) and t.ndim > 0 for t in present):
         return outputs, None
     sizes = {t.shape[0] for t in present}
@@ -117,7 +121,7 @@ def pad_rows(outputs: Any, buckets: batching.Buckets, phase: str) -> tuple[Any, 
     if rows == n:
         return outputs, None
     padded = dict(outputs)
-    for key in ROW_KEYS:
+    for key in keys:
         if key in outputs:
             t = outputs[key].detach()
             padded[key] = torch.cat([t, t.new_zeros((rows - n, *t.shape[1:]))])

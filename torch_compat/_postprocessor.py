@@ -1,9 +1,10 @@
 """The jaxnorm side of ``torch_compat.anomalib2.PostProcessor``; imports no anomalib.
 
 ``JaxState`` folds validation batches into a ``jaxnorm.MinMaxNormalizationHook`` (separate
-image and pixel statistics, as anomalib 2 keeps them), stores them in anomalib's buffers at
-validation epoch end, and normalizes and labels test and predict batches with
-``jaxnorm._src.anomalib2_normalize`` in one dispatch per batch.
+image and pixel statistics, as anomalib 2 keeps them, and the F1 adaptive thresholds of
+``pred_score``/``gt_label`` and ``anomaly_map``/``gt_mask``, in the same dispatch), stores
+them in anomalib's buffers at validation epoch end, and normalizes and labels test and
+predict batches with ``jaxnorm._src.anomalib2_normalize`` in one dispatch per batch.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import numpy as np
 import torch
 
 from jaxnorm import MinMaxNormalizationHook, NonFiniteScoresError
-from jaxnorm._src import anomalib2_normalize, validation
-from jaxnorm._src.stats import IMAGE, PIXEL
+from jaxnorm._src import anomalib2_normalize, f1_epoch, validation
+from jaxnorm._src.stats import IMAGE, PIXEL, stats_sources
 from jaxnorm._src.validation import NonFinitePolicy
 from torch_compat import _allreduce, _change, _dlpack
 from torch_compat._change import Watched
@@ -35,6 +36,11 @@ _FIELDS = {v: k for k, v in _HOOK_KEYS.items()}
 # (statistic, its buffers) as anomalib 2's PostProcessor names them.
 _BUFFERS = ((IMAGE, ("image_min", "image_max")), (PIXEL, ("pixel_min", "pixel_max")))
 _LABELS = ((SCORE, "pred_label", "image_sensitivity"), (MAP, "pred_mask", "pixel_sensitivity"))
+# The F1 thresholds: (scores field, labels field, hook key of the labels, anomalib's buffer).
+_TRUTH = (
+    (SCORE, "gt_label", "label", "_image_threshold"),
+    (MAP, "gt_mask", "mask", "_pixel_threshold"),
+)
 
 
 def exporting() -> bool:
@@ -123,40 +129,68 @@ class JaxState:
 
     # -- validation ------------------------------------------------------------------------
 
-    def fold(self, pred_score: Any, anomaly_map: Any) -> None:
-        """Folds one validation batch's scores and maps: one dispatch, no host read."""
-        present = {
-            _HOOK_KEYS[field]: plain_view(value)
-            for field, value in ((SCORE, pred_score), (MAP, anomaly_map))
-            if value is not None
-        }
-        if not present:
-            return  # anomalib's metrics skip a batch without the field
+    def fold(self, batch: Any, *, statistics: bool, thresholds: bool) -> None:
+        """Folds one validation batch: its scores' and maps' min/max (``statistics``), and
+        with ``thresholds`` each F1 threshold whose scores and labels it holds (anomalib's
+        metrics skip a batch without them); one dispatch, no host read.
+
+        Raises:
+          ValueError: labels that are not one per score (anomalib's metric would pair
+            scores with other labels, or fail at epoch end).
+        """
+        present: dict[str, Any] = {}
+        if statistics:
+            for field in (SCORE, MAP):
+                if (value := getattr(batch, field, None)) is not None:
+                    present[_HOOK_KEYS[field]] = plain_view(value)
+        routes = tuple(stats_sources(present, "separate")) if present else ()
+        if thresholds:
+            for field, truth, key, _ in _TRUTH:
+                value, labels = getattr(batch, field, None), getattr(batch, truth, None)
+                if value is not None and labels is not None:
+                    present[_HOOK_KEYS[field]] = plain_view(value)
+                    present[key] = plain_view(check_truth(field, value, truth, labels))
+        f1_routes = f1_epoch.routes(present) if thresholds else ()
+        if not routes and not f1_routes:
+            return
         # anomalib's update is synchronous: the tensors are handed back once the fold has
         # read them (see hand_back).
         plan, self._plan = self._plan, None
-        self._plan = fold_validation_batch(self.hook, present, plan)
+        self._plan = fold_validation_batch(self.hook, present, plan, routes, f1_routes)
 
-    def store(self, module: torch.nn.Module) -> None:
+    def end_epoch(self, module: torch.nn.Module, *, statistics: bool, thresholds: bool) -> None:
         """Validation epoch end: reduce over DDP ranks, write anomalib's buffers, reset.
 
-        A statistic that saw no finite value keeps its buffers, as anomalib keeps them for a
-        field no batch held.
+        With ``thresholds``, each F1 threshold that some batch fed (on any rank) is written
+        into ``_image_threshold``/``_pixel_threshold``, as anomalib's metrics do when their
+        ``update_called``. With ``statistics``, a statistic that saw no finite value keeps
+        its buffers, as anomalib keeps them for a field no batch held.
+
+        Labels other than 0 and 1 count as normal, as anomalib's metric counts them (its
+        ``ImageBatch`` makes them bool anyway).
 
         Raises:
           NonFiniteScoresError: under ``nonfinite="raise"``, naming anomalib's field, after
-            the statistics of the clean batches are stored.
+            the thresholds and statistics of the clean batches are stored.
         """
         hook = self.hook
-        hook.reducer = _allreduce.epoch_reducer()
+        reducer = _allreduce.epoch_reducer()
+        hook.reducer = reducer
         try:
             with validation_epoch_end(hook) as stats:
+                # A collective with a reducer: every rank computes, whatever it saw (the
+                # option is the same on every rank).
+                result = hook.adapter.f1_result(reducer) if thresholds else None
+                for which, (_, _, _, name) in zip((IMAGE, PIXEL), _TRUTH, strict=True):
+                    value = None if result is None else result.thresholds[which]
+                    if value is not None:
+                        write_in_place(getattr(module, name), value)
                 for which, names in _BUFFERS:
                     lo, hi = stats[which]
-                    if lo <= hi:  # (+inf, -inf): nothing folded
+                    if statistics and lo <= hi:  # (+inf, -inf): nothing folded
                         for name, value in zip(names, (lo, hi), strict=True):
                             write_in_place(getattr(module, name), value)
-                hook.reset()
+                hook.reset()  # the statistics and the F1 states, with their stored scores
         except NonFiniteScoresError as e:
             raise _renamed(e) from None
 
@@ -246,6 +280,33 @@ class JaxState:
         for field, label in nan_cut.items():
             result[label] = result[field]
         return result
+
+
+def check_truth(field: str, value: Any, truth: str, labels: Any) -> Any:
+    """``labels`` (anomalib's ``gt_label`` or ``gt_mask``) when the F1 threshold can take them
+    with ``value`` (the ``pred_score`` or ``anomaly_map`` they label), read on the host
+    without waiting (type, dtype and shape only). Any real dtype is taken, as anomalib's
+    metric takes it (``target == 1`` is anomalous).
+
+    Raises:
+      ValueError: not a real-valued tensor, or not one label per score along the batch
+        axis, naming both fields.
+    """
+    if not isinstance(labels, torch.Tensor) or labels.is_complex():
+        what = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ValueError(
+            f"batch.{truth}: expected a tensor of real labels, got {what}; anomalib's "
+            "batches hold their ground truth as bool tensors."
+        )
+    if not isinstance(value, torch.Tensor):
+        return labels  # the exchange names what is wrong with the scores
+    s, y = tuple(value.shape), tuple(labels.shape)
+    if value.numel() != labels.numel() or (s[:1] != y[:1] and s and y):
+        raise ValueError(
+            f"batch.{truth} has shape {y} but batch.{field} has shape {s}: the F1 threshold "
+            "needs one label per score, along the same batch axis."
+        )
+    return labels
 
 
 def check_buffers(module: Any) -> None:

@@ -6,8 +6,9 @@ which runs every check and names what is wrong, then leaves a plan behind. A lat
 that matches it (its ``Layout`` compared on the host; in test and predict also its sources,
 see ``_change``) skips what the first one established:
 
-- validation (``fold_validation_batch``): one import per key feeding the statistics, with one
-  stream ordering, and the hook's one jitted fold;
+- validation (``fold_validation_batch``): one import per key feeding the statistics (and,
+  for anomalib 2's ``PostProcessor``, the F1 thresholds' scores and labels), with one stream
+  ordering, and the hook's one jitted fold;
 - test and predict (``normalize_steady``): one import per key with one stream ordering, one
   jitted call for every key, and one zero-copy export per key.
 
@@ -38,6 +39,7 @@ from torch_compat._change import Watched
 from torch_compat._dlpack import host_to_torch, to_jax, to_torch
 from torch_compat._exchange import (
     NUMPY_DTYPES,
+    ROW_KEYS,
     JaxView,
     Layout,
     batch_device,
@@ -45,6 +47,9 @@ from torch_compat._exchange import (
     pad_rows,
     tensor_devices,
 )
+
+# Label dtypes a plan imports as they are (``_dlpack.import_batch`` takes them zero-copy).
+_LABEL_DTYPES = frozenset({torch.bool, torch.int32, torch.float32, torch.float16, torch.bfloat16})
 
 
 def plan_tensors(
@@ -71,52 +76,94 @@ def plan_tensors(
 
 
 class ValidationPlan:
-    """A validation layout: the keys feeding the statistics, and their routes."""
+    """A validation layout: the keys feeding the statistics and the F1 thresholds (scores,
+    then labels), and their routes."""
 
-    __slots__ = ("layout", "routes")
+    __slots__ = ("layout", "routes", "f1_routes")
 
-    def __init__(self, layout: Layout, routes: tuple) -> None:
+    def __init__(self, layout: Layout, routes: tuple, f1_routes: tuple = ()) -> None:
         self.layout = layout
         self.routes = routes
+        self.f1_routes = f1_routes
+
+    @property
+    def all_routes(self) -> tuple:
+        return self.routes, self.f1_routes
 
 
-def validation_plan(hook: MinMaxNormalizationHook, outputs: Any) -> ValidationPlan | None:
+def _label_ok(t: Any, device: torch.device, rows: int) -> bool:
+    """Whether a label tensor can cross with a plan's tensors, as it is."""
+    return (
+        type(t) is torch.Tensor
+        and t.dtype in _LABEL_DTYPES
+        and t.ndim > 0
+        and t.shape[0] == rows
+        and t.device == device
+        and t.is_contiguous()
+    )
+
+
+def validation_plan(
+    hook: MinMaxNormalizationHook, outputs: Any, routes: tuple | None = None, f1_routes=()
+) -> ValidationPlan | None:
     """A plan for validation batches laid out as ``outputs`` (just folded by the full path,
-    unpadded), or ``None`` where the full path stays."""
+    unpadded), or ``None`` where the full path stays. ``routes`` and ``f1_routes`` as
+    ``fold_validation_batch`` takes them."""
     if type(outputs) is not dict:
         return None
-    routes = tuple(stats_sources(outputs, hook.stats_mode))
-    keys = tuple(key for _, key in routes)
+    if routes is None:
+        routes = tuple(stats_sources(outputs, hook.stats_mode))
+    keys = tuple(dict.fromkeys([k for _, k in routes] + [k for _, k, _ in f1_routes]))
     found = plan_tensors(hook, outputs, keys, batching.VALIDATION)
     if found is None:
         return None
+    tensors, device = found
+    label_keys = tuple(label for _, _, label in f1_routes)
+    labels = [outputs[key] for key in label_keys]
+    if not all(_label_ok(t, device, tensors[0].shape[0]) for t in labels):
+        return None
     present = tuple(key for key in NORMALIZED_KEYS if key in outputs)
-    return ValidationPlan(Layout(keys, found[0], found[1], present=present), routes)
+    layout = Layout(keys + label_keys, [*tensors, *labels], device, present=present)
+    return ValidationPlan(layout, routes, f1_routes)
 
 
 def fold_validation_batch(
-    hook: MinMaxNormalizationHook, outputs: Any, plan: ValidationPlan | None
+    hook: MinMaxNormalizationHook,
+    outputs: Any,
+    plan: ValidationPlan | None,
+    routes: tuple | None = None,
+    f1_routes: tuple = (),
 ) -> ValidationPlan | None:
     """Folds one validation batch's outputs into ``hook``; returns the plan for the next.
 
     A batch that matches ``plan`` takes the steady path: one import per key feeding the
-    statistics (one stream ordering) and the hook's one jitted fold. Any other batch takes
-    the full path (padding, every check, the errors that name what is wrong) and, when it
-    needed no padding, leaves a plan for its layout. Either way the tensors are handed back
-    to torch once the fold has read them (``hand_back``).
+    statistics and the F1 thresholds (one stream ordering) and the hook's one jitted fold.
+    Any other batch takes the full path (padding, every check, the errors that name what is
+    wrong) and, when it needed no padding, leaves a plan for its layout. Either way the
+    tensors are handed back to torch once the fold has read them (``hand_back``).
+
+    Args:
+      routes: the statistics the batch feeds (``stats_sources``' routes, or ``()``);
+        ``None``: the hook's own (``on_validation_batch_end``, the callbacks' case).
+      f1_routes: the F1 thresholds it feeds (``f1_epoch.routes``), with ``routes`` given.
     """
-    if plan is not None:
+    if plan is not None and (routes is None or (routes, f1_routes) == plan.all_routes):
         tensors = plan.layout.tensors(outputs)
         if tensors is not None:
             arrays = _dlpack.import_batch(tensors, plan.layout.device)
-            hook.adapter.fold_arrays(dict(zip(plan.layout.keys, arrays, strict=True)), plan.routes)
+            values = dict(zip(plan.layout.keys, arrays, strict=True))
+            hook.adapter.fold_arrays(values, plan.routes, None, plan.f1_routes)
             hand_back(hook, (plan.layout.device,))
             return plan
-    padded, n = pad_rows(outputs, hook.adapter.buckets, batching.VALIDATION)
-    view = JaxView(padded)
-    hook.on_validation_batch_end(view, valid_rows=n)
+    labels = tuple(label for _, _, label in f1_routes)
+    padded, n = pad_rows(outputs, hook.adapter.buckets, batching.VALIDATION, ROW_KEYS + labels)
+    view = JaxView(padded, labels)
+    if routes is None:
+        hook.on_validation_batch_end(view, valid_rows=n)
+    else:
+        hook.adapter.fold_outputs(view, routes, f1_routes, n)
     hand_back(hook, view.devices)
-    return validation_plan(hook, outputs) if n is None else None
+    return validation_plan(hook, outputs, routes, f1_routes) if n is None else None
 
 
 # -- test and predict -----------------------------------------------------------------------

@@ -69,11 +69,13 @@ class PostProcessor(AnomalibPostProcessor):
     ``_image_threshold``, ``_pixel_threshold``), state-dict keys and ``checkpoint_config`` as
     anomalib's, so checkpoints load both ways. What changes:
 
-    - **Validation:** each batch's ``pred_score`` (image) and ``anomaly_map`` (pixel) min/max
-      are folded by jaxnorm in one dispatch, with no host read; at validation epoch end they
-      are written into the buffers (reduced across ranks under DDP) and reset, as anomalib
-      does with its ``MinMax`` metrics. The adaptive thresholds stay anomalib's
-      ``F1AdaptiveThreshold``.
+    - **Validation:** each batch's ``pred_score`` (image) and ``anomaly_map`` (pixel) min/max,
+      and the F1 adaptive thresholds' states of ``pred_score``/``gt_label`` and
+      ``anomaly_map``/``gt_mask``, are folded by jaxnorm in one dispatch, with no host read;
+      at validation epoch end they are written into the buffers (reduced across ranks under
+      DDP) and reset, as anomalib does with its ``MinMax`` and ``F1AdaptiveThreshold``
+      metrics. The thresholds are anomalib's bit for bit (``jaxnorm.f1_adaptive_threshold``),
+      without sorting every pixel; anomalib's metrics stay attributes, never updated.
     - **Non-finite validation scores:** where anomalib would store NaN statistics (and pass
       every test score through unnormalized), ``nonfinite="raise"`` (default) raises
       ``jaxnorm.NonFiniteScoresError`` naming the field and count at validation epoch end,
@@ -132,25 +134,28 @@ class PostProcessor(AnomalibPostProcessor):
     def on_validation_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, *args: Any, **kwargs: Any
     ) -> None:
-        """Updates anomalib's threshold metrics, and folds the min/max through jaxnorm."""
+        """Folds the min/max and the F1 thresholds' states through jaxnorm: one dispatch."""
         del trainer, pl_module, args, kwargs
-        if self.enable_thresholding:
-            self._image_threshold_metric.update(outputs)
-            self._pixel_threshold_metric.update(outputs)
-        if self.enable_normalization:
-            self.__dict__[_STATE].fold(getattr(outputs, SCORE, None), getattr(outputs, MAP, None))
+        self.__dict__[_STATE].fold(
+            outputs,
+            statistics=bool(self.enable_normalization),
+            thresholds=bool(self.enable_thresholding),
+        )
 
     def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        """Stores the thresholds (anomalib's code) and the jaxnorm statistics in the buffers.
+        """Stores jaxnorm's F1 thresholds and statistics in anomalib's buffers.
 
         Raises:
           jaxnorm.NonFiniteScoresError: validation scores held NaN/inf under
             ``nonfinite="raise"`` (under DDP, on every rank).
+          ValueError: ``gt_label``/``gt_mask`` held values other than 0 and 1.
         """
-        # anomalib's MinMax metrics were never updated, so its code stores thresholds only.
-        super().on_validation_epoch_end(trainer, pl_module)
-        if self.enable_normalization:
-            self.__dict__[_STATE].store(self)
+        del trainer, pl_module
+        self.__dict__[_STATE].end_epoch(
+            self,
+            statistics=bool(self.enable_normalization),
+            thresholds=bool(self.enable_thresholding),
+        )
 
     # -- test and predict ------------------------------------------------------------------
 

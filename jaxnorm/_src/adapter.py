@@ -7,7 +7,10 @@ the hook's own rules (its checks, caches and pending errors), so no adapter hold
 them:
 
 - ``buckets``: the leading sizes batches run at (an adapter that pads in torch pads to them);
+- ``fold_outputs``: fold a validation batch's outputs, checked and padded, with the routes
+  the adapter chose (its statistics, and the F1 thresholds it feeds), one dispatch;
 - ``fold_arrays``: fold arrays already checked (a steady validation batch), one dispatch;
+- ``f1_result``: the epoch's F1 thresholds (``f1_epoch.Result``), then their states dropped;
 - ``last_fold``: an array the last fold made (ready once the fold has read its inputs);
 - ``normalize_batch``: the hook's ``normalize_batch``, optionally with parameters the adapter
   gathered itself (values that travel with the batch);
@@ -28,7 +31,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxnorm._src import batch_io, batching, errors, fused, validation
+from jaxnorm._src import batch_io, batching, errors, f1_epoch, f1_inputs, fused, validation
 from jaxnorm._src.device_state import DeviceState
 from jaxnorm._src.stats import NORMALIZED_KEYS, mode_after_load
 
@@ -48,18 +51,62 @@ class HookAdapter:
         self._thresholds = thresholds  # the hook's dict, kept up to date by its setters
         self.buckets = buckets
 
+    def fold_outputs(
+        self,
+        outputs: Mapping,
+        routes: tuple,
+        f1_routes: tuple = (),
+        valid_rows: int | None = None,
+    ) -> None:
+        """Checks, pads and folds a validation batch: one jitted dispatch, no host read.
+
+        Args:
+          outputs: the batch's outputs (the hook's keys).
+          routes: ``stats.stats_sources`` of the batch, as a tuple (``()``: no statistics).
+          f1_routes: the F1 thresholds it feeds, ``f1_epoch.routes`` (or fewer).
+          valid_rows: as ``on_validation_batch_end``'s.
+
+        Raises:
+          ValueError: naming the key whose value is not a numeric array, or labels that do
+            not hold one label per score.
+        """
+        f1_epoch.check_pairs(outputs, f1_routes)
+        keys = list(dict.fromkeys([k for _, k in routes] + [k for _, k, _ in f1_routes]))
+        labels = {label: score for _, score, label in f1_routes}
+        values, rows = batch_io.validation_arrays(
+            outputs, keys + list(labels), self.buckets, valid_rows, labels
+        )
+        if f1_routes:  # the F1 states count with scatter-adds (see f1_inputs.auto_axes_view)
+            f1_keys = [*dict.fromkeys(k for _, k, _ in f1_routes), *labels]
+            views = f1_inputs.auto_axes_view("thresholds", *(values[k] for k in f1_keys))
+            values.update(zip(f1_keys, views, strict=True))
+        self.fold_arrays(values, routes, rows, f1_routes)
+
     def fold_arrays(
-        self, values: Mapping[str, Any], routes: tuple, rows: Mapping[str, Any] | None = None
+        self,
+        values: Mapping[str, Any],
+        routes: tuple,
+        rows: Mapping[str, Any] | None = None,
+        f1_routes: tuple = (),
     ) -> None:
         """Folds arrays that are already checked: one jitted dispatch, no host read.
 
         Args:
-          values: the arrays of the keys in ``routes`` (what ``on_validation_batch_end``
-            makes of a batch, or DLPack imports of tensors of the same layout).
+          values: the arrays of the keys in ``routes`` and ``f1_routes`` (what
+            ``fold_outputs`` makes of a batch, or DLPack imports of tensors of the same
+            layout).
           routes: ``stats.stats_sources`` of the batch, as a tuple.
           rows: the int32 number of real rows of each padded key (default: none padded).
+          f1_routes: the F1 thresholds the batch feeds (``f1_epoch.routes``).
         """
-        self._device.fold(values, routes, rows or {}, omit=self._hook.nonfinite == "omit")
+        omit = self._hook.nonfinite == "omit"
+        self._device.fold(values, routes, rows or {}, omit=omit, f1_routes=f1_routes)
+
+    def f1_result(self, reducer=None) -> f1_epoch.Result:
+        """The F1 thresholds of the batches folded since the last call or reset
+        (``f1_epoch.EpochF1.compute``; with ``reducer``, a collective over processes), in
+        raw units; their states are dropped after."""
+        return self._device.f1_result(reducer)
 
     def last_fold(self) -> jax.Array:
         """An array the last fold computed: once it is ready, the fold has read its inputs

@@ -14,24 +14,39 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 
 from jaxnorm._src import batching, ragged, validation
+from jaxnorm._src.f1_inputs import as_labels
 
 
 def validation_arrays(
-    outputs: Mapping, keys: Iterable[str], buckets: batching.Buckets, valid_rows: int | None
+    outputs: Mapping,
+    keys: Iterable[str],
+    buckets: batching.Buckets,
+    valid_rows: int | None,
+    labels: Mapping[str, str] | None = None,
 ) -> tuple[dict, dict]:
     """``(values, rows)`` for ``fold.fold``: the arrays of ``keys``, and the int32 number of
-    real rows (entries, for box scores) of each padded one."""
+    real rows (entries, for box scores) of each padded one.
+
+    Args:
+      labels: ``{label key: its scores' key}`` for the F1 thresholds' labels among ``keys``
+        (bool arrays allowed): each is padded as its scores are, so that both keep one
+        label per score.
+    """
+    labels = labels or {}
     values, rows = {}, {}
     for key in keys:
         if key == "box_scores":
             padded, lengths = ragged.concat_padded(ragged.check_boxes(key, outputs[key]))
             values[key], rows[key] = padded, np.int32(sum(lengths))
             continue
-        x = validation.as_array(key, outputs[key])
+        if key in labels:
+            x = as_labels(key, outputs[key])
+        else:
+            x = validation.as_array(key, outputs[key])
         if valid_rows is not None:
             values[key], rows[key] = x, np.int32(validation.check_rows(key, x, valid_rows))
             continue
-        values[key], n = buckets.pad(batching.VALIDATION, key, x, sized=True)
+        values[key], n = buckets.pad(batching.VALIDATION, labels.get(key, key), x, sized=True)
         if n is not None:
             rows[key] = np.int32(n)
     return values, rows

@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxnorm._src import errors, fold, placement, validation
+from jaxnorm._src import errors, f1_epoch, fold, placement, validation
 from jaxnorm._src.minmax import MinMax
 from jaxnorm._src.stats import IMAGE, NORMALIZED_KEYS, PIXEL, NormalizationStats
 from jaxnorm._src.validation import Reducer
@@ -36,6 +36,7 @@ class DeviceState:
 
     def _set(self, state: fold.HookState, host: Mapping | None) -> None:
         self._state = state
+        self.f1 = f1_epoch.EpochF1()  # the F1 thresholds' chunks: reset with the state
         self._host: dict[str, tuple[float, float]] | None = None if host is None else dict(host)
         self.unchecked = False  # batches folded under "raise" whose record was not read
         self.invalidate()
@@ -101,21 +102,62 @@ class DeviceState:
         )
 
     def new_epoch(self) -> None:
-        """Clears this epoch's error record and batch count; statistics stay."""
+        """Clears this epoch's error record, batch count and F1 thresholds' states;
+        statistics stay (anomalib 0.x's thresholds are computed per epoch, whatever the
+        statistics do)."""
         self._state = self._state.with_counters(self.record().new_epoch())
+        self.end_f1()
 
-    def fold(self, values: Mapping, routes: tuple, rows: Mapping, *, omit: bool) -> None:
+    def fold(
+        self, values: Mapping, routes: tuple, rows: Mapping, *, omit: bool, f1_routes=()
+    ) -> None:
         """One jitted fold of checked arrays (see ``fold.fold``); no host read."""
+        state = self._state
+        if f1_routes and not state.f1:
+            state = state.replace(f1=f1_epoch.empty_states())
         # A fresh or reloaded state is placed where the fold puts its output, so that the
         # fold compiles once (see placement); the state the last fold returned is there.
-        state, target = self._state, placement.target(values.values())
+        target = placement.target(values.values())
         if target is not None and not (state is self._folded and target == self._folded_at):
             state = placement.place(state, target)
-        self._state = fold.fold(state, dict(values), dict(rows), routes=routes, omit=omit)
+        self._state, chunks = fold.fold(
+            state, dict(values), dict(rows), routes=routes, omit=omit, f1_routes=f1_routes
+        )
+        self.f1.add(f1_routes, chunks)
         self._folded, self._folded_at = self._state, target
         self._host = None
         self.invalidate()
         self.unchecked = not omit
+
+    def f1_result(self, reducer: Reducer | None) -> f1_epoch.Result:
+        """The epoch's F1 thresholds (see ``f1_epoch.EpochF1.compute``; a collective with
+        ``reducer``); their states are dropped after, as anomalib resets its metrics."""
+        try:
+            return self.f1.compute(self._state.f1, reducer)
+        finally:
+            self.end_f1()
+
+    def end_f1(self) -> None:
+        """Drops the F1 thresholds' states (and their stored scores); statistics stay."""
+        if self._state.f1:
+            self._state = self._state.replace(f1=())
+        self.f1 = f1_epoch.EpochF1()
+
+    def end_epoch(self, reducer: Reducer | None) -> errors.NonFiniteScoresError | None:
+        """The validation epoch's end for the statistics: reduced with ``reducer`` (a
+        collective), else the pending record read; the epoch's non-finite error is returned,
+        not raised (the caller sets the thresholds of the clean batches first)."""
+        try:
+            if reducer is None:
+                self.raise_pending()
+                return None
+            bad_key, n_bad = self.reduce(reducer)
+        except errors.NonFiniteScoresError as e:
+            return e
+        if not n_bad:
+            return None
+        key = bad_key or "validation outputs"
+        return errors.NonFiniteScoresError(key, n_bad, " (summed over all processes)")
 
     def reduce(self, reducer: Reducer) -> tuple[str | None, int]:
         """Reduces the statistics and the rejected count with ``reducer``, installs the

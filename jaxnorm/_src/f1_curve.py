@@ -33,8 +33,12 @@ a candidate bin, and so is the first of them.
 The exact work is then done only inside the candidate bins (``fine_counts``: a second
 scatter-add over the low 16 bits, which resolves every distinct float32 value) and
 ``sweep`` evaluates ``f1_float32`` at each distinct value there, in ascending order. When
-more than ``MAX_CANDIDATE_BINS`` bins qualify (an F1 curve flat over a wide range), or the
-input is small, ``sort_sweep`` sorts every key instead: the same answer, by brute force.
+the candidate bins hold few scores (at most ``EXTRACT_MAX``), or more than
+``MAX_CANDIDATE_BINS`` bins qualify (an F1 curve flat over a wide range, such as a best
+threshold at the lowest score, where the sparse bins of the smallest scores all qualify),
+one pass copies the scores of the candidate bins out of the data (``extract_candidates``)
+and ``sparse_sweep`` sorts only those: the counts above each bin come from the bin counts,
+so the answer is the same. Small inputs are sorted whole (``sort_sweep``).
 """
 
 from __future__ import annotations
@@ -52,10 +56,13 @@ from jaxnorm._src.f1_keys import LOW_MASK, N_BINS, N_CLASSES, POS, SKIP, chunk_k
 UB_MARGIN = np.float32(1 + 2**-16)
 # Candidate bins resolved per pass over the scores; more bins, more passes.
 GROUP_BINS = 16
-# Beyond this many candidate bins, sorting every key is cheaper than the passes.
+# Beyond this many candidate bins, copying their scores out and sorting them beats the passes.
 MAX_CANDIDATE_BINS = 256
 # At or below this many values, one sort beats 65536-bin histograms.
 SORT_BELOW = 1 << 15
+# Candidate bins holding at most this many scores are resolved by copying those scores out
+# (one pass) and sorting them, rather than by one pass per group of bins.
+EXTRACT_MAX = 1 << 16
 
 
 def f1_float32(tp: jax.Array, fp: jax.Array, n_pos: jax.Array) -> jax.Array:
@@ -228,8 +235,10 @@ def best_threshold_key(counts: jax.Array, chunks: list[tuple[jax.Array, jax.Arra
     """
     candidates, _, above, n_pos = candidate_bins(counts)
     bins = np.flatnonzero(np.asarray(candidates)).astype(np.int32)
-    if bins.size > MAX_CANDIDATE_BINS:
-        return sort_sweep(*padded_keys(chunks))
+    n_in = int(_count_in(counts, candidates))
+    if n_in <= EXTRACT_MAX or bins.size > MAX_CANDIDATE_BINS:
+        keys, codes = extract_candidates(chunks, candidates, n_in)
+        return sparse_sweep(keys, codes, above + counts, n_pos)
 
     def fine_of(padded, n_slots):
         return chunks_fine_counts(chunks, padded, n_slots)
@@ -288,5 +297,59 @@ def sort_sweep(key: jax.Array, code: jax.Array) -> tuple[jax.Array, jax.Array]:
     fp = jnp.sum(neg) - (jnp.cumsum(neg) - neg)
     first = jnp.concatenate([jnp.ones(1, bool), key[1:] != key[:-1]]) & (code != SKIP)
     f1 = jnp.where(first, f1_float32(tp, fp, jnp.sum(pos)), -1.0)
+    at = jnp.argmax(f1)  # ascending keys: the first maximum is the smallest threshold
+    return f1[at], key[at]
+
+
+@jax.jit
+def _count_in(counts: jax.Array, candidates: jax.Array) -> jax.Array:
+    """How many scores the candidate bins hold."""
+    return jnp.sum(jnp.where(candidates, counts[:, 0] + counts[:, 1], jnp.uint32(0)))
+
+
+def extract_candidates(chunks, candidates: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
+    """The keys and codes of every counted score in the ``candidates`` bins, copied out of
+    the chunks into one pair of arrays (``n`` of them, padded with skipped entries to a
+    power of two, so that it compiles once per size class): one dispatch per chunk."""
+    size = max(1024, 1 << max(0, n - 1).bit_length())
+    keys = jnp.zeros(size, jnp.uint32)
+    codes = jnp.full(size, SKIP, jnp.uint8)
+    fill = jnp.zeros((), jnp.int32)
+    for stored, code in chunks:
+        keys, codes, fill = _extract_into(keys, codes, fill, stored, code, candidates)
+    return keys, codes
+
+
+@jax.jit
+def _extract_into(keys, codes, fill, stored, code, candidates):
+    key, code = jnp.ravel(chunk_key(stored)), jnp.ravel(code)
+    take = candidates[(key >> 16).astype(jnp.int32)] & (code != SKIP)
+    # Each taken entry goes to the next free place; the others are dropped (out of range).
+    at = fill + jnp.cumsum(take.astype(jnp.int32)) - 1
+    at = jnp.where(take, at, keys.shape[0])
+    keys = keys.at[at].set(key, mode="drop")
+    codes = codes.at[at].set(code, mode="drop")
+    return keys, codes, fill + jnp.sum(take.astype(jnp.int32))
+
+
+@jax.jit
+def sparse_sweep(key: jax.Array, code: jax.Array, upto: jax.Array, n_pos: jax.Array):
+    """``(f1, key)`` of the first best threshold among ``key`` (every counted score of some
+    bins, see ``extract_candidates``), with ``upto`` the (neg, pos) counts in each bin and
+    above it: a score's counts are its bin's ``upto`` less the scores of its bin below it."""
+    key = jnp.where(code == SKIP, jnp.uint32(0), key)  # bin 0 holds no finite score
+    key, code = lax.sort((key, code), num_keys=1)
+    pos = (code == POS).astype(jnp.uint32)
+    neg = is_negative(code).astype(jnp.uint32)
+    b = (key >> 16).astype(jnp.int32)
+    index = jnp.arange(key.shape[0], dtype=jnp.int32)
+    new_bin = jnp.concatenate([jnp.ones(1, bool), b[1:] != b[:-1]])
+    start = lax.cummax(jnp.where(new_bin, index, 0), axis=0)  # where each one's bin begins
+    pos_below = jnp.cumsum(pos) - pos  # strictly before each entry, over every bin
+    neg_below = jnp.cumsum(neg) - neg
+    tp = upto[b, 1] - (pos_below - pos_below[start])
+    fp = upto[b, 0] - (neg_below - neg_below[start])
+    first = jnp.concatenate([jnp.ones(1, bool), key[1:] != key[:-1]]) & (code != SKIP)
+    f1 = jnp.where(first, f1_float32(tp, fp, n_pos), -1.0)
     at = jnp.argmax(f1)  # ascending keys: the first maximum is the smallest threshold
     return f1[at], key[at]

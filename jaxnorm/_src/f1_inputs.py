@@ -43,10 +43,7 @@ def check_inputs(where: str, scores, labels, mask):
     hold one label per score; they take the scores' shape, as anomalib flattens both.
     """
     scores = validation.as_array(f"{where}: scores", scores)
-    if isinstance(labels, (jax.Array, np.ndarray)) and np.dtype(labels.dtype) == np.bool_:
-        labels = np.asarray(labels) if isinstance(labels, np.ndarray) else labels
-    else:
-        labels = validation.as_array(f"{where}: labels", labels)
+    labels = as_labels(f"{where}: labels", labels)
     shape = tuple(scores.shape)
     if int(np.prod(labels.shape)) != int(np.prod(shape)):
         raise ValueError(
@@ -60,6 +57,14 @@ def check_inputs(where: str, scores, labels, mask):
         mask = validation.check_mask(mask, shape)
     scores, labels, mask = auto_axes_view(where, scores, labels, mask)
     return scores, labels, mask
+
+
+def as_labels(name: str, labels):
+    """``labels`` as an array jax reads: bool arrays as they are, anything else through
+    ``validation.as_array`` (a real number type; ``name`` names it in the error)."""
+    if isinstance(labels, (jax.Array, np.ndarray)) and np.dtype(labels.dtype) == np.bool_:
+        return np.asarray(labels) if isinstance(labels, np.ndarray) else labels
+    return validation.as_array(name, labels)
 
 
 _AXIS_TYPE = getattr(jax.sharding, "AxisType", None)

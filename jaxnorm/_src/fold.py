@@ -6,6 +6,11 @@ non-finite value keeps the old state (a select, not a host branch), and the firs
 is recorded (key, count, batch index) for the host to raise when it next reads the state.
 
 Counters are exact ``uint32`` (high, low) pairs: they never wrap, with or without x64.
+
+The same dispatch folds the F1 thresholds' states when a batch feeds them (``f1_routes``):
+each is ``F1AdaptiveThreshold``'s arrays in exact mode, and the batch's stored scores and
+label codes come back for the host to keep (``f1_epoch.EpochF1``). A rejected batch keeps
+the old F1 states too, and its codes say "not counted".
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxnorm._src import f1_fold
+from jaxnorm._src.f1_keys import SKIP
 from jaxnorm._src.minmax import MinMax, finite_min_max_count
 from jaxnorm._src.stats import IMAGE, PIXEL, NormalizationStats
 
@@ -45,10 +52,13 @@ class HookState:
     Attributes:
       stats: the image and pixel statistics.
       counters: uint32 [14], laid out as the constants above say; read it with ``Record``.
+      f1: ``()`` until a batch feeds the F1 thresholds, then the image and pixel
+        ``F1AdaptiveThreshold`` arrays (exact mode, ``F1AdaptiveThreshold._fixed``'s order).
     """
 
     stats: NormalizationStats
     counters: jax.Array
+    f1: tuple = ()
 
     @classmethod
     def initial(
@@ -113,7 +123,17 @@ def count(p) -> int:
     return (int(p[0]) << 32) | int(p[1])
 
 
-@functools.partial(jax.jit, static_argnames=("routes", "omit"))
+def _valid_rows(x: jax.Array, rows: dict, key: str):
+    """``(mask, n)``: which entries of ``x`` are data (``None``: all) and how many."""
+    if key not in rows:
+        return None, jnp.uint32(x.size)
+    r = rows[key]
+    valid = jnp.arange(x.shape[0]) < r
+    row_size = x.size // x.shape[0] if x.shape[0] else 0
+    return valid.reshape((-1,) + (1,) * (x.ndim - 1)), r.astype(jnp.uint32) * jnp.uint32(row_size)
+
+
+@functools.partial(jax.jit, static_argnames=("routes", "omit", "f1_routes"))
 def fold(
     state: HookState,
     values: dict[str, jax.Array],
@@ -121,41 +141,61 @@ def fold(
     *,
     routes: tuple[tuple[tuple[str, ...], str], ...],
     omit: bool,
-) -> HookState:
+    f1_routes: tuple[tuple[int, str, str], ...] = (),
+) -> tuple[HookState, tuple]:
     """Folds one validation batch into ``state``: every key, one dispatch.
 
     Args:
-      state: the running state.
-      values: the arrays of the keys in ``routes``. A key also in ``rows`` is padded along
-        its leading axis: only its first ``rows[key]`` rows (entries, for 1-D box scores)
-        are data.
+      state: the running state (with F1 states when ``f1_routes`` is not empty).
+      values: the arrays of the keys in ``routes`` and ``f1_routes``. A key also in ``rows``
+        is padded along its leading axis: only its first ``rows[key]`` rows (entries, for
+        1-D box scores) are data.
       rows: int32 scalars, the valid leading length of each padded key.
       routes: ``((statistics, key), ...)`` from ``stats.stats_sources``.
       omit: skip non-finite values (``"omit"``) rather than reject the batch (``"raise"``).
+      f1_routes: ``((index in state.f1, score key, label key), ...)``: the F1 states this
+        batch feeds, with one label per score (``f1_epoch.routes``).
+
+    Returns:
+      ``(state, chunks)``: the new state, and per F1 route the batch's stored scores and
+      label codes (what an exact ``F1AdaptiveThreshold`` keeps).
     """
     parts = []
     for which, key in routes:
         x = values[key]
-        if key in rows:
-            r = rows[key]
-            valid = jnp.arange(x.shape[0]) < r
-            mask = valid.reshape((-1,) + (1,) * (x.ndim - 1))
-            row_size = x.size // x.shape[0] if x.shape[0] else 0
-            n = r.astype(jnp.uint32) * jnp.uint32(row_size)
-        else:
-            mask, n = None, jnp.uint32(x.size)
+        mask, n = _valid_rows(x, rows, key)
         lo, hi, n_bad = finite_min_max_count(x, mask)
         parts.append((which, key, MinMax(min=lo, max=hi), n_bad, n))
+
+    f1 = list(state.f1)
+    folded_f1 = []
+    stat_keys = {key for _, key in routes}
+    for i, key, label_key in f1_routes:
+        x = values[key]
+        mask, _ = _valid_rows(x, rows, key)
+        labels = values[label_key].reshape(x.shape)
+        fixed, stored, code = f1_fold.fold(f1[i], x, labels, mask, keep=True, axis_name=None)
+        folded_f1.append((i, fixed, stored, code))
+        if key not in stat_keys:  # scores only the threshold reads: their non-finite count
+            n_bad = fixed[2] - f1[i][2]
+            parts.append(((), key, None, n_bad, jnp.uint32(0)))
+            stat_keys.add(key)
 
     total_bad = sum((p[3] for p in parts), jnp.uint32(0))
     ok = jnp.bool_(True) if omit else total_bad == 0
     keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(ok, new, old))
+    chunks = []
+    for i, fixed, stored, code in folded_f1:
+        f1[i] = keep(fixed, f1[i])
+        chunks.append((stored, jnp.where(ok, code, jnp.uint8(SKIP))))
 
     stats = {IMAGE: state.stats.image, PIXEL: state.stats.pixel}
     # Increments of the five counter pairs, in their layout order: num_values (image,
     # pixel), num_nonfinite (image, pixel), rejected. Added as one vector, with the carry.
     inc = [jnp.uint32(0)] * 5
     for which, _, batch_stats, n_bad, n in parts:
+        if not which:  # an F1 threshold's scores: no statistic
+            continue
         folded = stats[which[0]].merge(batch_stats)
         for w in which:
             i = _WHICH[w]
@@ -184,4 +224,5 @@ def fold(
     misc = jnp.concatenate([(batch + 1)[None], misc[1:]])
     c = jnp.concatenate([jnp.stack([high, low], axis=1).reshape(-1), misc])
 
-    return HookState(stats=NormalizationStats(image=stats[IMAGE], pixel=stats[PIXEL]), counters=c)
+    new = NormalizationStats(image=stats[IMAGE], pixel=stats[PIXEL])
+    return HookState(stats=new, counters=c, f1=tuple(f1)), tuple(chunks)

@@ -17,10 +17,9 @@ import jax
 
 from jaxnorm._src import (
     adapter,
-    batch_io,
     batching,
     device_state,
-    errors,
+    f1_epoch,
     persistence,
     validation,
 )
@@ -81,6 +80,10 @@ class MinMaxNormalizationHook:
         ``on_validation_epoch_end``, or earlier by the first call that reads the state on the
         host (see ``on_validation_batch_end``). ``"omit"``: non-finite values are skipped
         (and counted in ``num_nonfinite``).
+      thresholds: ``"f1"``: anomalib's F1 adaptive thresholds, computed from each epoch's
+        ``pred_scores`` with ``label`` (every batch) and ``anomaly_maps`` with ``mask`` (else
+        the pixel one is the image one), as anomalib 0.x does; set by
+        ``on_validation_epoch_end`` (see docs/thresholds.md). ``None`` (default): set them.
       reducer: how ``on_validation_epoch_end`` combines the statistics of several processes.
         ``"auto"`` (default) all-reduces across JAX processes when ``jax.process_count() > 1``;
         ``None`` never reduces; a callable (see ``Reducer``) is used as given. With a reducer,
@@ -97,9 +100,11 @@ class MinMaxNormalizationHook:
         stats: StatsMode = "shared",
         accumulate: bool = False,
         nonfinite: NonFinitePolicy = "raise",
+        thresholds: Literal["f1"] | None = None,
         reducer: Reducer | Literal["auto"] | None = "auto",
     ) -> None:
         self.nonfinite: NonFinitePolicy = validation.check_nonfinite(nonfinite)
+        self.thresholds = thresholds
         self.stats_mode: StatsMode = validation.check_stats_mode(stats)
         self.accumulate = accumulate
         self.reducer = reducer
@@ -120,6 +125,14 @@ class MinMaxNormalizationHook:
     @accumulate.setter
     def accumulate(self, value: bool) -> None:
         self._accumulate = validation.check_flag("accumulate", value)
+
+    @property
+    def thresholds(self) -> Literal["f1"] | None:
+        return self._threshold_mode
+
+    @thresholds.setter
+    def thresholds(self, value: Literal["f1"] | None) -> None:
+        self._threshold_mode = f1_epoch.check_mode(value)
 
     @property
     def reducer(self) -> Reducer | Literal["auto"] | None:
@@ -251,33 +264,31 @@ class MinMaxNormalizationHook:
 
         Raises:
           ValueError: with anomalib's message when no known key is present, or naming the key
-            whose value is not a numeric array.
+            whose value is not a numeric array; with ``thresholds="f1"``, naming a missing
+            ``label`` or ``pred_scores``, or labels that are not one per score.
         """
         routes = tuple(stats_sources(outputs, self.stats_mode))
-        keys = [key for _, key in routes]
-        values, rows = batch_io.validation_arrays(outputs, keys, self._buckets, valid_rows)
-        self._device.fold(values, routes, rows, omit=self.nonfinite == "omit")
+        f1 = f1_epoch.hook_routes(outputs, self._device.f1) if self.thresholds else ()
+        self.adapter.fold_outputs(outputs, routes, f1, valid_rows)
         return outputs
 
     def on_validation_epoch_end(self) -> None:
-        """Reports non-finite scores, and reduces the statistics across processes when a
-        reducer is active.
-
-        Without a reducer, under ``nonfinite="omit"``, this reads nothing from the device.
+        """Reports non-finite scores, reduces the statistics across processes when a reducer
+        is active, and with ``thresholds="f1"`` sets the thresholds (raw units) of the clean
+        batches. Without either, under ``nonfinite="omit"``, it reads nothing from the device.
 
         Raises:
           NonFiniteScoresError: a batch of this epoch held non-finite scores under
             ``nonfinite="raise"`` (and was not reported earlier). With a reducer, on every
             process when any process saw them.
+          ValueError: with ``thresholds="f1"``, labels other than 0 and 1, naming the key.
         """
         reducer = self._active_reducer()
-        if reducer is None:
-            self._device.raise_pending()
-            return
-        bad_key, n_bad = self._device.reduce(reducer)
-        if n_bad:
-            key = bad_key or "validation outputs"
-            raise errors.NonFiniteScoresError(key, n_bad, " (summed over all processes)")
+        error = self._device.end_epoch(reducer)  # raised once the thresholds are set
+        if self.thresholds:
+            f1_epoch.set_hook_thresholds(self, self.adapter.f1_result(reducer))
+        if error is not None:
+            raise error
 
     def _active_reducer(self) -> Reducer | None:
         if self.reducer == "auto":

@@ -101,7 +101,9 @@ def _progress(total: int, show: bool):
 
 
 def _validate(model, metrics, hook, split: Split, batch_size: int):
-    """One validation epoch through the hook, as Lightning would call the callback.
+    """One validation epoch through the hook, as Lightning would call the callback. With
+    the ground truth in anomalib's keys (``label``, ``mask``), the hook also sets the F1
+    adaptive thresholds (``thresholds="f1"``) at the epoch's end.
 
     Returns:
       The raw ``pred_scores`` ``(N,)`` and ``anomaly_maps`` ``(N, H, W)`` on the host.
@@ -109,8 +111,9 @@ def _validate(model, metrics, hook, split: Split, batch_size: int):
     metrics.reset()
     hook.on_validation_epoch_start()
     scores, maps = [], []
-    for _, frames, _, _ in split.batches(batch_size):
-        outputs = hook.on_validation_batch_end(eval_step(model, metrics, frames))
+    for _, frames, masks, labels in split.batches(batch_size):
+        outputs = eval_step(model, metrics, frames)
+        hook.on_validation_batch_end({**outputs, "label": labels, "mask": masks})
         scores.append(outputs["pred_scores"])
         maps.append(outputs["anomaly_maps"])
     hook.on_validation_epoch_end()
@@ -212,14 +215,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         )
         timings["data"] = time.perf_counter() - t
 
-        hook = jaxnorm.MinMaxNormalizationHook()
-        model, val_metrics, val_scores, val_maps = _fit(
-            args, train, val, hook, timings, extras.progress
-        )
-
-        # Adaptive thresholds in raw units, anomalib's F1-optimal ones on the last epoch.
-        hook.image_threshold = float(jaxnorm.f1_adaptive_threshold(val_scores, val.labels))
-        hook.pixel_threshold = float(jaxnorm.f1_adaptive_threshold(val_maps, val.masks))
+        # Adaptive thresholds in raw units: anomalib's F1-optimal ones, set by the hook at
+        # each validation epoch's end (the last epoch's are kept).
+        hook = jaxnorm.MinMaxNormalizationHook(thresholds="f1")
+        model, val_metrics, _, _ = _fit(args, train, val, hook, timings, extras.progress)
 
         t = time.perf_counter()
         raw, normalized = _test(model, hook, test, args.batch_size)

@@ -55,6 +55,7 @@ def main(port: int, num_processes: int, process_id: int, workdir: Path) -> None:
         cfg["pixel_threshold"],
         stats=cfg["stats"],
         nonfinite=cfg["nonfinite"],
+        thresholds=cfg.get("thresholds"),
         reducer=None if cfg["no_reduce"] else "auto",
     )
     result = {
@@ -63,6 +64,7 @@ def main(port: int, num_processes: int, process_id: int, workdir: Path) -> None:
         "local_device_count": jax.local_device_count(),
         "device_count": jax.device_count(),
         "errors": [],
+        "thresholds": [],
     }
     epochs = spec["shards"][process_id]
     for epoch, batches in enumerate(epochs):
@@ -73,6 +75,7 @@ def main(port: int, num_processes: int, process_id: int, workdir: Path) -> None:
             hook.on_validation_epoch_end()
         except jaxnorm.NonFiniteScoresError as e:
             result["errors"].append({"epoch": epoch, "key": e.key, "count": e.count, "msg": str(e)})
+        result["thresholds"].append([hook.image_threshold, hook.pixel_threshold])
     result["host_stats"] = hook.host_stats()
 
     arrays = {}

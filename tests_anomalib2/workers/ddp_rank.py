@@ -6,7 +6,7 @@ Usage: python tests_anomalib2/workers/ddp_rank.py WORKDIR
 Launched with torchrun's variables (MASTER_ADDR, MASTER_PORT, WORLD_SIZE, RANK, LOCAL_RANK,
 NODE_RANK), so Lightning starts no processes of its own. Reads ``WORKDIR/inputs.pkl`` (each
 rank's validation batches); writes ``WORKDIR/rank{RANK}.json``: each class's buffers, or its
-error.
+error, and how often anomalib's threshold metrics were updated.
 """
 
 import json
@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from anomalib.data import ImageBatch
+from anomalib.metrics import F1AdaptiveThreshold
 from anomalib.post_processing import PostProcessor as AnomalibPostProcessor
 from lightning.pytorch import LightningModule
 from torch.utils.data import DataLoader
@@ -28,6 +29,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests_anomalib2/
 from common import BUFFERS  # noqa: E402
 
 warnings.filterwarnings("ignore", module="lightning|lightning_fabric|torchmetrics")
+
+UPDATES: dict[int, int] = {}  # F1AdaptiveThreshold.update calls, by the metric's id
+_update = F1AdaptiveThreshold.update
+
+
+def _counted_update(self, *args, **kwargs):
+    UPDATES[id(self)] = UPDATES.get(id(self), 0) + 1
+    return _update(self, *args, **kwargs)
+
+
+F1AdaptiveThreshold.update = _counted_update
 
 
 class Scores(LightningModule):
@@ -67,6 +79,9 @@ def main(workdir: Path) -> None:
         except jaxnorm.NonFiniteScoresError as e:
             result[f"{kind}_error"] = {"key": e.key, "count": e.count, "msg": str(e)}
         result[kind] = {name: getattr(pp, name).item() for name in BUFFERS}
+        # how often anomalib's own threshold metrics were updated (ours: never)
+        metrics = (pp._image_threshold_metric, pp._pixel_threshold_metric)
+        result[f"{kind}_metric_updates"] = sum(UPDATES.get(id(m), 0) for m in metrics)
     result["world_size"] = trainer.world_size
     with open(workdir / f"rank{rank}.json", "w") as f:
         json.dump(result, f)
