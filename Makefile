@@ -59,7 +59,7 @@ $(FLOOR_VENV)/.installed: pyproject.toml Makefile $(FLOOR_CONSTRAINTS)
 # unsharded normalize on a 4x2 mesh, which jax 0.6.0's XLA:CPU misses by 1 ulp; the 1dev and
 # 8dev meshes are tested.
 FLOOR_DESELECT := --deselect \
-	"tests/test_sharded_hook.py::test_normalized_outputs_stay_sharded_and_equal_the_unsharded_run[4x2dev]"
+	"tests/jaxnorm/test_hook_sharded.py::test_normalized_outputs_stay_sharded_and_equal_the_unsharded_run[4x2dev]"
 test-floor: setup-floor
 	$(FLOOR_VENV)/bin/python -c "import torch_compat, pytorch_lightning, torchmetrics"
 	$(FLOOR_VENV)/bin/python -m pytest $(FLOOR_DESELECT) $(PYTEST_ARGS)

@@ -1,7 +1,7 @@
 """anomalib 0.7.0's min-max normalization code, restated statement for statement.
 
 The one restatement the project keeps: the benchmarks time it as the baseline jaxnorm
-replaces, and the tests (``tests/test_torch_compat_anomalib.py``) use it as anomalib's
+replaces, and the tests (``tests/torch_compat/test_anomalib07_checkpoints.py``) use it as anomalib's
 callback. It is copied from anomalib v0.7.0's source, where each piece lives in:
 
 - ``normalize``: ``src/anomalib/post_processing/normalization/min_max.py``;

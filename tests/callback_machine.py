@@ -1,5 +1,5 @@
 """A state machine for anomalib 0.x's callback, driven by hand (issue 20): shared by the main
-suite (``tests/test_stateful_callback.py``: a numpy model of SPEC is the oracle) and
+suite (``tests/torch_compat/test_stateful_callback.py``: a numpy model of SPEC is the oracle) and
 ``tests_anomalib`` (anomalib 0.7's own callback, on a twin module, is the oracle).
 
 ``torch_compat.MinMaxNormalizationCallback`` runs on a module with anomalib 0.x's attributes

@@ -29,10 +29,12 @@ python3 -c "import jax, torch; print('jax', jax.__version__, jax.devices(), '| t
 
 # CUDA tests: files written later (e.g. the shim's CUDA import path) are picked up by name.
 mapfile -t cuda_tests < <(grep -ril cuda tests --include='test_*.py' | grep -v test_benchmarks_smoke)
-tests=("${cuda_tests[@]}" tests/test_torch_compat_hooks.py tests/test_normalize.py tests/test_hook.py
-  tests/test_sharded_hook.py tests/test_nnx_metric.py)
-# (only those that exist: test files get renamed)
-mapfile -t tests < <(ls -d "${tests[@]}" 2>/dev/null | sort -u)
+tests=("${cuda_tests[@]}" tests/torch_compat/test_callback.py tests/torch_compat/test_steady.py tests/jaxnorm/test_normalize.py tests/jaxnorm/test_hook.py
+  tests/jaxnorm/test_hook_sharded.py tests/jaxnorm/test_nnx_metric.py)
+for t in "${tests[@]}"; do  # a renamed file must not drop out of the check unseen
+  [[ -e "$t" ]] || { echo "gpu_check.sh: $t does not exist; update the list" >&2; exit 2; }
+done
+mapfile -t tests < <(printf '%s\n' "${tests[@]}" | sort -u)
 echo "CUDA tests: ${tests[*]}"
 timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q -p no:cacheprovider -rs "${tests[@]}" 2>&1 \
   | tee "$OUT/gpu_tests.log"

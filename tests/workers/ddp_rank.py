@@ -1,4 +1,5 @@
-"""One rank of tests/test_ddp.py: a Lightning DDP run (gloo, CPU) with the normalization callback.
+"""One rank of tests/torch_compat/test_ddp.py: a Lightning DDP run (gloo, CPU) with the
+normalization callback.
 
 Usage: python tests/workers/ddp_rank.py WORKDIR
 

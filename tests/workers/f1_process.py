@@ -1,4 +1,4 @@
-"""One process of tests/test_f1_multiprocess.py: an F1 threshold over every process's data.
+"""One process of tests/jaxnorm/test_f1_multiprocess.py: an F1 threshold over every process's data.
 
 Usage: python tests/workers/f1_process.py BACKEND WORKDIR [PORT NUM_PROCESSES PROCESS_ID]
 

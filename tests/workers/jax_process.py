@@ -1,4 +1,4 @@
-"""One JAX process of tests/test_multiprocess.py.
+"""One JAX process of tests/jaxnorm/test_multiprocess.py.
 
 Usage: python tests/workers/jax_process.py PORT NUM_PROCESSES PROCESS_ID WORKDIR
 

@@ -167,7 +167,7 @@ def test_statistics_on_another_device_with_an_array_threshold(devices):
 
 @pytest.mark.parametrize("targets_on", ["numpy", "uncommitted", "device 3"])
 def test_scalars_committed_to_different_devices_meet_somewhere(devices, targets_on):
-    # Found by tests/test_stateful_core.py: a threshold committed to one device (a DLPack
+    # Found by tests/jaxnorm/test_stateful.py: a threshold committed to one device (a DLPack
     # import) and statistics to another, beside targets that are not committed.
     raw = np.linspace(-1, 1, 16, dtype=np.float32)
     x = {
@@ -245,7 +245,7 @@ def _aligned(values: np.ndarray) -> np.ndarray:
 
 
 def test_a_numpy_input_written_after_normalize_returns_does_not_change_the_result(slow_stats):
-    # Found by tests/test_stateful_core.py: jax read an aligned numpy array in place when
+    # Found by tests/jaxnorm/test_stateful.py: jax read an aligned numpy array in place when
     # the computation ran, after the call had returned and the caller had reused the buffer.
     raw = np.linspace(-1, 1, 64, dtype=np.float32)
     jax.block_until_ready(jaxnorm.normalize(_aligned(raw), 0.1, *slow_stats(10)))  # compiles

@@ -32,8 +32,8 @@ import jaxnorm
 import torch_compat
 from benchmarks import anomalib_ref
 from tests import reference
-from tests import test_torch_compat_hooks as h
-from tests import test_torch_compat_lightning as tl
+from tests.torch_compat import module_protocol as h
+from tests.torch_compat import test_lightning as tl
 
 pl = pytest.importorskip("pytorch_lightning")
 torchmetrics = pytest.importorskip("torchmetrics")

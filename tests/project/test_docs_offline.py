@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # The math directive and role (reST and MyST), and LaTeX's display and inline delimiters.
 MATH = re.compile(r"\.\. math::|:math:`|\{math\}|\$\$|\\\[|\\\(")
 

@@ -13,7 +13,7 @@ from jaxnorm.demo import main
 from jaxnorm.demo import metrics as M
 from jaxnorm.demo.data import MARGIN, NORMAL, make_dataset
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = [
     "--image-size",
     "16",

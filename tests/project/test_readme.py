@@ -1,11 +1,12 @@
 """The README's Python snippets are excerpts of files that run, so they cannot rot unseen.
 
 Each ```python block of README.md follows a marker: ``<!-- excerpt of: PATH -->`` (a file of
-this repository, e.g. a script in examples/ that tests/test_examples.py runs), whose lines it
-must reproduce verbatim, in order; a line ``# ...`` in the block marks lines left out, and
-each piece between such lines must be consecutive lines of the file (indentation relative to
-the piece's first line). ``<!-- not checked: REASON -->`` marks a block no test here can run;
-those are listed below, so that a new one fails until it is checked or listed.
+this repository, e.g. a script in examples/ that tests/project/test_examples.py runs),
+whose lines it must reproduce verbatim, in order; a line ``# ...`` in the block marks lines
+left out, and each piece between such lines must be consecutive lines of the file
+(indentation relative to the piece's first line). ``<!-- not checked: REASON -->`` marks a
+block no test here can run; those are listed below, so that a new one fails until it is
+checked or listed.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 README = REPO / "README.md"
 
 # Blocks that `make test` cannot run, by reason.

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests import test_torch_compat_hooks as h
+from tests.torch_compat import module_protocol as h
 from torch_compat import FastPathWarning, _dlpack, _dlpack_check, to_jax, to_torch
 from torch_compat.pytorch_lightning import MinMaxNormalizationCallback
 

@@ -23,9 +23,9 @@ from torch.utils.data import DataLoader
 
 import jaxnorm
 from tests import compat, reference
-from tests import test_torch_compat_hooks as h
+from tests.torch_compat import module_protocol as h
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 NAMESPACES = compat.LIGHTNING_NAMESPACES
 TRAINER = dict(
     accelerator="cpu",
@@ -244,7 +244,7 @@ RESTORE_SCRIPT = """
 import sys, warnings
 import torch
 warnings.simplefilter("ignore")
-from tests import test_torch_compat_lightning as t
+from tests.torch_compat import test_lightning as t
 
 ns = t.namespace(sys.argv[1])
 # thresholds of 0: the checkpoint's must win, as must its statistics

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # "python -m venv DIR": a venv whose pip records its arguments and installs nothing.
 _FAKE_PYTHON = """#!/bin/sh

@@ -14,12 +14,11 @@ import pytest
 import torch
 
 from tests import compat, reference
-from tests import test_torch_compat_hooks as h
-from tests import test_torch_compat_lightning as lt
+from tests.torch_compat import module_protocol as h
+from tests.torch_compat import test_lightning as lt
 from torch_compat import _dlpack
 
 IMAGE_T, PIXEL_T = h.IMAGE_T, h.PIXEL_T
-has_plans = h.has_plans  # the fixture: whether this jaxlib has the steady path's calls
 
 
 def lt_marks(test):

@@ -9,15 +9,17 @@ keyed. Oracle: the numpy reference of SPEC section 1.
 from __future__ import annotations
 
 import copy
+import math
 import pickle
 
+import numpy as np
 import pytest
 import torch
 
 import jaxnorm
 import torch_compat._change
 from tests import reference
-from tests.test_torch_compat_hooks import (
+from tests.torch_compat.module_protocol import (
     IMAGE_T,
     PIXEL_T,
     Module,
@@ -209,3 +211,83 @@ def test_cuda_sources_written_unseen_by_their_keys_travel_with_the_next_batch(wr
     cb.on_test_batch_end(None, module, outputs, None, 0)
     got = {k: v.cpu() for k, v in outputs.items()}
     assert_matches_reference(got, {k: raw[k] for k in got}, IMAGE_T, PIXEL_T, lo, hi + 1.0)
+
+
+# -- keys: what is read again, and when ---------------------------------------------------
+
+
+class CountingTensor(torch.Tensor):
+    """Counts host reads (``.item()``): each one waits for the GPU when the tensor is on it."""
+
+    reads = 0
+
+    def item(self):
+        type(self).reads += 1
+        return super().item()
+
+
+def test_unchanged_thresholds_and_stats_are_not_read_again_per_batch(monkeypatch):
+    # As on an accelerator, where a read waits for the device (CPU values are read: see
+    # test_cpu_sources_are_keyed_by_value).
+    monkeypatch.setattr(torch_compat._change, "on_host", lambda t: False)
+    module, cb = fitted([make_outputs(0)])
+    for threshold in (module.image_threshold, module.pixel_threshold):
+        threshold.value = threshold.value.as_subclass(CountingTensor)
+    metrics = module.normalization_metrics
+    metrics.min, metrics.max = (t.as_subclass(CountingTensor) for t in (metrics.min, metrics.max))
+    CountingTensor.reads = 0
+    cb.on_test_start(None, module)
+    for i in range(5):
+        cb.on_test_batch_end(None, module, make_outputs(10 + i), None, i)
+    assert CountingTensor.reads == 4  # min, max at test start; two thresholds at batch 0
+    module.image_threshold.value.fill_(2.0)  # written in place: read again, once
+    for i in range(3):
+        cb.on_test_batch_end(None, module, make_outputs(20 + i), None, i)
+    assert CountingTensor.reads == 5
+
+
+def test_tensors_off_the_cpu_are_keyed_by_identity_storage_and_version():
+    """Off the host a read would wait for the device: the key is the tensor's device, dtype,
+    storage and version counter (inference tensors have none); values travel instead."""
+    key = torch_compat._change.key
+    with torch.inference_mode():
+        inference = torch.empty((), device="meta")
+    t = torch.empty((), device="meta")
+    assert key(inference) == ("device", inference.device, torch.float32, 0, "inference")
+    assert key(t) == ("device", t.device, torch.float32, 0, 0)
+    t.add_(1)  # an in-place op bumps the version
+    assert key(t)[-1] == 1
+    watched = torch_compat._change.Watched()
+    watched.remember((inference,), (key(inference),))
+    assert watched.unchanged((inference,), (key(inference),))
+    assert not watched.unchanged((torch.empty((), device="meta"),), (key(inference),))
+
+
+def test_cpu_sources_are_keyed_by_value_and_dtype():
+    """A CPU read costs nothing: its value is the key, so writes the version counter misses
+    are seen; the dtype is part of it; NaN keys compare equal, and what is not one number is
+    read (and named)."""
+    key = torch_compat._change.key
+    t = torch.tensor(1.5)
+    assert key(t) == (torch.float32, 1.5)
+    t.data.fill_(2.5)  # through .data: the version counter is not bumped
+    t.numpy()[...] = 3.5  # nor through a numpy alias
+    assert t._version == 0 and key(t) == (torch.float32, 3.5)
+    assert key(t.half()) == (torch.float16, 3.5) != key(t)
+    with torch.inference_mode():
+        inference = torch.tensor(0.25)
+    assert key(inference) == (torch.float32, 0.25)
+    assert key(torch.tensor(math.nan)) == key(torch.tensor(-math.nan))
+    assert key(torch.zeros(2)) is None
+    assert key(np.float64(0.5)) == (np.dtype(np.float64), 0.5) and key(0.5) == (float, 0.5)
+
+
+def test_copies_of_a_watched_cache_are_empty():
+    import copy
+    import pickle
+
+    watched = torch_compat._change.Watched()
+    t = torch.tensor(1.0)
+    watched.remember((t,), (torch_compat._change.key(t),))
+    for copied in (copy.copy(watched), copy.deepcopy(watched), pickle.loads(pickle.dumps(watched))):
+        assert copied.objects == () and copied.keys is None

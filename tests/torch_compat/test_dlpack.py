@@ -143,7 +143,7 @@ def _offset_copy(t: torch.Tensor, offset: int = 1) -> torch.Tensor:
 def test_cuda_outputs_through_the_callback(layout):
     """Fresh CUDA tensors, or views 4 bytes into their storage (XLA:GPU refuses misaligned
     entry parameters: the callback copies them), on the full path and then the steady one."""
-    from tests import test_torch_compat_hooks as h
+    from tests.torch_compat import module_protocol as h
 
     place = (lambda t: t.cuda()) if layout == "allocated" else (lambda t: _offset_copy(t.cuda()))
     module = h.Module().cuda()
@@ -292,7 +292,7 @@ def test_cuda_batch_export_orders_torch_after_jax():
 @requires_cuda
 @pytest.mark.filterwarnings("ignore::torch_compat.HostCopyWarning")
 def test_cuda_steady_batches_through_the_callback_wait_for_torchs_writes():
-    from tests import test_torch_compat_hooks as h
+    from tests.torch_compat import module_protocol as h
 
     module = h.Module().cuda()
     cb = h.MinMaxNormalizationCallback()

@@ -4,6 +4,7 @@
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from benchmarks.cases import CASES
 from benchmarks.records import CaseResult, Row, Target, case_from_json
 from benchmarks.timing import Timing
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # The goals set for one platform, by the start of their labels: each must be in every run's
 # targets table, judged on its platform's run and listed as not judged on the others.
@@ -428,3 +429,13 @@ def test_every_headline_figure_is_found_in_a_run(quick_run):
     assert not missing
     for phase in ("validate", "test"):
         assert headlines.loop_extras(run, phase).startswith("shim ")
+
+
+def test_gpu_check_names_test_files_that_exist():
+    """benchmarks/gpu/gpu_check.sh runs on a lent GPU machine, where a missing file costs device
+    time: every test file it names must exist (it also refuses to start without one)."""
+    script = (ROOT / "benchmarks" / "gpu" / "gpu_check.sh").read_text()
+    named = re.findall(r"tests/[\w/]+\.py", script)
+    assert named, "gpu_check.sh names no test file"
+    missing = [name for name in named if not (ROOT / name).is_file()]
+    assert not missing, missing
