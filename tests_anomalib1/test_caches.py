@@ -3,7 +3,7 @@ driven by hand on ``stand_in.Model`` with every way a value can change, for the 
 design.
 
 On the CPU a cache is keyed by values; an accelerator is stood in for as in the main suite
-(tests/test_torch_compat_caches.py): ``_change.on_host`` says no, so the values travel with
+(tests/torch_compat/test_change.py): ``_change.on_host`` says no, so the values travel with
 each batch and only the checks are keyed. Oracle: the numpy reference of SPEC section 1
 (``tests/reference.py``) with the values the module holds.
 """
