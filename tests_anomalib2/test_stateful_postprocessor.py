@@ -48,14 +48,19 @@ CONVERSIONS = {
 values = st.floats(-4.0, 4.0, width=32, allow_subnormal=False)
 
 
-def same(a, b, what) -> None:
-    """Bit for bit, NaN where NaN."""
+def same(a, b, what, exact: bool = True) -> None:
+    """Bit for bit, NaN where NaN; with ``exact=False`` (float64 buffers: jaxnorm computes
+    their midpoint and range in float32, docs/anomalib2.md) floats within float32 rounding
+    of the range, and labels and masks still bit for bit."""
     assert type(a) is type(b), (what, type(a), type(b))
     if a is None:
         return
     assert a.dtype == b.dtype and a.shape == b.shape, (what, a.dtype, b.dtype, a.shape)
     assert torch.equal(a.isnan(), b.isnan()), (what, a, b)
-    assert torch.equal(a[~a.isnan()], b[~b.isnan()]), (what, a, b)
+    if exact or not a.is_floating_point():
+        assert torch.equal(a[~a.isnan()], b[~b.isnan()]), (what, a, b)
+    else:
+        torch.testing.assert_close(a[~a.isnan()], b[~b.isnan()], rtol=0, atol=4e-6, msg=what)
 
 
 @st.composite
@@ -109,6 +114,10 @@ class PostProcessorMachine(RuleBasedStateMachine):
         if validated:
             self.validation_epoch(validated)
 
+    def exact(self) -> bool:
+        """Whether outputs must be anomalib's bit for bit: unless the buffers are float64."""
+        return self.theirs.image_min.dtype != torch.float64
+
     def both(self, fn) -> None:
         fn(self.ours)
         fn(self.theirs)
@@ -122,12 +131,13 @@ class PostProcessorMachine(RuleBasedStateMachine):
         self.ours.on_validation_batch_end(None, None, ours)
         self.pending = True
         if reuse:
-            # The model's output buffers, written as soon as the hooks returned: the min/max
-            # were taken at the hook (anomalib's metric updates then); the threshold metric
-            # keeps the tensors it was handed, in both (anomalib's own behaviour).
-            for batch in (ours, theirs):
-                batch.pred_score.fill_(1e4)
-                batch.anomaly_map.fill_(-1e4)
+            # The model's output buffers, written as soon as our hook returned: everything
+            # was taken at the hook (min/max and F1 states folded in its dispatch). anomalib's
+            # F1AdaptiveThreshold keeps the tensors it was handed until the epoch ends, so the
+            # same write would change its thresholds (docs/anomalib2.md): its batch is left
+            # as the model gave it, the values both were handed.
+            ours.pred_score.fill_(1e4)
+            ours.anomaly_map.fill_(-1e4)
 
     @rule()
     def validation_epoch_end(self):
@@ -151,7 +161,7 @@ class PostProcessorMachine(RuleBasedStateMachine):
         getattr(self.theirs, hook)(None, None, theirs)
         getattr(self.ours, hook)(None, None, ours)
         for field in FIELDS:
-            same(getattr(ours, field), getattr(theirs, field), (how, field))
+            same(getattr(ours, field), getattr(theirs, field), (how, field), self.exact())
 
     @rule(
         f=fields(labels=False),
@@ -165,7 +175,7 @@ class PostProcessorMachine(RuleBasedStateMachine):
         )
         got, want = self.ours(batch), self.theirs(batch)
         for field in FIELDS:
-            same(getattr(got, field), getattr(want, field), ("forward", dtype, field))
+            same(getattr(got, field), getattr(want, field), ("forward", dtype, field), self.exact())
 
     @rule(f=fields(labels=False), data=st.data())
     def mutate_between_batches(self, f, data):

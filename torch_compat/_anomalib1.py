@@ -254,23 +254,24 @@ class MinMaxNormalizationCallback(NormalizationCallback):
         the values read (keys by value); on an accelerator their tensors travel with every
         batch (``gather``), and the keys stand only for the checks; values on an accelerator
         that cannot travel with this batch are read into the hook (a host sync)."""
-        plan = self._plan
-        if plan is not None and _steady.normalize_steady(
-            self.hook, plan, outputs, self._sources(pl_module)
-        ):
-            return
-        self._plan = None
-        self._load_values(pl_module)
-        gather, read = _steady.route_values(self._values(pl_module), outputs)
-        if read:
-            self._stats.forget()
-            self._thresholds.forget()
-            self._load_values(pl_module)
-        self._plan = _steady.normalize_full(self.hook, outputs, self._sources(pl_module), gather)
+        plan, self._plan = self._plan, None
+        self._plan = _steady.normalize_test_batch(
+            self.hook,
+            plan,
+            outputs,
+            sources=lambda: self._sources(pl_module),
+            values=lambda: self._values(pl_module),
+            load=lambda: self._load_values(pl_module),
+            forget=self._forget_values,
+        )
 
     def _load_values(self, pl_module: Any) -> None:
         self._stats.load(self.hook, self._pairs(pl_module), _SOURCE)
         self._thresholds.load(self.hook, pl_module)
+
+    def _forget_values(self) -> None:
+        self._stats.forget()
+        self._thresholds.forget()
 
     def __getstate__(self) -> dict:
         # Copies (also copy.copy, which would share them) and pickles hold no cache: they

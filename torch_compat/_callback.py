@@ -236,19 +236,20 @@ class MinMaxNormalizationHooks:
         self._normalize_batch(outputs, pl_module)
 
     def _normalize_batch(self, outputs: Any, pl_module: Any) -> None:
-        plan = self._plan
-        if plan is not None and _steady.normalize_steady(
-            self.hook, plan, outputs, self._sources(pl_module)
-        ):
-            return
-        self._plan = None
-        self._load(pl_module, thresholds=True)
-        gather, read = _steady.route_values(self._values(pl_module), outputs)
-        if read:  # on an accelerator, but they cannot travel with this batch
-            self._stats.forget()
-            self._thresholds.forget()
-            self._load(pl_module, thresholds=True)
-        self._plan = _steady.normalize_full(self.hook, outputs, self._sources(pl_module), gather)
+        plan, self._plan = self._plan, None
+        self._plan = _steady.normalize_test_batch(
+            self.hook,
+            plan,
+            outputs,
+            sources=lambda: self._sources(pl_module),
+            values=lambda: self._values(pl_module),
+            load=lambda: self._load(pl_module, thresholds=True),
+            forget=self._forget_values,
+        )
+
+    def _forget_values(self) -> None:
+        self._stats.forget()
+        self._thresholds.forget()
 
     def __getstate__(self) -> dict:
         # Copies (also copy.copy, which would share them) and pickles hold no cache: they

@@ -58,16 +58,16 @@ try:
     from jax._src.lib import _jax as _jaxlib
 except ImportError:  # pragma: no cover - depends on the jaxlib
     _jaxlib = None
-_fast_from_dlpack = getattr(_jaxlib, "dlpack_managed_tensor_to_buffer", None)
+fast_from_dlpack = getattr(_jaxlib, "dlpack_managed_tensor_to_buffer", None)
 _fast_arities = [5, 4, 3]
 _fast_works = False  # one call succeeded: _fast_arities[0] is this jaxlib's arity
 # What jax.Array.__dlpack__ calls after its checks (~8 us a call on CPU; this is ~1 us).
-_fast_to_dlpack = getattr(_jaxlib, "buffer_to_dlpack_managed_tensor", None)
+fast_to_dlpack = getattr(_jaxlib, "buffer_to_dlpack_managed_tensor", None)
 # torch's C functions behind torch.utils.dlpack (no stream handling: done per batch here).
 _to_capsule = torch.utils.dlpack.to_dlpack
 _from_capsule = getattr(torch._C, "_from_dlpack", torch.utils.dlpack.from_dlpack)
 
-_KDL_CPU = 1  # DLDeviceType.kDLCPU
+KDL_CPU = 1  # DLDeviceType.kDLCPU
 _KDL_CUDA = 2  # DLDeviceType.kDLCUDA
 # Canonical in jax with or without x64, so the public function would not convert them.
 _FAST_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16, torch.int32, torch.bool})
@@ -112,12 +112,12 @@ def _jax_platforms() -> frozenset[str]:
 
 
 @functools.cache
-def _local_cpu() -> jax.Device:
+def local_cpu() -> jax.Device:
     return jax.local_devices(backend="cpu")[0]
 
 
 @functools.cache
-def _jax_gpu(index: int) -> tuple[jax.Device | None, int | None]:
+def jax_gpu(index: int) -> tuple[jax.Device | None, int | None]:
     """The jax device of CUDA ordinal ``index``, and the stream jax reads external data on.
 
     ``(None, None)`` when jax does not see that GPU: the public function then explains.
@@ -135,9 +135,9 @@ def _jax_gpu(index: int) -> tuple[jax.Device | None, int | None]:
     return device, stream
 
 
-def _fast_call(t: torch.Tensor, device: jax.Device, stream: int | None, dl_type: int):
-    global _fast_from_dlpack, _fast_works
-    ordered = dl_type == _KDL_CPU
+def fast_call(t: torch.Tensor, device: jax.Device, stream: int | None, dl_type: int):
+    global fast_from_dlpack, _fast_works
+    ordered = dl_type == KDL_CPU
     if dl_type == _KDL_CUDA and stream is not None:
         # jax's stream waits for torch's current stream (an event, no host wait), as
         # ``t.__dlpack__(stream=stream)`` would order it, without that method's Python work;
@@ -149,29 +149,29 @@ def _fast_call(t: torch.Tensor, device: jax.Device, stream: int | None, dl_type:
         capsule = _to_capsule(t) if ordered else t.__dlpack__()
         args = (capsule, device, stream, None, dl_type)[: _fast_arities[0]]
         try:
-            out = _fast_from_dlpack(*args)
+            out = fast_from_dlpack(*args)
         except TypeError:  # another jaxlib's signature: try the next arity
             _fast_arities.pop(0)
             continue
         _fast_works = True
         return out
-    _fast_from_dlpack = None
+    fast_from_dlpack = None
     return None
 
 
 def _from_dlpack(t: torch.Tensor) -> jax.Array:
     if (
-        _fast_from_dlpack is not None
+        fast_from_dlpack is not None
         and t.dtype in _FAST_DTYPES
         and _dlpack_check.fast_path_ok(t.device)
     ):
         out = None
         if t.device.type == "cpu":
-            out = _fast_call(t, _local_cpu(), None, _KDL_CPU)
+            out = fast_call(t, local_cpu(), None, KDL_CPU)
         elif t.device.type == "cuda":
-            device, stream = _jax_gpu(t.device.index if t.device.index is not None else 0)
+            device, stream = jax_gpu(t.device.index if t.device.index is not None else 0)
             if device is not None:
-                out = _fast_call(t, device, stream, _KDL_CUDA)
+                out = fast_call(t, device, stream, _KDL_CUDA)
         if out is not None:
             return out
     return jax.dlpack.from_dlpack(t)
@@ -282,7 +282,7 @@ def batch_device_ok(device: torch.device) -> bool:
     jax GPU with an external-ready-events stream; elsewhere ``to_jax`` and ``to_torch``
     remain.
     """
-    if _fast_from_dlpack is None or _fast_to_dlpack is None:
+    if fast_from_dlpack is None or fast_to_dlpack is None:
         return False
     if not (_dlpack_check.fast_path_ok(device) and _fast_works):
         return False
@@ -290,7 +290,7 @@ def batch_device_ok(device: torch.device) -> bool:
         return True
     if device.type != "cuda" or "gpu" not in _jax_platforms():
         return False
-    return _jax_gpu(_cuda_index(device))[1] is not None
+    return jax_gpu(_cuda_index(device))[1] is not None
 
 
 def _cuda_index(device: torch.device) -> int:
@@ -299,7 +299,7 @@ def _cuda_index(device: torch.device) -> int:
 
 @functools.cache
 def _jax_stream_as_torch(index: int, stream: int) -> torch.cuda.ExternalStream:
-    # The external-ready-events stream kept per device by _jax_gpu: wrap it once.
+    # The external-ready-events stream kept per device by jax_gpu: wrap it once.
     return torch.cuda.ExternalStream(stream, device=torch.device("cuda", index))
 
 
@@ -338,17 +338,17 @@ def import_batch(
     when the caller has it already.
     """
     if device.type == "cpu":
-        jax_device, stream, dl_type = _local_cpu(), None, _KDL_CPU
+        jax_device, stream, dl_type = local_cpu(), None, KDL_CPU
     else:
         index = _cuda_index(device)
-        jax_device, jax_stream = _jax_gpu(index)
+        jax_device, jax_stream = jax_gpu(index)
         dl_type = _KDL_CUDA
         ours = stream if stream is not None else torch_stream(device)
         _order_after_torch(index, jax_stream, ours)
         stream = jax_stream  # jax reads the tensors on its stream, after the event
     arity = _fast_arities[0]
     return [
-        _fast_from_dlpack(*(_to_capsule(t), jax_device, stream, None, dl_type)[:arity])
+        fast_from_dlpack(*(_to_capsule(t), jax_device, stream, None, dl_type)[:arity])
         for t in tensors
     ]
 
@@ -373,10 +373,10 @@ def export_batch(
     global _export_whole
     if _export_whole:
         try:
-            return [_from_capsule(_fast_to_dlpack(a, stream=stream)) for a in arrays]
+            return [_from_capsule(fast_to_dlpack(a, stream=stream)) for a in arrays]
         except TypeError:  # a jaxlib that takes single-device buffers only
             _export_whole = False
-    return [_from_capsule(_fast_to_dlpack(a.addressable_data(0), stream=stream)) for a in arrays]
+    return [_from_capsule(fast_to_dlpack(a.addressable_data(0), stream=stream)) for a in arrays]
 
 
 def wait_for(array: jax.Array, device: torch.device) -> None:

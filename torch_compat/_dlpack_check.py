@@ -55,15 +55,15 @@ def _check(device: torch.device) -> bool:
     """Crosses the probe both ways on ``device``; ``False`` (with the warning) when the direct
     calls fail or disagree with the public functions."""
     if (
-        _dlpack._fast_from_dlpack is None  # this jaxlib has none (the floor's 0.6)
+        _dlpack.fast_from_dlpack is None  # this jaxlib has none (the floor's 0.6)
         or device.type not in ("cpu", "cuda")
         or not _dlpack.jax_reads_device(device)
     ):
         return False  # no direct calls there: the public functions, as designed
     if device.type == "cpu":
-        jax_device, stream, dl_type = _dlpack._local_cpu(), None, _dlpack._KDL_CPU
+        jax_device, stream, dl_type = _dlpack.local_cpu(), None, _dlpack.KDL_CPU
     else:
-        jax_device, stream = _dlpack._jax_gpu(device.index)
+        jax_device, stream = _dlpack.jax_gpu(device.index)
         dl_type = _dlpack._KDL_CUDA
         if jax_device is None:
             return False  # jax does not see this GPU: the public function explains
@@ -73,7 +73,7 @@ def _check(device: torch.device) -> bool:
         problem = f"{type(e).__name__}: {e}"
     if problem is None:
         return True
-    if _dlpack._fast_from_dlpack is None:
+    if _dlpack.fast_from_dlpack is None:
         return False  # no known signature fits: given up for good, as designed (no warning)
     _warn(device, problem)
     return False
@@ -91,9 +91,9 @@ def _probe(device, jax_device, stream, dl_type) -> str | None:
         tensors.append(t)
     # Import: to_jax's call per tensor, then import_batch's (where the callback uses it).
     got = {
-        "the direct import": [_dlpack._fast_call(t, jax_device, stream, dl_type) for t in tensors]
+        "the direct import": [_dlpack.fast_call(t, jax_device, stream, dl_type) for t in tensors]
     }
-    if _dlpack._fast_from_dlpack is None:
+    if _dlpack.fast_from_dlpack is None:
         return "jaxlib's direct import accepts none of the known signatures"  # (no warning)
     if device.type == "cpu" or stream is not None:
         got["import_batch"] = _dlpack.import_batch(tensors, device)
@@ -107,7 +107,7 @@ def _probe(device, jax_device, stream, dl_type) -> str | None:
                 and np.array_equal(np.asarray(a), np.asarray(w))
             ):
                 return f"{name} of a {t.dtype} tensor gave {a!r}, the public import {w!r}"
-    if _dlpack._fast_to_dlpack is None:
+    if _dlpack.fast_to_dlpack is None:
         return None  # export_batch is never used: to_torch's public export remains
     # Export: export_batch against torch.from_dlpack, of arrays jax placed itself.
     arrays, public = [], []

@@ -27,6 +27,7 @@ public API and ``hook.adapter``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -327,3 +328,35 @@ def normalize_full(
             out = to_torch(normalized[key], like)
             outputs[key] = out if rows is None else out[:rows]
     return None
+
+
+def normalize_test_batch(
+    hook: MinMaxNormalizationHook,
+    plan: TestPlan | None,
+    outputs: Any,
+    *,
+    sources: Callable[[], tuple | None],
+    values: Callable[[], tuple],
+    load: Callable[[], None],
+    forget: Callable[[], None],
+) -> TestPlan | None:
+    """Normalizes one test or predict batch in place, by the cache rule of ``_change``, and
+    returns the plan for the next batch (the adapters' shared test path).
+
+    The steady path where ``plan`` still holds for ``outputs`` and the current ``sources()``;
+    else the full path: ``load()`` reads the thresholds and statistics into the hook where
+    they changed; values on one accelerator with the batch travel with it (``route_values``),
+    and values on an accelerator that cannot travel with it are read again (``forget()``,
+    then ``load()``: a host sync for this batch).
+
+    An adapter drops its plan before the call (``plan, self._plan = self._plan, None``), so
+    that a batch that raises leaves none.
+    """
+    if plan is not None and normalize_steady(hook, plan, outputs, sources()):
+        return plan
+    load()
+    gather, read = route_values(values(), outputs)
+    if read:  # on an accelerator, but they cannot travel with this batch
+        forget()
+        load()
+    return normalize_full(hook, outputs, sources(), gather)

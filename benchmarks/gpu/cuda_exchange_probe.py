@@ -50,7 +50,7 @@ def main() -> int:
     print(("OK" if checked else "FAIL") + " first-use check of the direct calls", end="")
     print("".join(f": {w.message}" for w in caught))
     _dlpack.to_jax(torch.ones(1 << 10, device=dev))  # finds jaxlib's arity
-    jax_device, stream = _dlpack._jax_gpu(0)
+    jax_device, stream = _dlpack.jax_gpu(0)
     pool = {jax_device.get_stream_for_external_ready_events() for _ in range(8)}
     print(
         f"arity {_dlpack._fast_arities[0]}, batch path {_dlpack.batch_device_ok(dev)}, "

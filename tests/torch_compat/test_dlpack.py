@@ -24,7 +24,7 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA
 def path(request, monkeypatch):
     """Both ways into jax: the direct jaxlib call and the public jax.dlpack.from_dlpack."""
     if request.param == "public":
-        monkeypatch.setattr(_dlpack, "_fast_from_dlpack", None)
+        monkeypatch.setattr(_dlpack, "fast_from_dlpack", None)
     return request.param
 
 
@@ -166,9 +166,9 @@ def test_cuda_outputs_through_the_callback(layout):
 def test_cuda_import_takes_the_fast_path_and_waits_for_torchs_stream(monkeypatch):
     if not _dlpack.jax_reads_device(torch.device("cuda")):
         pytest.skip("jax has no GPU backend here")
-    real, calls = _dlpack._fast_from_dlpack, []
+    real, calls = _dlpack.fast_from_dlpack, []
     monkeypatch.setattr(
-        _dlpack, "_fast_from_dlpack", lambda *args: calls.append(args[2]) or real(*args)
+        _dlpack, "fast_from_dlpack", lambda *args: calls.append(args[2]) or real(*args)
     )
     side = torch.cuda.Stream()
     with torch.cuda.stream(side):
@@ -189,7 +189,7 @@ def test_pinned_cpu_tensor():
 
 
 def test_fast_path_finds_the_jaxlib_signature_then_falls_back_to_the_public_one(monkeypatch):
-    real = _dlpack._fast_from_dlpack
+    real = _dlpack.fast_from_dlpack
     if real is None:
         pytest.skip("this jaxlib has no dlpack_managed_tensor_to_buffer")
     _dlpack_check.fast_path_ok(torch.device("cpu"))  # the first-use check: its calls uncounted
@@ -201,7 +201,7 @@ def test_fast_path_finds_the_jaxlib_signature_then_falls_back_to_the_public_one(
             raise TypeError("incompatible function arguments")
         return real(*args)
 
-    monkeypatch.setattr(_dlpack, "_fast_from_dlpack", three_args_only)
+    monkeypatch.setattr(_dlpack, "fast_from_dlpack", three_args_only)
     monkeypatch.setattr(_dlpack, "_fast_arities", [5, 4, 3])
     t = torch.arange(4.0)
     np.testing.assert_array_equal(np.asarray(to_jax(t)), t.numpy())
@@ -214,14 +214,14 @@ def test_fast_path_finds_the_jaxlib_signature_then_falls_back_to_the_public_one(
         raise TypeError("incompatible function arguments")
 
     calls.clear()
-    monkeypatch.setattr(_dlpack, "_fast_from_dlpack", never)
+    monkeypatch.setattr(_dlpack, "fast_from_dlpack", never)
     monkeypatch.setattr(_dlpack, "_fast_arities", [5, 4, 3])
     public = []
     real_public = jax.dlpack.from_dlpack
     monkeypatch.setattr(jax.dlpack, "from_dlpack", lambda x: public.append(1) or real_public(x))
     np.testing.assert_array_equal(np.asarray(to_jax(t)), t.numpy())
     assert calls == [5, 4, 3] and public == [1]
-    assert _dlpack._fast_from_dlpack is None  # for good: no more tries
+    assert _dlpack.fast_from_dlpack is None  # for good: no more tries
     to_jax(t)
     assert calls == [5, 4, 3] and public == [1, 1]
 
@@ -232,7 +232,7 @@ def test_fast_path_finds_the_jaxlib_signature_then_falls_back_to_the_public_one(
 def test_batch_exchange_is_zero_copy_on_cpu_both_ways():
     to_jax(torch.zeros(1))  # finds this jaxlib's direct call, as the callback's first batch does
     cpu = torch.device("cpu")
-    if _dlpack._fast_from_dlpack is None or _dlpack._fast_to_dlpack is None:
+    if _dlpack.fast_from_dlpack is None or _dlpack.fast_to_dlpack is None:
         pytest.skip("this jaxlib has no direct DLPack calls: the callback uses to_jax/to_torch")
     assert _dlpack.batch_device_ok(cpu)
     assert not _dlpack.batch_device_ok(torch.device("meta"))

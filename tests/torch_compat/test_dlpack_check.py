@@ -25,7 +25,7 @@ from torch_compat.pytorch_lightning import MinMaxNormalizationCallback
 
 CPU = torch.device("cpu")
 
-if _dlpack._fast_from_dlpack is None or _dlpack._fast_to_dlpack is None:  # pragma: no cover
+if _dlpack.fast_from_dlpack is None or _dlpack.fast_to_dlpack is None:  # pragma: no cover
     pytest.skip("this jaxlib has no direct DLPack calls to check", allow_module_level=True)
 
 
@@ -61,7 +61,7 @@ def test_the_direct_calls_pass_their_check_silently_and_are_used(unchecked, monk
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert _dlpack_check.fast_path_ok(CPU)
-    calls = _spy(monkeypatch, _dlpack, "_fast_from_dlpack")
+    calls = _spy(monkeypatch, _dlpack, "fast_from_dlpack")
     public = _spy(monkeypatch, jax.dlpack, "from_dlpack")
     t = torch.arange(6.0)
     np.testing.assert_array_equal(np.asarray(to_jax(t)), t.numpy())
@@ -105,7 +105,7 @@ def test_a_broken_direct_import_falls_back_to_the_public_one_with_one_warning(
     unchecked, monkeypatch, broken
 ):
     monkeypatch.setattr(
-        _dlpack, "_fast_from_dlpack", BROKEN_IMPORTS[broken](_dlpack._fast_from_dlpack)
+        _dlpack, "fast_from_dlpack", BROKEN_IMPORTS[broken](_dlpack.fast_from_dlpack)
     )
     t = torch.tensor([-2.0, 0.5, 3.25])
     with pytest.warns(FastPathWarning) as record:
@@ -117,7 +117,7 @@ def test_a_broken_direct_import_falls_back_to_the_public_one_with_one_warning(
     np.testing.assert_array_equal(np.asarray(got), t.numpy())
     assert got.devices() == {jax.devices("cpu")[0]}
     # From then on: the public path, silently, for tensors and for the callback's batches.
-    fast = _spy(monkeypatch, _dlpack, "_fast_from_dlpack")
+    fast = _spy(monkeypatch, _dlpack, "fast_from_dlpack")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for dtype in (torch.float32, torch.bfloat16, torch.int32, torch.bool):
@@ -143,13 +143,13 @@ def test_a_raising_direct_export_falls_back_to_the_public_one(unchecked, monkeyp
     def raising(*args, **kwargs):
         raise RuntimeError("buffer_to_dlpack_managed_tensor failed")
 
-    monkeypatch.setattr(_dlpack, "_fast_to_dlpack", raising)
+    monkeypatch.setattr(_dlpack, "fast_to_dlpack", raising)
     with pytest.warns(FastPathWarning, match="buffer_to_dlpack_managed_tensor failed"):
         assert not _dlpack.batch_device_ok(CPU)
 
 
 def test_the_warning_is_shown_once_per_process_whatever_fails_next(unchecked, monkeypatch):
-    monkeypatch.setattr(_dlpack, "_fast_from_dlpack", _raising)
+    monkeypatch.setattr(_dlpack, "fast_from_dlpack", _raising)
     with pytest.warns(FastPathWarning):
         to_jax(torch.ones(2))
     monkeypatch.setattr(_dlpack_check, "_verdicts", {})  # another device's first use
@@ -163,12 +163,12 @@ def test_no_known_signature_is_the_designed_silent_fallback(unchecked, monkeypat
     def never(*args):
         raise TypeError("incompatible function arguments")
 
-    monkeypatch.setattr(_dlpack, "_fast_from_dlpack", never)
+    monkeypatch.setattr(_dlpack, "fast_from_dlpack", never)
     monkeypatch.setattr(_dlpack, "_fast_arities", [5, 4, 3])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         np.testing.assert_array_equal(np.asarray(to_jax(torch.ones(2))), np.ones(2))
-    assert _dlpack._fast_from_dlpack is None
+    assert _dlpack.fast_from_dlpack is None
 
 
 # -- the callback with a broken fast path: anomalib's values, one warning --------------------
@@ -177,7 +177,7 @@ def test_no_known_signature_is_the_designed_silent_fallback(unchecked, monkeypat
 @pytest.mark.parametrize("broken", ["raises", "wrong values"])
 def test_the_callback_with_a_broken_fast_path_matches_the_reference(unchecked, monkeypatch, broken):
     monkeypatch.setattr(
-        _dlpack, "_fast_from_dlpack", BROKEN_IMPORTS[broken](_dlpack._fast_from_dlpack)
+        _dlpack, "fast_from_dlpack", BROKEN_IMPORTS[broken](_dlpack.fast_from_dlpack)
     )
     val = [h.make_outputs(s, boxes=False) for s in range(2)]
     raw_val = [h.clone(b) for b in val]

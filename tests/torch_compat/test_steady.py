@@ -104,7 +104,7 @@ def _steady_setup(monkeypatch):
         "stat_tensors",
         spy("stat_tensors", torch_compat._callback.stat_tensors),
     )
-    monkeypatch.setattr(_dlpack, "_fast_from_dlpack", spy("imports", _dlpack._fast_from_dlpack))
+    monkeypatch.setattr(_dlpack, "fast_from_dlpack", spy("imports", _dlpack.fast_from_dlpack))
     monkeypatch.setattr(_dlpack, "_from_capsule", spy("exports", _dlpack._from_capsule))
     return module, cb, counts
 
