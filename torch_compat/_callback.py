@@ -265,6 +265,12 @@ class MinMaxNormalizationHooks:
         path (a plan is held); for tests and probes."""
         return self._plan is not None
 
+    @property
+    def plan(self) -> _steady.TestPlan | None:
+        """The plan the last test or predict batch left (``None``: none held); for probes
+        (``benchmarks/gpu/shim_probe.py`` times its steps)."""
+        return self._plan
+
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(stats={self.hook.stats_mode!r}, "

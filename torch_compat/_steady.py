@@ -197,7 +197,7 @@ def route_values(values: tuple, outputs: Any) -> tuple[tuple | None, bool]:
     return None, not _change.all_on_host(values)
 
 
-def _gathered(gather: tuple) -> torch.Tensor:
+def gathered(gather: tuple) -> torch.Tensor:
     """``[[t, min, max] image, [t, min, max] pixel]`` as one float32 tensor on their device
     (one ``torch.stack``; the reshape is a view)."""
     return _change.gather(gather, torch.float32).reshape(2, 3)
@@ -286,7 +286,7 @@ def normalize_steady(
         arrays = _dlpack.import_batch(tensors, device, stream)
         params = plan.params
     else:  # the values travel with the batch, in the same import
-        *arrays, params = _dlpack.import_batch([*tensors, _gathered(plan.gather)], device, stream)
+        *arrays, params = _dlpack.import_batch([*tensors, gathered(plan.gather)], device, stream)
     normalized = plan.fn(params, *arrays)
     exported = _dlpack.export_batch(normalized, device, stream)
     for key, t in zip(plan.layout.keys, exported, strict=True):
@@ -314,7 +314,7 @@ def normalize_full(
             return plan
     params = None
     if travels(gather, outputs):
-        params = to_jax(_gathered(gather), name="thresholds and statistics")
+        params = to_jax(gathered(gather), name="thresholds and statistics")
     view = JaxView(padded)
     normalized = hook.adapter.normalize_batch(view, params, boxes_on_host=True, valid_rows=rows)
     for key in view:

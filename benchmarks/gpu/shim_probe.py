@@ -79,16 +79,22 @@ def _parts(shim, fresh, dev) -> dict:
     """Loops over the steps of the steady test path (the plan the shim settled)."""
     import jax.dlpack
 
-    from torch_compat import _dlpack
+    from torch_compat import _dlpack, _steady
 
-    plan = shim._plan
+    plan = shim.plan
     if plan is None:
         print("no plan settled: the shim takes its full path for these batches")
         return {}
     device = plan.device
     tensors = [[b[k] for k in plan.keys] for b in fresh]
+    if plan.gather is not None:  # on an accelerator the values travel with each batch
+        tensors = [[*ts, _steady.gathered(plan.gather)] for ts in tensors]
     imported = [_dlpack.import_batch(ts, device) for ts in tensors]
-    results = [plan.fn(plan.params, *arrays) for arrays in imported]
+    calls = [
+        (plan.params, arrays) if plan.gather is None else (arrays[-1], arrays[:-1])
+        for arrays in imported
+    ]
+    results = [plan.fn(params, *arrays) for params, arrays in calls]
     jax.block_until_ready(results)
 
     def loop(step):
@@ -109,7 +115,7 @@ def _parts(shim, fresh, dev) -> dict:
         "part: jax.dlpack.from_dlpack each": loop(
             lambda i: [jax.dlpack.from_dlpack(t) for t in tensors[i]]
         ),
-        "part: jitted call, fresh imports": loop(lambda i: plan.fn(plan.params, *imported[i])),
+        "part: jitted call, fresh imports": loop(lambda i: plan.fn(calls[i][0], *calls[i][1])),
         "part: export_batch": loop(lambda i: _dlpack.export_batch(results[i], device)),
         "part: torch.from_dlpack each": loop(lambda i: [torch.from_dlpack(a) for a in results[i]]),
     }
