@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-import types
 
 import pytest
 
@@ -17,40 +16,24 @@ pytest.importorskip("torch")
 MODULE = "torch_compat.anomalib2"
 
 
-@pytest.fixture
-def fresh(monkeypatch):
-    """Imports torch_compat.anomalib2 anew, and forgets it (and any stand-in) afterwards."""
-    for name in [m for m in sys.modules if m == MODULE or m.startswith("anomalib")]:
-        monkeypatch.delitem(sys.modules, name)
-    yield
-    sys.modules.pop(MODULE, None)
-
-
-def _import():
-    return importlib.import_module(MODULE)
-
-
 @pytest.mark.skipif(
     importlib.util.find_spec("anomalib") is not None, reason="anomalib is installed here"
 )
-def test_without_anomalib_says_what_to_install(fresh):
+def test_without_anomalib_says_what_to_install(fresh_import):
     with pytest.raises(ImportError, match=r'pip install "anomalib\[cpu\]>=2"') as info:
-        _import()
+        fresh_import()
     assert "MinMaxNormalizationCallback" in str(info.value)  # the 0.x route
     assert "No module named 'anomalib'" in str(info.value)
     assert MODULE not in sys.modules
 
 
 @pytest.mark.parametrize("version", ["0.7.0", "1.2.0", "dev"])
-def test_anomalib_before_2_says_what_to_install(fresh, monkeypatch, version):
-    fake = types.ModuleType("anomalib")
-    fake.__version__ = version
-    fake.__file__ = "/stand-in/anomalib/__init__.py"
-    monkeypatch.setitem(sys.modules, "anomalib", fake)
+def test_anomalib_before_2_says_what_to_install(fresh_import, stand_in_anomalib, version):
+    stand_in_anomalib(version)
     with pytest.raises(
         ImportError, match=r'needs anomalib >= 2: `pip install "anomalib\[cpu\]'
     ) as info:
-        _import()
+        fresh_import()
     assert f"Found anomalib {version} at /stand-in/anomalib" in str(info.value)
     assert "torch_compat.MinMaxNormalizationCallback" in str(info.value)
 
