@@ -34,14 +34,19 @@ from torch_compat._anomalib1_boxes import SOURCE as _SOURCE
 from torch_compat._anomalib1_boxes import Boxes
 from torch_compat._anomalib1_design import PER_OUTPUT, check_collection, detect_design, entry_pair
 from torch_compat._anomalib1_store import SHARED_METRIC, note_fed, store
-from torch_compat._lifecycle import StatsLink, ThresholdLink, share_rank0, validation_epoch_end
+from torch_compat._lifecycle import (
+    AdapterCaches,
+    ThresholdLink,
+    share_rank0,
+    validation_epoch_end,
+)
 from torch_compat._minmax import ATTRIBUTE, stat_tensors
 
 # Where the hook's statistics live in the per-output collection.
 _ENTRIES = {IMAGE: "pred_scores", PIXEL: "anomaly_maps"}
 
 
-class MinMaxNormalizationCallback(NormalizationCallback):
+class MinMaxNormalizationCallback(AdapterCaches, NormalizationCallback):
     """anomalib 1.x's min-max normalization, computed by jaxnorm: ``Engine(normalization=...)``.
 
     Does what the installed anomalib's ``_MinMaxNormalizationCallback`` does (its design,
@@ -77,10 +82,7 @@ class MinMaxNormalizationCallback(NormalizationCallback):
         )
         self._boxes = Boxes(nonfinite) if per_output else None
         self._fed: dict[str, torch.dtype] = {}  # what this epoch fed (_anomalib1_store)
-        self._stats = StatsLink()
-        self._thresholds = ThresholdLink()
-        self._plan: _steady.TestPlan | None = None
-        self._validation_plan: _steady.ValidationPlan | None = None
+        self._init_caches()
 
     # -- where the statistics live: anomalib's own MinMax instances ------------------------
 
@@ -268,24 +270,6 @@ class MinMaxNormalizationCallback(NormalizationCallback):
     def _load_values(self, pl_module: Any) -> None:
         self._stats.load(self.hook, self._pairs(pl_module), _SOURCE)
         self._thresholds.load(self.hook, pl_module)
-
-    def _forget_values(self) -> None:
-        self._stats.forget()
-        self._thresholds.forget()
-
-    def __getstate__(self) -> dict:
-        # Copies (also copy.copy, which would share them) and pickles hold no cache: they
-        # read the module again and settle their own plans (see _change).
-        state = self.__dict__.copy()
-        state.update(_stats=StatsLink(), _thresholds=ThresholdLink())
-        state["_plan"] = state["_validation_plan"] = None
-        return state
-
-    @property
-    def steady(self) -> bool:
-        """Whether the next test or predict batch of the last layout may take the steady
-        path (a plan is held); for tests and probes."""
-        return self._plan is not None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(design={self.design!r}, nonfinite={self.hook.nonfinite!r})"

@@ -14,11 +14,16 @@ from typing import Any
 from jaxnorm import MinMaxNormalizationHook
 from jaxnorm._src.validation import NonFinitePolicy, StatsMode
 from torch_compat import _allreduce, _change, _steady
-from torch_compat._lifecycle import StatsLink, ThresholdLink, share_rank0, validation_epoch_end
+from torch_compat._lifecycle import (
+    AdapterCaches,
+    ThresholdLink,
+    share_rank0,
+    validation_epoch_end,
+)
 from torch_compat._minmax import ATTRIBUTE, MinMax, check_holds_separate, stat_tensors, write_stats
 
 
-class MinMaxNormalizationHooks:
+class MinMaxNormalizationHooks(AdapterCaches):
     """Min-max normalization of anomaly scores: anomalib's callback, computed by jaxnorm.
 
     A drop-in for ``anomalib.utils.callbacks.MinMaxNormalizationCallback`` (anomalib 0.3.6 to
@@ -72,10 +77,7 @@ class MinMaxNormalizationHooks:
         self.hook = MinMaxNormalizationHook(
             stats=stats, accumulate=accumulate, nonfinite=nonfinite, reducer=None
         )
-        self._stats = StatsLink()
-        self._thresholds = ThresholdLink()
-        self._plan: _steady.TestPlan | None = None  # test and predict
-        self._validation_plan: _steady.ValidationPlan | None = None
+        self._init_caches()
 
     # -- the statistics' home: pl_module.normalization_metrics -----------------------------
 
@@ -246,30 +248,6 @@ class MinMaxNormalizationHooks:
             load=lambda: self._load(pl_module, thresholds=True),
             forget=self._forget_values,
         )
-
-    def _forget_values(self) -> None:
-        self._stats.forget()
-        self._thresholds.forget()
-
-    def __getstate__(self) -> dict:
-        # Copies (also copy.copy, which would share them) and pickles hold no cache: they
-        # read the module again and settle their own plans (see _change).
-        state = self.__dict__.copy()
-        state.update(_stats=StatsLink(), _thresholds=ThresholdLink())
-        state["_plan"] = state["_validation_plan"] = None
-        return state
-
-    @property
-    def steady(self) -> bool:
-        """Whether the next test or predict batch of the last layout may take the steady
-        path (a plan is held); for tests and probes."""
-        return self._plan is not None
-
-    @property
-    def plan(self) -> _steady.TestPlan | None:
-        """The plan the last test or predict batch left (``None``: none held); for probes
-        (``benchmarks/gpu/shim_probe.py`` times its steps)."""
-        return self._plan
 
     def __repr__(self) -> str:
         return (

@@ -7,7 +7,8 @@ live outside it, and the validation epoch's end.
   checkpoint's buffers), read into the hook when they change, remembered when stored;
 - ``ThresholdLink``: ``pl_module.image_threshold.value`` and ``pixel_threshold.value``
   (anomalib 0.x and 1.x), read into the hook when they change;
-- ``share_rank0``: every DDP rank takes rank 0's values (after a checkpoint restore).
+- ``share_rank0``: every DDP rank takes rank 0's values (after a checkpoint restore);
+- ``AdapterCaches``: the caches an adapter keeps between batches, which copies drop.
 
 Statistics are given as ``{"image": ((min_key, min), (max_key, max)), "pixel": ...}``, the
 tensors themselves with the names to report them by (``_minmax.stat_tensors`` makes this of
@@ -19,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -27,6 +28,9 @@ from jaxnorm import MinMaxNormalizationHook, NonFiniteScoresError
 from torch_compat._allreduce import broadcast_from_rank0, ddp_active
 from torch_compat._change import Watched, keys
 from torch_compat._tensors import check_not_meta, write_in_place
+
+if TYPE_CHECKING:
+    from torch_compat._steady import TestPlan, ValidationPlan
 
 StatPairs = Mapping[str, tuple[tuple[str, Any], tuple[str, Any]]]
 
@@ -194,3 +198,40 @@ def share_rank0(pairs: StatPairs) -> None:
     for t, ok, value in zip(tensors, usable, broadcast_from_rank0(local), strict=True):
         if ok:
             write_in_place(t, value)
+
+
+class AdapterCaches:
+    """Mixin of the Lightning adapters: the caches they keep between batches, each under the
+    rule of ``_change`` (``_stats`` and ``_thresholds``, links to where the statistics and
+    thresholds live; ``_plan`` for test and predict batches and ``_validation_plan``, the
+    steady paths' plans). Copies (``copy.copy`` too, which would share them) and pickles hold
+    none: they read the module again and settle their own plans."""
+
+    def _init_caches(self) -> None:
+        self._stats = StatsLink()
+        self._thresholds = ThresholdLink()
+        self._plan: TestPlan | None = None
+        self._validation_plan: ValidationPlan | None = None
+
+    def _forget_values(self) -> None:
+        """Read the statistics and thresholds again at the next load."""
+        self._stats.forget()
+        self._thresholds.forget()
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.update(_stats=StatsLink(), _thresholds=ThresholdLink())
+        state["_plan"] = state["_validation_plan"] = None
+        return state
+
+    @property
+    def steady(self) -> bool:
+        """Whether the next test or predict batch of the last layout may take the steady
+        path (a plan is held); for tests and probes."""
+        return self._plan is not None
+
+    @property
+    def plan(self) -> TestPlan | None:
+        """The plan the last test or predict batch left (``None``: none held); for probes
+        (``benchmarks/gpu/shim_probe.py`` times its steps)."""
+        return self._plan
