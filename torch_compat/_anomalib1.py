@@ -28,7 +28,7 @@ from anomalib.callbacks.normalization.base import NormalizationCallback
 from jaxnorm import MinMaxNormalizationHook, NonFiniteScoresError
 from jaxnorm._src.hook import NonFinitePolicy
 from jaxnorm._src.stats import IMAGE, PIXEL
-from torch_compat import _change, _steady
+from torch_compat import _change
 from torch_compat._allreduce import epoch_reducer
 from torch_compat._anomalib1_boxes import SOURCE as _SOURCE
 from torch_compat._anomalib1_boxes import Boxes
@@ -174,8 +174,7 @@ class MinMaxNormalizationCallback(AdapterCaches, NormalizationCallback):
             outputs = {k: v for k, v in outputs.items() if k != "box_scores"}
             if not any(key in outputs for key in _ENTRIES.values()):
                 return  # anomalib >= 1.1.1 folds each output present: boxes alone here
-        plan, self._validation_plan = self._validation_plan, None
-        self._validation_plan = _steady.fold_validation_batch(self.hook, outputs, plan)
+        self._fold_validation(outputs)
 
     def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         """All-reduces the statistics under DDP and stores them in anomalib's metrics.
@@ -242,7 +241,7 @@ class MinMaxNormalizationCallback(AdapterCaches, NormalizationCallback):
             boxes, whole = outputs["box_scores"], outputs
             outputs = {k: v for k, v in whole.items() if k != "box_scores"}
         if boxes is None or any(key in outputs for key in _ENTRIES.values()):
-            self._normalize_scores(outputs, pl_module)
+            self._normalize_test(outputs, pl_module)  # by the cache rule of _change
         if boxes is not None:
             for key in _ENTRIES.values():
                 if key in outputs:
@@ -250,22 +249,6 @@ class MinMaxNormalizationCallback(AdapterCaches, NormalizationCallback):
             metric = self._metrics(pl_module)["box_scores"]
             threshold = pl_module.pixel_threshold.value
             whole["box_scores"] = self._boxes.normalize(boxes, metric, threshold)
-
-    def _normalize_scores(self, outputs: Any, pl_module: Any) -> None:
-        """Scores and maps, by the cache rule of ``_change``: on the host the plan stands for
-        the values read (keys by value); on an accelerator their tensors travel with every
-        batch (``gather``), and the keys stand only for the checks; values on an accelerator
-        that cannot travel with this batch are read into the hook (a host sync)."""
-        plan, self._plan = self._plan, None
-        self._plan = _steady.normalize_test_batch(
-            self.hook,
-            plan,
-            outputs,
-            sources=lambda: self._sources(pl_module),
-            values=lambda: self._values(pl_module),
-            load=lambda: self._load_values(pl_module),
-            forget=self._forget_values,
-        )
 
     def _load_values(self, pl_module: Any) -> None:
         self._stats.load(self.hook, self._pairs(pl_module), _SOURCE)

@@ -13,7 +13,7 @@ from typing import Any
 
 from jaxnorm import MinMaxNormalizationHook
 from jaxnorm._src.validation import NonFinitePolicy, StatsMode
-from torch_compat import _allreduce, _change, _steady
+from torch_compat import _allreduce, _change
 from torch_compat._lifecycle import (
     AdapterCaches,
     ThresholdLink,
@@ -172,8 +172,7 @@ class MinMaxNormalizationHooks(AdapterCaches):
     ) -> None:
         """Folds the batch's maps, else box scores, else image scores into the statistics."""
         del trainer, pl_module, batch, batch_idx, dataloader_idx
-        plan, self._validation_plan = self._validation_plan, None
-        self._validation_plan = _steady.fold_validation_batch(self.hook, outputs, plan)
+        self._fold_validation(outputs)
 
     def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         """All-reduces the statistics under DDP and stores them in ``normalization_metrics``.
@@ -222,7 +221,7 @@ class MinMaxNormalizationHooks(AdapterCaches):
     ) -> None:
         """Normalizes the outputs dict in place."""
         del trainer, batch, batch_idx, dataloader_idx
-        self._normalize_batch(outputs, pl_module)
+        self._normalize_test(outputs, pl_module)
 
     def on_predict_batch_end(
         self,
@@ -235,19 +234,10 @@ class MinMaxNormalizationHooks(AdapterCaches):
     ) -> None:
         """Normalizes the outputs dict in place, so ``trainer.predict`` returns it normalized."""
         del trainer, batch, batch_idx, dataloader_idx
-        self._normalize_batch(outputs, pl_module)
+        self._normalize_test(outputs, pl_module)
 
-    def _normalize_batch(self, outputs: Any, pl_module: Any) -> None:
-        plan, self._plan = self._plan, None
-        self._plan = _steady.normalize_test_batch(
-            self.hook,
-            plan,
-            outputs,
-            sources=lambda: self._sources(pl_module),
-            values=lambda: self._values(pl_module),
-            load=lambda: self._load(pl_module, thresholds=True),
-            forget=self._forget_values,
-        )
+    def _load_values(self, pl_module: Any) -> None:
+        self._load(pl_module, thresholds=True)
 
     def __repr__(self) -> str:
         return (

@@ -20,17 +20,20 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from jaxnorm import MinMaxNormalizationHook, NonFiniteScoresError
 from torch_compat._allreduce import broadcast_from_rank0, ddp_active
 from torch_compat._change import Watched, keys
+from torch_compat._steady import (
+    TestPlan,
+    ValidationPlan,
+    fold_validation_batch,
+    normalize_test_batch,
+)
 from torch_compat._tensors import check_not_meta, write_in_place
-
-if TYPE_CHECKING:
-    from torch_compat._steady import TestPlan, ValidationPlan
 
 StatPairs = Mapping[str, tuple[tuple[str, Any], tuple[str, Any]]]
 
@@ -204,8 +207,15 @@ class AdapterCaches:
     """Mixin of the Lightning adapters: the caches they keep between batches, each under the
     rule of ``_change`` (``_stats`` and ``_thresholds``, links to where the statistics and
     thresholds live; ``_plan`` for test and predict batches and ``_validation_plan``, the
-    steady paths' plans). Copies (``copy.copy`` too, which would share them) and pickles hold
-    none: they read the module again and settle their own plans."""
+    steady paths' plans), and the batch paths that use them. Copies (``copy.copy`` too, which
+    would share them) and pickles hold none: they read the module again and settle their own
+    plans.
+
+    An adapter has ``hook`` and ``_sources(pl_module)``, ``_values(pl_module)`` and
+    ``_load_values(pl_module)`` (see ``_steady.normalize_test_batch``).
+    """
+
+    hook: MinMaxNormalizationHook
 
     def _init_caches(self) -> None:
         self._stats = StatsLink()
@@ -217,6 +227,25 @@ class AdapterCaches:
         """Read the statistics and thresholds again at the next load."""
         self._stats.forget()
         self._thresholds.forget()
+
+    def _fold_validation(self, outputs: Any) -> None:
+        """Folds a validation batch (the steady path where the validation plan holds). The
+        plan is dropped first, so that a batch that raises leaves none."""
+        plan, self._validation_plan = self._validation_plan, None
+        self._validation_plan = fold_validation_batch(self.hook, outputs, plan)
+
+    def _normalize_test(self, outputs: Any, pl_module: Any) -> None:
+        """Normalizes a test or predict batch in place (``_steady.normalize_test_batch``)."""
+        plan, self._plan = self._plan, None
+        self._plan = normalize_test_batch(
+            self.hook,
+            plan,
+            outputs,
+            sources=lambda: self._sources(pl_module),
+            values=lambda: self._values(pl_module),
+            load=lambda: self._load_values(pl_module),
+            forget=self._forget_values,
+        )
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
